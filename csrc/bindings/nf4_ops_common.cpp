@@ -1,0 +1,75 @@
+#include "bindings/nf4_ops.h"
+
+#include <ATen/ATen.h>
+
+#include "bindings/tensor_checks.h"
+
+namespace lora_ops {
+
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const at::Tensor& w_in, int64_t blocksize, const Nf4Backend& be) {
+  constexpr const char* op = "nf4_quantize";
+  check_blocksize(blocksize, op);
+  TORCH_CHECK_TYPE(!w_in.is_complex() && at::isFloatingType(w_in.scalar_type()), op,
+                   ": weight must be a float32, float16 or bfloat16 tensor, got ", w_in.scalar_type());
+  TORCH_CHECK(w_in.numel() > 0, op, ": cannot quantize an empty tensor (shape ", w_in.sizes(), ")");
+  const DType dtype = kernel_dtype(w_in.scalar_type(), op, "weight");
+  const at::Tensor w = w_in.contiguous();  // the format flattens row-major
+  const int64_t numel = w.numel();
+  const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
+  const auto bytes = w.options().dtype(at::kByte);
+  at::Tensor packed = at::empty({(numel + 1) / 2, 1}, bytes);
+  at::Tensor absmax = at::empty({n_blocks}, w.options().dtype(at::kFloat));
+  Nf4QuantizeParams p;
+  p.input = w.data_ptr();
+  p.input_dtype = dtype;
+  p.numel = numel;
+  p.blocksize = static_cast<int32_t>(blocksize);
+  p.packed = packed.data_ptr<uint8_t>();
+  p.absmax = absmax.data_ptr<float>();
+  const bool nonfinite = be.quantize(p, absmax);
+  TORCH_CHECK_VALUE(!nonfinite, op, ": the weight contains NaN or Inf, which NF4 cannot represent");
+  return {packed, absmax};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const at::Tensor& absmax,
+                                                                      const at::Tensor& nested_code,
+                                                                      const Nf4Backend& be) {
+  constexpr const char* op = "nf4_double_quantize";
+  TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
+                   absmax.scalar_type());
+  TORCH_CHECK(absmax.numel() > 0, op, ": absmax is empty");
+  check_tensor(nested_code, at::kFloat, 256, absmax, op, "nested_code");
+  const at::Tensor a = absmax.contiguous();
+  const int64_t n = a.numel();
+  // offset = mean(absmax) in float32, computed by torch like bitsandbytes does, stays on the device.
+  at::Tensor offset = a.mean().reshape({1});
+  at::Tensor qabsmax = at::empty({n}, a.options().dtype(at::kByte));
+  at::Tensor absmax2 = at::empty({(n + kNestedBlocksize - 1) / kNestedBlocksize}, a.options());
+  Nf4DoubleQuantParams p;
+  p.absmax = a.data_ptr<float>();
+  p.n_blocks = n;
+  p.offset = offset.data_ptr<float>();
+  p.nested_code = nested_code.data_ptr<float>();
+  p.qabsmax = qabsmax.data_ptr<uint8_t>();
+  p.absmax2 = absmax2.data_ptr<float>();
+  be.double_quantize(p);
+  return {qabsmax, absmax2, offset.reshape({})};
+}
+
+at::Tensor nf4_dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
+                             const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
+                             const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
+                             at::ScalarType dtype, const Nf4Backend& be) {
+  constexpr const char* op = "nf4_dequantize";
+  const int64_t numel = shape_numel(shape, op);
+  const std::optional<at::Tensor> off = offset.has_value() ? std::optional<at::Tensor>(offset->reshape({1})) : offset;
+  Nf4DequantizeParams p;
+  p.weight = make_nf4_weight(packed, absmax, absmax2, nested_code, off, blocksize, numel, op);
+  p.out_dtype = kernel_dtype(dtype, op, "dtype");
+  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  p.out = out.data_ptr();
+  be.dequantize(p);
+  return out;
+}
+
+}  // namespace lora_ops

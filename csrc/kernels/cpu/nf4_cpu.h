@@ -1,0 +1,21 @@
+// CPU (C++/OpenMP) NF4 kernels. Torch-free: called by csrc/bindings/nf4_cpu.cpp.
+#pragma once
+#include <cstdint>
+
+#include "common/nf4_params.h"
+
+namespace lora_ops::cpu {
+
+// Quantizes p.input blockwise. Returns how many blocks held a NaN or Inf (their absmax is NaN).
+int64_t nf4_quantize(const Nf4QuantizeParams& p);
+
+// Compresses absmax to 8-bit codes with nested blocksize 256 (exact nearest search, ties low).
+void nf4_double_quantize(const Nf4DoubleQuantParams& p);
+
+// Writes the dense weight, bit-identical to the spec's decode rule.
+void nf4_dequantize(const Nf4DequantizeParams& p);
+
+// The float32 absmax of block b, decoding the nested form when present.
+float nf4_block_absmax(const Nf4Weight& w, int64_t block);
+
+}  // namespace lora_ops::cpu

@@ -1,0 +1,21 @@
+"""lora_ops: NF4 double-quantized storage, fused QLoRA linear kernels and paged AdamW as torch ops.
+
+Public API (see README.md):
+    NF4Weight, quantize_nf4                 NF4 storage (lora_ops.nf4)
+    nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
+"""
+
+from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
+from lora_ops._native import WITH_CUDA
+from lora_ops.nf4 import NF4Weight, quantize_nf4
+from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
+
+__all__ = [
+    "WITH_CUDA",
+    "NF4Weight",
+    "quantize_nf4",
+    "nf4_quantize",
+    "nf4_double_quantize",
+    "nf4_dequantize",
+]
+__version__ = "0.1.0"

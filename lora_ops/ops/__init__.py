@@ -1,0 +1,4 @@
+"""Python wrappers, fake (meta) kernels and autograd for every torch.ops.lora_ops op, one module per
+op family. Importing this package registers them."""
+
+from lora_ops.ops import nf4  # noqa: F401

@@ -1,0 +1,71 @@
+"""NF4 storage ops: thin wrappers over torch.ops.lora_ops.nf4_* and their fake kernels."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lora_ops import _native  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.lora_ops
+
+
+@torch.library.register_fake("lora_ops::nf4_quantize")
+def _nf4_quantize_fake(w: torch.Tensor, blocksize: int):
+    n = w.numel()
+    return (
+        w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        w.new_empty((-(-n // blocksize),), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("lora_ops::nf4_double_quantize")
+def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
+    n = absmax.numel()
+    return (
+        absmax.new_empty((n,), dtype=torch.uint8),
+        absmax.new_empty((-(-n // 256),), dtype=torch.float32),
+        absmax.new_empty((), dtype=torch.float32),
+    )
+
+
+@torch.library.register_fake("lora_ops::nf4_dequantize")
+def _nf4_dequantize_fake(packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise NF4 codes of ``w`` (any shape, float32/float16/bfloat16, CPU or CUDA).
+
+    Returns ``packed`` uint8 ``[ceil(n/2), 1]`` (high nibble = even element) and ``absmax`` float32
+    ``[ceil(n/blocksize)]``. Raises ``ValueError`` if ``w`` holds NaN/Inf (on CUDA this check costs
+    one device synchronization).
+    """
+    return _ops.nf4_quantize(w, blocksize)
+
+
+def nf4_double_quantize(
+    absmax: torch.Tensor, nested_code: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Compresses float32 ``absmax [nb]`` to ``(qabsmax uint8 [nb], absmax2 float32 [ceil(nb/256)],
+    offset float32 [])`` against the 256-entry ``nested_code`` (the signed dynamic map)."""
+    return _ops.nf4_double_quantize(absmax, nested_code)
+
+
+def nf4_dequantize(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    dtype: torch.dtype = torch.bfloat16,
+    absmax2: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense weight ``[*shape]`` in ``dtype`` (float32/float16/bfloat16), bit-identical to the spec.
+
+    ``absmax`` is float32 (plain) or the uint8 codes of a double-quantized absmax, in which case
+    ``absmax2``, ``nested_code`` and ``offset`` are required (decoded inside the same kernel).
+    """
+    return _ops.nf4_dequantize(packed, absmax, absmax2, nested_code, offset, blocksize, list(shape), dtype)

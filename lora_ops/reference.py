@@ -1,0 +1,123 @@
+"""Pure-PyTorch oracle of every lora_ops op. Tests compare the kernels against this file.
+
+It restates ``shared/spec/nf4-format.md`` as code, favouring clarity over speed, and never calls
+the compiled kernels or bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---- Section 1: the NF4 codebook, index = 4-bit code --------------------------------------------
+NF4_CODEBOOK = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
+NF4_ZERO_CODE = 7
+# Section 2: decision thresholds, float32 midpoints of adjacent codebook values.
+NF4_THRESHOLDS = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2
+NESTED_BLOCKSIZE = 256
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def dynamic_map() -> torch.Tensor:
+    """The 256-entry signed dynamic map of section 5, computed in float32 exactly as stated."""
+    values: list[float] = []
+    for i in range(7):
+        points = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
+        means = (points[:-1] + points[1:]) / 2.0
+        values += ((10 ** (i - 6)) * means).tolist()
+        values += (-(10 ** (i - 6)) * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """[n] -> [n_blocks, blocksize], the partial last block padded with zeros."""
+    n_blocks = -(-flat.numel() // blocksize)
+    padded = torch.zeros(n_blocks * blocksize, dtype=flat.dtype)
+    padded[: flat.numel()] = flat
+    return padded.view(n_blocks, blocksize)
+
+
+def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sections 2-3. Returns (packed uint8 [ceil(n/2), 1], absmax float32 [ceil(n/blocksize)])."""
+    assert blocksize in BLOCKSIZES
+    flat = w.detach().reshape(-1).to(torch.float32).cpu()
+    if not torch.isfinite(flat).all():
+        raise ValueError("NF4 cannot represent NaN or Inf")
+    blocks = _blocks(flat, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    # y = x * (1/absmax) with a correctly rounded float32 reciprocal; zero blocks stay all-zero.
+    recip = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
+    y = blocks * recip[:, None]
+    # code = number of thresholds strictly below y (a value on a threshold keeps the lower code).
+    codes = torch.searchsorted(NF4_THRESHOLDS, y.contiguous(), side="left").to(torch.uint8)
+    codes[absmax == 0] = NF4_ZERO_CODE
+    codes = codes.reshape(-1)[: flat.numel()]
+    if codes.numel() % 2:
+        codes = torch.cat([codes, torch.tensor([NF4_ZERO_CODE], dtype=torch.uint8)])
+    pairs = codes.view(-1, 2)
+    packed = (pairs[:, 0] << 4) | pairs[:, 1]  # element 2j in the high nibble
+    return packed.reshape(-1, 1), absmax
+
+
+def nf4_double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Section 5. Returns (qabsmax uint8 [nb], absmax2 float32 [ceil(nb/256)], offset float32 [])."""
+    absmax = absmax.to(torch.float32).cpu()
+    offset = absmax.mean()
+    a = _blocks(absmax - offset, NESTED_BLOCKSIZE)
+    absmax2 = a.abs().amax(dim=1)
+    recip = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
+    v = (a * recip[:, None]).to(torch.float64)
+    # Exact nearest entry, ties to the lower index: count the midpoints strictly below v.
+    # (Midpoints of adjacent float32 values are exact in float64.)
+    dyn = dynamic_map().to(torch.float64)
+    mids = (dyn[:-1] + dyn[1:]) / 2
+    q = torch.searchsorted(mids, v.contiguous(), side="left").to(torch.uint8)
+    return q.reshape(-1)[: absmax.numel()], absmax2, offset
+
+
+def nested_absmax(qabsmax: torch.Tensor, absmax2: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """absmax[i] = dyn[q[i]] * absmax2[i // 256] + offset, rounded after the product and the sum."""
+    dyn = dynamic_map()
+    idx = torch.arange(qabsmax.numel()) // NESTED_BLOCKSIZE
+    scaled = dyn[qabsmax.long().cpu()] * absmax2.cpu()[idx]
+    return scaled + offset.cpu().to(torch.float32)
+
+
+def nf4_dequantize(
+    packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, shape, dtype: torch.dtype
+) -> torch.Tensor:
+    """Section 4: w[i] = dtype(c[code(i)] * absmax[i // blocksize]), the product rounded once."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    packed = packed.reshape(-1).cpu()
+    codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:numel]
+    scale = absmax.cpu().to(torch.float32)[torch.arange(numel) // blocksize]
+    return (NF4_CODEBOOK[codes.long()] * scale).to(dtype).reshape(shape)
+
+
+def nf4_roundtrip_values(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    """Convenience: quantize then dequantize (plain absmax), float32, for error statistics."""
+    packed, absmax = nf4_quantize(w, blocksize)
+    return nf4_dequantize(packed, absmax, blocksize, w.shape, torch.float32)
