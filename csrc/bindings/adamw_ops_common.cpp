@@ -3,6 +3,9 @@
 #include <vector>
 
 #include "bindings/adamw_ops.h"
+
+#include <ATen/ops/empty.h>  // tensor_checks.h uses at::empty without including it
+
 #include "bindings/tensor_checks.h"
 
 namespace lora_ops {

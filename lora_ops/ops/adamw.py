@@ -40,7 +40,11 @@ def adamw_step_(
     for tensor i, where ``step`` already counts this update. State is always float32; 16-bit params
     are read, updated in float32 and rounded once (round-to-nearest-even).
     """
-    _ops.adamw_step_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), hparams)
+    grads = list(grads)
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:  # caught here: the dispatcher would report a missing Sparse kernel
+            raise TypeError(f"adamw_step_: grads[{i}] is {g.layout}; sparse gradients are not supported")
+    _ops.adamw_step_(list(params), grads, list(exp_avgs), list(exp_avg_sqs), hparams)
 
 
 def hparams_row(
