@@ -23,7 +23,7 @@ TORCH_LIBRARY(lora_ops, m) {
   // Per index i: params[i] f32/f16/bf16 contiguous (any shape; usually a 1-D slice of one parameter that
   // lies in one state page), grads[i] same dtype and numel, exp_avgs[i]/exp_avg_sqs[i] f32 same numel.
   // hparams: f64 CPU [n, 7], row i = (lr, beta1, beta2, weight_decay, eps, step, maximize) of tensor i,
-  // step counting this update (>= 1). One kernel launch covers all n tensors (CUDA: one per ~300 blocks).
+  // step counting this update (>= 1). CUDA: one launch per 36 tensors of one dtype, any sizes.
   m.def(
       "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor hparams) -> ()");

@@ -312,3 +312,18 @@ def test_managed_on_cuda_bitwise_equals_resident(rng):
     if opt.paging_backend == "managed":
         assert opt.paging_stats.pages_in == opt.paging_stats.pages_total
     assert_state_close(opt, ref, params, ref_params, exact=True)
+
+
+@pytest.mark.parametrize("budget_pages", [2, 5])
+def test_explicit_paging_random_subsets_bitwise(device, rng, budget_pages):
+    """Each step a random subset of parameters has gradients (pages needed change every step)."""
+    params = make_params(rng, device)
+    res_params = clone_params(params)
+    pick = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    subsets = [tuple(i for i in range(len(SHAPES)) if torch.rand(1, generator=pick).item() < 0.5) for _ in range(30)]
+    paged = PagedAdamW(two_groups(params), page_size=PAGE, state_budget_bytes=budget_pages * 8 * PAGE)
+    resident = PagedAdamW(two_groups(res_params), page_size=PAGE, paging="none")
+    run(paged, params, 30, seed=15, skip_fn=lambda s: subsets[s])
+    run(resident, res_params, 30, seed=15, skip_fn=lambda s: subsets[s])
+    assert paged.paging_stats.pages_resident <= budget_pages
+    assert_state_close(paged, resident, params, res_params, exact=True)
