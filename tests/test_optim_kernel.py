@@ -30,9 +30,18 @@ def test_matches_reference_bitwise(device, rng, dtype, maximize, beta1):
     params, grads, ms, vs = _case(numels, dtype, device, rng)
     hp_rows, expected = [], []
     for i, (p, g, m, v) in enumerate(zip(params, grads, ms, vs)):
-        kw = dict(lr=1e-2 * (i + 1), beta1=beta1, beta2=0.999, weight_decay=0.1 * (i % 3), eps=1e-8, step=i + 1)
+        kw = {
+            "lr": 1e-2 * (i + 1),
+            "beta1": beta1,
+            "beta2": 0.999,
+            "weight_decay": 0.1 * (i % 3),
+            "eps": 1e-8,
+            "step": i + 1,
+        }
         hp_rows.append(hparams_row(**kw, maximize=maximize))
-        expected.append(reference.adamw_step_reference(p.cpu(), g.cpu(), m.cpu(), v.cpu(), **kw, maximize=maximize))
+        expected.append(
+            reference.adamw_step_reference(p.cpu(), g.cpu(), m.cpu(), v.cpu(), **kw, maximize=maximize)
+        )
     adamw_step_(params, grads, ms, vs, torch.tensor(hp_rows, dtype=torch.float64))
     for (ep, em, ev), p, m, v in zip(expected, params, ms, vs):
         assert torch.equal(p.cpu(), ep)
@@ -47,7 +56,9 @@ def test_close_to_torch_adamw_one_step(device, rng):
     ref = p.clone().requires_grad_()
     ref.grad = g.clone()
     torch.optim.AdamW([ref], lr=3e-3, weight_decay=0.05).step()
-    adamw_step_([p], [g], [m], [v], torch.tensor([hparams_row(3e-3, 0.9, 0.999, 0.05, 1e-8, 1, False)]).double())
+    adamw_step_(
+        [p], [g], [m], [v], torch.tensor([hparams_row(3e-3, 0.9, 0.999, 0.05, 1e-8, 1, False)]).double()
+    )
     torch.testing.assert_close(p, ref.detach(), atol=1e-6, rtol=1e-5)
 
 
@@ -56,8 +67,8 @@ def test_nan_inf_propagate_like_reference(device, rng):
     g = randn(64, generator=rng, device=device)
     g[3], g[10], g[20] = float("nan"), float("inf"), float("-inf")
     m, v = torch.zeros_like(p), torch.zeros_like(p)
-    kw = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, step=1)
-    ep, em, ev = reference.adamw_step_reference(p.cpu(), g.cpu(), m.cpu(), v.cpu(), **kw)
+    kw = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "eps": 1e-8, "step": 1}
+    ep, _em, ev = reference.adamw_step_reference(p.cpu(), g.cpu(), m.cpu(), v.cpu(), **kw)
     adamw_step_([p], [g], [m], [v], torch.tensor([hparams_row(**kw, maximize=False)], dtype=torch.float64))
     assert torch.equal(p.isnan().cpu(), ep.isnan()) and p.isnan()[[3, 10, 20]].all()
     torch.testing.assert_close(p.cpu(), ep, rtol=0, atol=0, equal_nan=True)
@@ -67,12 +78,23 @@ def test_nan_inf_propagate_like_reference(device, rng):
 def test_empty_list_and_empty_tensor(device):
     adamw_step_([], [], [], [], torch.empty(0, 7, dtype=torch.float64))
     z = torch.empty(0, device=device)
-    adamw_step_([z], [z.clone()], [z.clone()], [z.clone()], torch.tensor([hparams_row(1e-3, 0.9, 0.99, 0, 1e-8, 1, 0)]).double())
+    adamw_step_(
+        [z],
+        [z.clone()],
+        [z.clone()],
+        [z.clone()],
+        torch.tensor([hparams_row(1e-3, 0.9, 0.99, 0, 1e-8, 1, 0)]).double(),
+    )
 
 
 def _good(device="cpu", n=8):
     p = torch.randn(n, device=device)
-    return [p], [torch.randn(n, device=device)], [torch.zeros(n, device=device)], [torch.zeros(n, device=device)]
+    return (
+        [p],
+        [torch.randn(n, device=device)],
+        [torch.zeros(n, device=device)],
+        [torch.zeros(n, device=device)],
+    )
 
 
 HP = torch.tensor([hparams_row(1e-3, 0.9, 0.999, 0.01, 1e-8, 1, False)], dtype=torch.float64)
@@ -99,7 +121,9 @@ def test_errors():
     with pytest.raises(RuntimeError, match="contiguous"):
         adamw_step_([torch.randn(8, 2).t()], [torch.randn(2, 8)], [torch.zeros(16)], [torch.zeros(16)], HP)
     with pytest.raises(TypeError, match="complex"):
-        adamw_step_([torch.randn(4, dtype=torch.complex64)], [torch.randn(4, dtype=torch.complex64)], m, v, HP)
+        adamw_step_(
+            [torch.randn(4, dtype=torch.complex64)], [torch.randn(4, dtype=torch.complex64)], m, v, HP
+        )
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         adamw_step_([torch.randn(8).double()], [torch.randn(8).double()], m, v, HP)
     with pytest.raises(TypeError, match="sparse"):

@@ -13,8 +13,8 @@ void step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, 
                 [](const AdamwStepParams& p, const at::Tensor&) { cpu::adamw_step(p); });
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) { m.impl("adamw_step_", &step); }
 
-}  // namespace lora_ops
+} // namespace lora_ops

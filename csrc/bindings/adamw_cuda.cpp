@@ -54,7 +54,7 @@ void managed_prefetch(at::Tensor& t, bool to_host) {
              "managed_prefetch_");
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(lora_ops, CUDA, m) {
   m.impl("adamw_step_", &step);
@@ -67,4 +67,4 @@ TORCH_LIBRARY_IMPL(lora_ops, CompositeExplicitAutograd, m) {
   m.impl("managed_concurrent_access", &managed_concurrent_access);
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

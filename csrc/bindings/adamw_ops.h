@@ -16,8 +16,7 @@ using AdamwKernel = void (*)(const AdamwStepParams& p, const at::Tensor& device_
 // Validates the lists (same length; per index: same numel; params/grads same float dtype; states
 // float32; all contiguous, strided, on one device of type `device_type`), folds each hparams row
 // as torch.optim.AdamW does (in float64, then rounded to float32 once) and calls `kernel`.
-void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, const at::Tensor& hparams, c10::DeviceType device_type,
-                   AdamwKernel kernel);
+void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel);
 
-}  // namespace lora_ops
+} // namespace lora_ops

@@ -4,7 +4,7 @@
 
 #include "bindings/adamw_ops.h"
 
-#include <ATen/ops/empty.h>  // tensor_checks.h uses at::empty without including it
+#include <ATen/ops/empty.h> // tensor_checks.h uses at::empty without including it
 
 #include "bindings/tensor_checks.h"
 
@@ -16,8 +16,7 @@ constexpr const char* kOp = "adamw_step_";
 void check_member(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, int64_t i, const char* list) {
   TORCH_CHECK_TYPE(t.layout() == at::kStrided, kOp, ": ", list, "[", i, "] is ", t.layout(),
                    "; sparse tensors are not supported");
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": ", list, "[", i, "] must be ", dtype, ", got ",
-                   t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": ", list, "[", i, "] must be ", dtype, ", got ", t.scalar_type());
   TORCH_CHECK(t.numel() == ref.numel(), kOp, ": ", list, "[", i, "] has ", t.numel(), " elements but params[", i,
               "] has ", ref.numel());
   TORCH_CHECK(t.is_contiguous(), kOp, ": ", list, "[", i, "] must be contiguous");
@@ -39,30 +38,29 @@ AdamwHyper fold_hparams(const double* row, int64_t i) {
   h.w1 = static_cast<float>(1 - beta1);
   h.beta2 = static_cast<float>(beta2);
   h.omb2 = static_cast<float>(1 - beta2);
-  h.bc2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5));  // Python's `** 0.5`
+  h.bc2_sqrt = static_cast<float>(std::pow(bias_correction2, 0.5)); // Python's `** 0.5`
   h.eps = static_cast<float>(eps);
   h.neg_step_size = static_cast<float>(-(lr / bias_correction1));
   h.maximize = row[6] != 0 ? 1 : 0;
   return h;
 }
 
-}  // namespace
+} // namespace
 
-void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, const at::Tensor& hparams, c10::DeviceType device_type,
-                   AdamwKernel kernel) {
+void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == n && static_cast<int64_t>(exp_avgs.size()) == n &&
                         static_cast<int64_t>(exp_avg_sqs.size()) == n,
                     kOp, ": params, grads, exp_avgs and exp_avg_sqs must have the same length, got ", n, ", ",
                     grads.size(), ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  TORCH_CHECK_TYPE(hparams.scalar_type() == at::kDouble, kOp, ": hparams must be float64, got ",
-                   hparams.scalar_type());
+  TORCH_CHECK_TYPE(hparams.scalar_type() == at::kDouble, kOp, ": hparams must be float64, got ", hparams.scalar_type());
   TORCH_CHECK(hparams.device().is_cpu(), kOp, ": hparams must be a CPU tensor (it is read on the host)");
   TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(0) == n && hparams.size(1) == kAdamwHparamCols, kOp,
                     ": hparams must be [len(params), ", kAdamwHparamCols,
                     "] (lr, beta1, beta2, weight_decay, eps, step, maximize), got ", hparams.sizes());
-  if (n == 0) return;
+  if (n == 0)
+    return;
   const at::Tensor hp = hparams.contiguous();
   const double* rows = hp.data_ptr<double>();
 
@@ -71,8 +69,8 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
   tensors.reserve(n);
   hypers.reserve(n);
   const at::Tensor& ref0 = params[0];
-  TORCH_CHECK(ref0.device().type() == device_type, kOp, ": params[0] is on ", ref0.device(),
-              " but this kernel is for ", device_type);
+  TORCH_CHECK(ref0.device().type() == device_type, kOp, ": params[0] is on ", ref0.device(), " but this kernel is for ",
+              device_type);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
     TORCH_CHECK_TYPE(!p.is_complex(), kOp, ": params[", i, "] is complex; complex parameters are not supported");
@@ -86,7 +84,8 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
     check_member(exp_avgs[i], p, at::kFloat, i, "exp_avgs");
     check_member(exp_avg_sqs[i], p, at::kFloat, i, "exp_avg_sqs");
     hypers.push_back(fold_hparams(rows + i * kAdamwHparamCols, i));
-    if (p.numel() == 0) continue;
+    if (p.numel() == 0)
+      continue;
     AdamwTensor t;
     t.param = p.data_ptr();
     t.grad = grads[i].data_ptr();
@@ -97,7 +96,8 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
     t.dtype = dt;
     tensors.push_back(t);
   }
-  if (tensors.empty()) return;
+  if (tensors.empty())
+    return;
   AdamwStepParams sp;
   sp.tensors = tensors.data();
   sp.n_tensors = static_cast<int64_t>(tensors.size());
@@ -106,4 +106,4 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
   kernel(sp, ref0);
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

@@ -51,7 +51,15 @@ def hparams_row(
     lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, step: float, maximize: bool
 ) -> list[float]:
     """One row of the ``hparams`` table (plain Python floats, in :data:`HPARAM_COLUMNS` order)."""
-    return [float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), float(step), float(maximize)]
+    return [
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        float(eps),
+        float(step),
+        float(maximize),
+    ]
 
 
 def managed_empty(numel: int, device: int) -> torch.Tensor:

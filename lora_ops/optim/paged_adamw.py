@@ -105,10 +105,19 @@ class PagedAdamW(torch.optim.Optimizer):
         if paging not in _PAGING:
             raise ValueError(f"PagedAdamW: paging must be one of {_PAGING}, got {paging!r}")
         if page_size <= 0 or page_size % _ALIGN:
-            raise ValueError(f"PagedAdamW: page_size must be a positive multiple of {_ALIGN}, got {page_size}")
+            raise ValueError(
+                f"PagedAdamW: page_size must be a positive multiple of {_ALIGN}, got {page_size}"
+            )
         if state_budget_bytes is not None and state_budget_bytes <= 0:
             raise ValueError(f"PagedAdamW: state_budget_bytes must be positive, got {state_budget_bytes}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+        }
         self._paging = paging
         self._budget = state_budget_bytes
         self._page_elems = page_size
@@ -159,7 +168,9 @@ class PagedAdamW(torch.optim.Optimizer):
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
         if len(devices) != 1:
-            raise ValueError(f"PagedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(
+                f"PagedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}"
+            )
         self._device = next(iter(devices))
         new = [p for p in all_params if id(p) not in self._layout.index]
         if not new and self._store is not None:
@@ -182,7 +193,9 @@ class PagedAdamW(torch.optim.Optimizer):
             reason = self._managed_unavailable(n_pages * page_bytes)
             if reason is None:
                 return ManagedStore(n_pages, pe, device)
-            warnings.warn(f"PagedAdamW: paging='managed' unavailable ({reason}); using 'explicit'", stacklevel=3)
+            warnings.warn(
+                f"PagedAdamW: paging='managed' unavailable ({reason}); using 'explicit'", stacklevel=3
+            )
             paging = "explicit"
         if paging == "none":
             return ResidentStore(n_pages, pe, device)
@@ -245,7 +258,9 @@ class PagedAdamW(torch.optim.Optimizer):
                 if g.is_complex():
                     raise TypeError("PagedAdamW: complex gradients are not supported")
                 if g.dtype != p.dtype:
-                    raise TypeError(f"PagedAdamW: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
+                    raise TypeError(
+                        f"PagedAdamW: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}"
+                    )
             if store is None:
                 store = self._ensure_store()
             steps = []
@@ -376,4 +391,3 @@ class PagedAdamW(torch.optim.Optimizer):
             n = min(pe - in_page, src.numel() - pos)
             full[page, row, in_page : in_page + n] = src[pos : pos + n]
             pos += n
-

@@ -243,7 +243,9 @@ class ExplicitPager(PageStore):
         compute = self.sync.compute_stream()
         # Loads may start once everything queued before this step (e.g. a state load) is done.
         self.sync.copy_stream.wait_stream(compute)
-        order = [pg for pg in pages if pg in self.page_slot] + [pg for pg in pages if pg not in self.page_slot]
+        order = [pg for pg in pages if pg in self.page_slot] + [
+            pg for pg in pages if pg not in self.page_slot
+        ]
         position = {pg: i for i, pg in enumerate(order)}
         loaded_now: set[int] = set()
         for k, page in enumerate(order):

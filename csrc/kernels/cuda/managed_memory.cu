@@ -12,7 +12,8 @@ cudaError_t managed_concurrent_access(int device, int* supported) {
 }
 
 cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream) {
-  if (bytes == 0) return cudaSuccess;
+  if (bytes == 0)
+    return cudaSuccess;
 #if CUDART_VERSION >= 13000
   // CUDA 13 takes a cudaMemLocation (the int-device overload was removed).
   cudaMemLocation loc{};
@@ -29,4 +30,4 @@ cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStre
 #endif
 }
 
-}  // namespace lora_ops::cuda
+} // namespace lora_ops::cuda

@@ -18,4 +18,4 @@ cudaError_t managed_concurrent_access(int device, int* supported);
 // Asynchronously migrates [ptr, ptr + bytes) to `device` (or to the host when device < 0) on `stream`.
 cudaError_t managed_prefetch(const void* ptr, size_t bytes, int device, cudaStream_t stream);
 
-}  // namespace lora_ops::cuda
+} // namespace lora_ops::cuda
