@@ -39,6 +39,8 @@ class _Layout:
         self.end = 0
         # page -> [(param i, begin in param, end in param, offset in page)]
         self.pieces: list[list[tuple[int, int, int, int]]] = []
+        self._table: torch.Tensor | None = None
+        self._page_rows: list[int] = []
 
     def add(self, p: torch.Tensor) -> None:
         i = len(self.params)
@@ -56,15 +58,29 @@ class _Layout:
             n = min(pe - in_page, self.end - pos)
             self.pieces[page].append((i, pos - start, pos - start + n, in_page))
             pos += n
+        self._table = None
 
     @property
     def n_pages(self) -> int:
         return len(self.pieces)
 
+    def table(self) -> tuple[torch.Tensor, list[int]]:
+        """All pieces as int64 ``[n, 5]`` rows (param i, begin, end, page, offset), sorted by page, and
+        the first row of each page (``rows[page] : rows[page + 1]``)."""
+        if self._table is None:
+            rows, starts = [], [0]
+            for page, pieces in enumerate(self.pieces):
+                rows += [(i, b, e, page, off) for i, b, e, off in pieces]
+                starts.append(len(rows))
+            self._table = torch.tensor(rows, dtype=torch.int64).view(-1, 5)
+            self._page_rows = starts
+        return self._table, self._page_rows
+
     def pages_of(self, i: int) -> range:
-        first = self.offset[i] // self.page_elems
-        last = (self.offset[i] + max(self.params[i].numel(), 1) - 1) // self.page_elems
-        return range(first, last + 1)
+        n = self.params[i].numel()
+        if n == 0:
+            return range(0)
+        return range(self.offset[i] // self.page_elems, (self.offset[i] + n - 1) // self.page_elems + 1)
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -244,7 +260,9 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        active: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # layout i -> (param, grad, row)
+        active_idx: list[int] = []  # layout index of each parameter updated in this step
+        active_params: list[torch.Tensor] = []
+        active_grads: list[torch.Tensor] = []
         rows: list[list[float]] = []
         store = None
         for group in self.param_groups:
@@ -274,36 +292,41 @@ class PagedAdamW(torch.optim.Optimizer):
             beta1, beta2 = group["betas"]
             lr = float(group["lr"])
             for p, step_value in zip(with_grad, step_values):
-                i = self._layout.index[id(p)]
+                active_idx.append(self._layout.index[id(p)])
+                active_params.append(p)
+                active_grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
                 rows.append(
                     adamw_ops.hparams_row(
                         lr, beta1, beta2, group["weight_decay"], group["eps"], step_value, group["maximize"]
                     )
                 )
-                active[i] = (p, p.grad.contiguous(), len(rows) - 1)
-        if not active:
+        if not active_params:
             return loss
 
         layout = self._layout
-        pages = sorted({pg for i in active for pg in layout.pages_of(i)})
+        table, page_rows = layout.table()
+        hparams = torch.tensor(rows, dtype=torch.float64)
+        # position[layout index] = index into the active lists, -1 for parameters without a gradient.
+        position = torch.full((len(layout.params),), -1, dtype=torch.int64)
+        position[torch.tensor(active_idx, dtype=torch.int64)] = torch.arange(len(active_idx))
+        pages = sorted({pg for i in active_idx for pg in layout.pages_of(i)})
 
-        def update(batch) -> None:
-            ps, gs, ms, vs, idx = [], [], [], [], []
-            for page, m_page, v_page in batch:
-                for i, b, e, off in layout.pieces[page]:
-                    entry = active.get(i)
-                    if entry is None:
-                        continue
-                    p, g, row = entry
-                    whole = b == 0 and e == p.numel()
-                    ps.append(p if whole else p.view(-1)[b:e])
-                    gs.append(g if whole else g.view(-1)[b:e])
-                    ms.append(m_page[off : off + e - b])
-                    vs.append(v_page[off : off + e - b])
-                    idx.append(row)
-            if ps:
-                hp = torch.tensor([rows[r] for r in idx], dtype=torch.float64)
-                adamw_ops.adamw_step_(ps, gs, ms, vs, hp)
+        def update(buffer: torch.Tensor, batch) -> None:
+            if len(batch) == 1:  # one page (explicit pager): slice its rows
+                page, slot = batch[0]
+                pieces = table[page_rows[page] : page_rows[page + 1]].clone()
+                pieces[:, 3] = slot
+            else:  # many pages at once (resident / managed): map every row's page to its slot
+                slot_of_page = torch.full((layout.n_pages,), -1, dtype=torch.int64)
+                batch_t = torch.tensor(batch, dtype=torch.int64)
+                slot_of_page[batch_t[:, 0]] = batch_t[:, 1]
+                pieces = table.clone()
+                pieces[:, 3] = slot_of_page[pieces[:, 3]]
+                pieces = pieces[pieces[:, 3] >= 0]
+            pieces[:, 0] = position[pieces[:, 0]]
+            pieces = pieces[pieces[:, 0] >= 0]
+            if pieces.shape[0]:
+                adamw_ops.adamw_step_pages_(active_params, active_grads, buffer, pieces, hparams)
 
         stats = store.run_step(pages, update)
         self.paging_stats = stats

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-PageBatch = list[tuple[int, torch.Tensor, torch.Tensor]]
-"""Pages ready for an update: (page index, exp_avg view [page_elems], exp_avg_sq view [page_elems])."""
+PageBatch = list[tuple[int, int]]
+"""Pages ready for an update, as (page index, slot): the page's state is ``buffer[slot]`` of the
+``[n_slots, 2, page_elems]`` buffer passed with the batch (row 0 exp_avg, row 1 exp_avg_sq)."""
 
-UpdateFn = Callable[[PageBatch], None]
+UpdateFn = Callable[[torch.Tensor, PageBatch], None]
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ResidentStore(PageStore):
         self.pages = torch.zeros((n_pages, 2, page_elems), dtype=torch.float32, device=device)
 
     def run_step(self, pages: Sequence[int], update: UpdateFn) -> PagingStats:
-        update([(pg, self.pages[pg, 0], self.pages[pg, 1]) for pg in pages])
+        update(self.pages, [(pg, pg) for pg in pages])
         n = self.n_pages
         return self._stats(pages_updated=len(pages), pages_resident=n, budget_bytes=n * self.page_bytes)
 
@@ -261,7 +262,7 @@ class ExplicitPager(PageStore):
             slot = self.page_slot[page]  # present: the first entry above is `page` itself
             if page in loaded_now:
                 compute.wait_event(self.slot_ready[slot])
-            update([(page, self.pool[slot, 0], self.pool[slot, 1])])
+            update(self.pool, [(page, slot)])
             self.slot_done[slot].record(compute)
             self.slot_done_recorded[slot] = True
             self.slot_dirty[slot] = True
@@ -314,7 +315,7 @@ class ManagedStore(PageStore):
             if i + 1 == len(pages) or pages[i + 1] != pg + 1:
                 self._ops.managed_prefetch_(self.pages[run_start : pg + 1], False)
                 run_start = None
-        update([(pg, self.pages[pg, 0], self.pages[pg, 1]) for pg in pages])
+        update(self.pages, [(pg, pg) for pg in pages])
         return self._stats(
             pages_updated=len(pages),
             pages_in=len(pages),
