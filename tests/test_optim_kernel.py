@@ -8,7 +8,7 @@ import torch
 from conftest import randn
 
 from lora_ops import reference
-from lora_ops.ops.adamw import adamw_step_, hparams_row
+from lora_ops.ops.adamw import adamw_step_, adamw_step_pages_, hparams_row
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -134,3 +134,65 @@ def test_opcheck(rng):
     params, grads, ms, vs = _case([5, 33], torch.float32, "cpu", rng)
     hp = torch.tensor([hparams_row(1e-3, 0.9, 0.999, 0.01, 1e-8, 3, False)] * 2, dtype=torch.float64)
     torch.library.opcheck(torch.ops.lora_ops.adamw_step_.default, (params, grads, ms, vs, hp))
+
+
+def test_pages_form_matches_list_form(device, rng):
+    """adamw_step_pages_ on (param piece -> page slot) rows == adamw_step_ on the equivalent views."""
+    numels, page = [100, 37, 260], 64
+    params, grads, _, _ = _case(numels, torch.bfloat16, device, rng)
+    pages = randn(9, 2, page, generator=rng, device=device, scale=0.1).abs()
+    # (param, begin, end, slot, offset): pieces of 16-aligned offsets scattered over slots
+    pieces = torch.tensor(
+        [[0, 0, 64, 3, 0], [0, 64, 100, 0, 16], [1, 0, 37, 5, 0], [2, 0, 64, 8, 0], [2, 64, 128, 1, 0],
+         [2, 128, 192, 2, 0], [2, 192, 256, 4, 0], [2, 256, 260, 6, 48]],
+        dtype=torch.int64,
+    )  # fmt: skip
+    hp = torch.tensor(
+        [hparams_row(1e-2 * (i + 1), 0.9, 0.99, 0.1, 1e-8, 2, i == 1) for i in range(3)]
+    ).double()
+    before = [p.clone() for p in params]
+    params2, grads2, pages2 = [p.clone() for p in params], [g.clone() for g in grads], pages.clone()
+    views = {k: [] for k in ("p", "g", "m", "v", "hp")}
+    for i, b, e, slot, off in pieces.tolist():
+        views["p"].append(params2[i].view(-1)[b:e])
+        views["g"].append(grads2[i].view(-1)[b:e])
+        views["m"].append(pages2[slot, 0, off : off + e - b])
+        views["v"].append(pages2[slot, 1, off : off + e - b])
+        views["hp"].append(hp[i])
+    adamw_step_(views["p"], views["g"], views["m"], views["v"], torch.stack(views["hp"]))
+    adamw_step_pages_(params, grads, pages, pieces, hp)
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert torch.equal(pages, pages2)
+    assert all(not torch.equal(a, b) for a, b in zip(params, before))  # every parameter was updated
+
+
+def test_pages_form_bounds_checked():
+    p, g = [torch.randn(10)], [torch.randn(10)]
+    pages = torch.zeros(2, 2, 16)
+    hp = torch.tensor([hparams_row(1e-3, 0.9, 0.999, 0, 1e-8, 1, False)], dtype=torch.float64)
+
+    def call(row, pages=pages):
+        adamw_step_pages_(p, g, pages, torch.tensor([row], dtype=torch.int64), hp)
+
+    with pytest.raises(ValueError, match="names params"):
+        call([1, 0, 10, 0, 0])
+    with pytest.raises(ValueError, match="outside params"):
+        call([0, 0, 11, 0, 0])
+    with pytest.raises(ValueError, match="does not fit"):
+        call([0, 0, 10, 2, 0])
+    with pytest.raises(ValueError, match="does not fit"):
+        call([0, 0, 10, 0, 7])
+    with pytest.raises(ValueError, match=r"\[n_slots, 2, page_elems\]"):
+        call([0, 0, 10, 0, 0], pages=torch.zeros(2, 3, 16))
+    with pytest.raises(TypeError, match="int64"):
+        adamw_step_pages_(p, g, pages, torch.tensor([[0, 0, 10, 0, 0]], dtype=torch.int32), hp)
+    call([0, 0, 10, 1, 6])  # fits exactly
+    assert pages[1, 0, 6:16].abs().sum() > 0 and pages[0].abs().sum() == 0
+
+
+def test_pages_form_opcheck(rng):
+    params, grads, _, _ = _case([40], torch.float32, "cpu", rng)
+    pages = randn(2, 2, 32, generator=rng, scale=0.1).abs()
+    pieces = torch.tensor([[0, 0, 32, 1, 0], [0, 32, 40, 0, 16]], dtype=torch.int64)
+    hp = torch.tensor([hparams_row(1e-3, 0.9, 0.999, 0.01, 1e-8, 3, False)], dtype=torch.float64)
+    torch.library.opcheck(torch.ops.lora_ops.adamw_step_pages_.default, (params, grads, pages, pieces, hp))
