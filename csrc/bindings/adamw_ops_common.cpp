@@ -45,9 +45,8 @@ AdamwHyper fold_hparams(const double* row, int64_t i, const char* op) {
   return h;
 }
 
-// Checks params/grads (and hparams' shape) and returns one folded hyper-parameter row per parameter.
-std::vector<AdamwHyper> check_params_and_fold(at::TensorList params, at::TensorList grads, const at::Tensor& hparams,
-                                              c10::DeviceType device_type, const char* op) {
+void check_lists_and_hparams(at::TensorList params, at::TensorList grads, const at::Tensor& hparams,
+                             c10::DeviceType device_type, const char* op) {
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(grads.size()) == n, op, ": params and grads must have the same length, got ",
                     n, " and ", grads.size());
@@ -56,27 +55,24 @@ std::vector<AdamwHyper> check_params_and_fold(at::TensorList params, at::TensorL
   TORCH_CHECK_VALUE(hparams.dim() == 2 && hparams.size(0) == n && hparams.size(1) == kAdamwHparamCols, op,
                     ": hparams must be [len(params), ", kAdamwHparamCols,
                     "] (lr, beta1, beta2, weight_decay, eps, step, maximize), got ", hparams.sizes());
-  std::vector<AdamwHyper> hypers;
-  if (n == 0)
-    return hypers;
-  const at::Tensor hp = hparams.contiguous();
-  const double* rows = hp.data_ptr<double>();
-  hypers.reserve(n);
-  const at::Tensor& ref0 = params[0];
-  TORCH_CHECK(ref0.device().type() == device_type, op, ": params[0] is on ", ref0.device(), " but this kernel is for ",
-              device_type);
-  for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(!p.is_complex(), op, ": params[", i, "] is complex; complex parameters are not supported");
-    TORCH_CHECK_TYPE(p.layout() == at::kStrided, op, ": params[", i, "] must be a strided (dense) tensor");
-    TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous");
-    TORCH_CHECK(p.device() == ref0.device(), op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
-                ref0.device(), "; call the op once per device");
-    kernel_dtype(p.scalar_type(), op, "params");
-    check_member(grads[i], p, p.scalar_type(), i, "grads", op);
-    hypers.push_back(fold_hparams(rows + i * kAdamwHparamCols, i, op));
+  if (n > 0) {
+    TORCH_CHECK(params[0].device().type() == device_type, op, ": params[0] is on ", params[0].device(),
+                " but this kernel is for ", device_type);
   }
-  return hypers;
+}
+
+// Checks params[i] and grads[i] and returns the folded hyper-parameters of row i.
+AdamwHyper check_param(at::TensorList params, at::TensorList grads, const double* hparam_rows, int64_t i,
+                       const char* op) {
+  const at::Tensor& p = params[i];
+  TORCH_CHECK_TYPE(!p.is_complex(), op, ": params[", i, "] is complex; complex parameters are not supported");
+  TORCH_CHECK_TYPE(p.layout() == at::kStrided, op, ": params[", i, "] must be a strided (dense) tensor");
+  TORCH_CHECK(p.is_contiguous(), op, ": params[", i, "] must be contiguous");
+  TORCH_CHECK(p.device() == params[0].device(), op, ": params[", i, "] is on ", p.device(), " but params[0] is on ",
+              params[0].device(), "; call the op once per device");
+  kernel_dtype(p.scalar_type(), op, "params");
+  check_member(grads[i], p, p.scalar_type(), i, "grads", op);
+  return fold_hparams(hparam_rows + i * kAdamwHparamCols, i, op);
 }
 
 void run(std::vector<AdamwTensor>& tensors, std::vector<AdamwHyper>& hypers, const at::Tensor& ref,
@@ -100,11 +96,15 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
   TORCH_CHECK_VALUE(static_cast<int64_t>(exp_avgs.size()) == n && static_cast<int64_t>(exp_avg_sqs.size()) == n, op,
                     ": params, grads, exp_avgs and exp_avg_sqs must have the same length, got ", n, ", ", grads.size(),
                     ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  std::vector<AdamwHyper> hypers = check_params_and_fold(params, grads, hparams, device_type, op);
+  check_lists_and_hparams(params, grads, hparams, device_type, op);
+  const at::Tensor hp = hparams.contiguous();
+  std::vector<AdamwHyper> hypers;
   std::vector<AdamwTensor> tensors;
+  hypers.reserve(n);
   tensors.reserve(n);
   for (int64_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
+    hypers.push_back(check_param(params, grads, hp.data_ptr<double>(), i, op));
     check_member(exp_avgs[i], p, at::kFloat, i, "exp_avgs", op);
     check_member(exp_avg_sqs[i], p, at::kFloat, i, "exp_avg_sqs", op);
     if (p.numel() == 0)
@@ -126,7 +126,7 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
 void adamw_step_pages_op(at::TensorList params, at::TensorList grads, const at::Tensor& pages, const at::Tensor& pieces,
                          const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel) {
   constexpr const char* op = "adamw_step_pages_";
-  std::vector<AdamwHyper> hypers = check_params_and_fold(params, grads, hparams, device_type, op);
+  check_lists_and_hparams(params, grads, hparams, device_type, op);
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_TYPE(pages.scalar_type() == at::kFloat, op, ": pages must be float32, got ", pages.scalar_type());
   TORCH_CHECK_VALUE(pages.dim() == 3 && pages.size(1) == 2, op, ": pages must be [n_slots, 2, page_elems], got ",
@@ -144,12 +144,20 @@ void adamw_step_pages_op(at::TensorList params, at::TensorList grads, const at::
   float* base = pages.data_ptr<float>();
   const at::Tensor pc = pieces.contiguous();
   const int64_t* rows = pc.data_ptr<int64_t>();
+  const at::Tensor hp = hparams.contiguous();
+  // Only the params that pieces name are checked (and their rows folded): a per-page call names a few.
+  std::vector<AdamwHyper> hypers(n);
+  std::vector<char> checked(n, 0);
   std::vector<AdamwTensor> tensors;
   tensors.reserve(pc.size(0));
   for (int64_t r = 0; r < pc.size(0); ++r) {
     const int64_t* row = rows + r * kAdamwPieceCols;
     const int64_t i = row[0], begin = row[1], end = row[2], slot = row[3], offset = row[4];
     TORCH_CHECK_VALUE(i >= 0 && i < n, op, ": pieces[", r, "] names params[", i, "], there are ", n);
+    if (!checked[i]) {
+      hypers[i] = check_param(params, grads, hp.data_ptr<double>(), i, op);
+      checked[i] = 1;
+    }
     const at::Tensor& p = params[i];
     TORCH_CHECK_VALUE(0 <= begin && begin <= end && end <= p.numel(), op, ": pieces[", r, "] range [", begin, ", ", end,
                       ") is outside params[", i, "] (", p.numel(), " elements)");

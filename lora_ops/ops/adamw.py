@@ -30,6 +30,13 @@ def _managed_prefetch_fake(t, to_host) -> None:
     return None
 
 
+def _raise_if_sparse(op: str, grads: list[torch.Tensor]) -> None:
+    # A sparse gradient makes the dispatcher look for a Sparse kernel; say what is actually wrong.
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"{op}: grads[{i}] is {g.layout}; sparse gradients are not supported")
+
+
 def adamw_step_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -46,10 +53,11 @@ def adamw_step_(
     are read, updated in float32 and rounded once (round-to-nearest-even).
     """
     grads = list(grads)
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:  # caught here: the dispatcher would report a missing Sparse kernel
-            raise TypeError(f"adamw_step_: grads[{i}] is {g.layout}; sparse gradients are not supported")
-    _ops.adamw_step_(list(params), grads, list(exp_avgs), list(exp_avg_sqs), hparams)
+    try:
+        _ops.adamw_step_(list(params), grads, list(exp_avgs), list(exp_avg_sqs), hparams)
+    except NotImplementedError:
+        _raise_if_sparse("adamw_step_", grads)
+        raise
 
 
 def adamw_step_pages_(
