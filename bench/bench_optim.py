@@ -5,8 +5,9 @@ torch.optim.AdamW and bitsandbytes, with the host<->device bandwidth measured in
     python bench/bench_optim.py --quick --out /tmp/optim_quick          # a CPU-sized run
 
 Rows: one per (parameter set, optimizer). Columns: median step time, achieved bandwidth of the update
-(bytes the update must move: param r+w, grad r, both fp32 moments r+w), bytes paged per step, and for
-paged rows the step time divided by the copy-time floor (bytes paged / measured bandwidth).
+(bytes the update must move: param r+w, grad r, both fp32 moments r+w) and its share of the
+device-to-device copy bandwidth measured in the same run, bytes paged per step, and for paged rows the
+step time divided by the copy-time floor (bytes in / H2D bandwidth + bytes out / D2H bandwidth).
 On CPU the "device" pool and the host store are both in RAM: paging there measures the pager's logic
 and memcpy cost, not PCIe.
 """
@@ -139,6 +140,7 @@ def bench_set(args, device, model, rank, layers, bw) -> list[dict]:
             "step_ms": med * 1e3,
             "min_ms": min(times) * 1e3,
             "update_GBps": update_bytes / med / 1e9,
+            "pct_of_copy_bw": 100 * update_bytes / med / 1e9 / bw["d2d_rw_GBps"],
         }
         stats = getattr(opt, "paging_stats", None)
         if stats is not None:
@@ -239,18 +241,21 @@ def markdown(env: dict, bw: dict, rows: list[dict]) -> str:
         "Bandwidth measured in this run: "
         + ", ".join(f"{k.replace('_GBps', '')} {v:.1f} GB/s" for k, v in bw.items()),
         "",
-        "| set | params | optimizer | step ms (median) | update GB/s | paged MB/step | step / copy floor |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        (
+            "| set | params | optimizer | step ms (median) | update GB/s | % of copy GB/s | paged MB/step "
+            "| step / copy floor |"
+        ),
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['set']} | | {r['optimizer']} | {r['error']} | | | |")
+            lines.append(f"| {r['set']} | | {r['optimizer']} | {r['error']} | | | | |")
             continue
         ratio = f"{r['step_over_copy_floor']:.2f}" if "step_over_copy_floor" in r else ""
         paged = f"{r['paged_MB']:.1f}" if "paged_MB" in r else ""
         lines.append(
             f"| {r['set']} | {r['params'] / 1e6:.1f}M | {r['optimizer']} | {r['step_ms']:.2f} | "
-            f"{r['update_GBps']:.1f} | {paged} | {ratio} |"
+            f"{r['update_GBps']:.1f} | {r['pct_of_copy_bw']:.0f}% | {paged} | {ratio} |"
         )
     return "\n".join(lines) + "\n"
 
