@@ -140,6 +140,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self._layout = _Layout(page_size)
         self._store: PageStore | None = None
         self._device: torch.device | None = None
+        self._steps = torch.zeros(0, dtype=torch.float32)  # step of every layout param (float32, as torch)
+        self._pages_cache: tuple[tuple[int, ...], list[int]] | None = None
         self.paging_stats: PagingStats | None = None
         self.paging_totals: PagingStats | None = None
         super().__init__(params, defaults)
@@ -181,6 +183,10 @@ class PagedAdamW(torch.optim.Optimizer):
     # -- the page store ---------------------------------------------------------------------------
     def _ensure_store(self) -> PageStore:
         """Assigns state space to parameters not seen yet and (re)builds the store to cover them."""
+        if self._store is not None and sum(len(g["params"]) for g in self.param_groups) == len(
+            self._layout.params
+        ):
+            return self._store
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
         if len(devices) != 1:
@@ -194,12 +200,25 @@ class PagedAdamW(torch.optim.Optimizer):
         old = self._store.read_all() if self._store is not None else None
         for p in new:
             self._layout.add(p)
+        self._link_steps()
         self._store = self._make_store(self._layout.n_pages)
         if old is not None:
             full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
             full[: old.shape[0]] = old
             self._store.write_all(full)
         return self._store
+
+    def _link_steps(self) -> None:
+        """Sizes the step buffer to the layout and makes every state's "step" a 0-dim view of it, so one
+        indexed add counts all parameters' steps (state_dict() hands out copies, as float32 scalars)."""
+        params = self._layout.params
+        steps = torch.zeros(len(params), dtype=torch.float32)
+        for i, p in enumerate(params):
+            st = self.state.get(p)
+            if st is not None and "step" in st:
+                steps[i] = float(st["step"])
+                st["step"] = steps[i]
+        self._steps = steps
 
     def _make_store(self, n_pages: int) -> PageStore:
         device, pe = self._device, self._page_elems
@@ -263,7 +282,7 @@ class PagedAdamW(torch.optim.Optimizer):
         active_idx: list[int] = []  # layout index of each parameter updated in this step
         active_params: list[torch.Tensor] = []
         active_grads: list[torch.Tensor] = []
-        rows: list[list[float]] = []
+        group_rows: list[tuple[list[float], int]] = []  # (hparams row without step, n params)
         store = None
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -271,62 +290,82 @@ class PagedAdamW(torch.optim.Optimizer):
                 continue
             for p in with_grad:
                 g = p.grad
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if g.is_complex():
-                    raise TypeError("PagedAdamW: complex gradients are not supported")
-                if g.dtype != p.dtype:
+                if g.layout != torch.strided or g.dtype != p.dtype:
+                    if g.layout != torch.strided:
+                        raise RuntimeError("PagedAdamW does not support sparse gradients")
+                    if g.is_complex():
+                        raise TypeError("PagedAdamW: complex gradients are not supported")
                     raise TypeError(
                         f"PagedAdamW: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}"
                     )
             if store is None:
                 store = self._ensure_store()
-            steps = []
+            index = self._layout.index
             for p in with_grad:
+                i = index[id(p)]
                 st = self.state[p]
                 if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                steps.append(st["step"])
-            torch._foreach_add_(steps, 1.0)
-            step_values = torch.stack(steps).tolist()
-            beta1, beta2 = group["betas"]
-            lr = float(group["lr"])
-            for p, step_value in zip(with_grad, step_values):
-                active_idx.append(self._layout.index[id(p)])
+                    st["step"] = self._steps[i]  # a view: counted in bulk below
+                active_idx.append(i)
                 active_params.append(p)
-                active_grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
-                rows.append(
-                    adamw_ops.hparams_row(
-                        lr, beta1, beta2, group["weight_decay"], group["eps"], step_value, group["maximize"]
-                    )
-                )
+                g = p.grad
+                active_grads.append(g if g.is_contiguous() else g.contiguous())
+            beta1, beta2 = group["betas"]
+            row = adamw_ops.hparams_row(
+                float(group["lr"]), beta1, beta2, group["weight_decay"], group["eps"], 0.0, group["maximize"]
+            )
+            group_rows.append((row, len(with_grad)))
         if not active_params:
             return loss
 
+        # torch counts each parameter's step in a float32 tensor; ours are views of one buffer.
+        idx_t = torch.tensor(active_idx, dtype=torch.int64)
+        self._steps[idx_t] += 1
+        hparams = torch.cat([torch.tensor(r, dtype=torch.float64).expand(n, 7) for r, n in group_rows])
+        hparams[:, 5] = self._steps[idx_t]
+
         layout = self._layout
-        table, page_rows = layout.table()
-        hparams = torch.tensor(rows, dtype=torch.float64)
+        table, _ = layout.table()
         # position[layout index] = index into the active lists, -1 for parameters without a gradient.
         position = torch.full((len(layout.params),), -1, dtype=torch.int64)
-        position[torch.tensor(active_idx, dtype=torch.int64)] = torch.arange(len(active_idx))
-        pages = sorted({pg for i in active_idx for pg in layout.pages_of(i)})
+        position[idx_t] = torch.arange(len(active_idx))
+        key = tuple(active_idx)
+        if self._pages_cache is None or self._pages_cache[0] != key:  # usually the same set every step
+            self._pages_cache = (key, sorted({pg for i in active_idx for pg in layout.pages_of(i)}))
+        pages = self._pages_cache[1]
+
+        position_list = position.tolist()
+        step_pages = torch.ops.lora_ops.adamw_step_pages_  # direct: this runs once per page
 
         def update(buffer: torch.Tensor, batch) -> None:
-            if len(batch) == 1:  # one page (explicit pager): slice its rows
+            if len(batch) == 1:  # one page (explicit pager): pass only the few params it holds
                 page, slot = batch[0]
-                pieces = table[page_rows[page] : page_rows[page + 1]].clone()
-                pieces[:, 3] = slot
-            else:  # many pages at once (resident / managed): map every row's page to its slot
-                slot_of_page = torch.full((layout.n_pages,), -1, dtype=torch.int64)
-                batch_t = torch.tensor(batch, dtype=torch.int64)
-                slot_of_page[batch_t[:, 0]] = batch_t[:, 1]
-                pieces = table.clone()
-                pieces[:, 3] = slot_of_page[pieces[:, 3]]
-                pieces = pieces[pieces[:, 3] >= 0]
+                local: dict[int, int] = {}
+                ps, gs, rows = [], [], []
+                for i, b, e, off in layout.pieces[page]:
+                    a = position_list[i]
+                    if a < 0:
+                        continue
+                    li = local.get(a)
+                    if li is None:
+                        li = local[a] = len(ps)
+                        ps.append(active_params[a])
+                        gs.append(active_grads[a])
+                    rows.append((li, b, e, slot, off))
+                if rows:
+                    hp = hparams[torch.tensor(list(local), dtype=torch.int64)]
+                    step_pages(ps, gs, buffer, torch.tensor(rows, dtype=torch.int64), hp)
+                return
+            # Many pages at once (resident / managed): map every row's page to its slot, one launch.
+            slot_of_page = torch.full((layout.n_pages,), -1, dtype=torch.int64)
+            batch_t = torch.tensor(batch, dtype=torch.int64)
+            slot_of_page[batch_t[:, 0]] = batch_t[:, 1]
+            pieces = table.clone()
             pieces[:, 0] = position[pieces[:, 0]]
-            pieces = pieces[pieces[:, 0] >= 0]
+            pieces[:, 3] = slot_of_page[pieces[:, 3]]
+            pieces = pieces[(pieces[:, 0] >= 0) & (pieces[:, 3] >= 0)]
             if pieces.shape[0]:
-                adamw_ops.adamw_step_pages_(active_params, active_grads, buffer, pieces, hparams)
+                step_pages(active_params, active_grads, buffer, pieces, hparams)
 
         stats = store.run_step(pages, update)
         self.paging_stats = stats
@@ -385,9 +424,11 @@ class PagedAdamW(torch.optim.Optimizer):
             st = self.state.get(p)
             if st and "step" in st:  # torch keeps step on the device when fused/capturable
                 st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().to("cpu").clone()
+        self._pages_cache = None
         if not params:
             return
         store = self._ensure_store()
+        self._link_steps()
         full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
         for k, mom in moments.items():
             p = id_to_param.get(k)
