@@ -346,3 +346,20 @@ def test_explicit_paging_random_subsets_bitwise(device, rng, budget_pages):
     run(resident, res_params, 30, seed=15, skip_fn=lambda s: subsets[s])
     assert paged.paging_stats.pages_resident <= budget_pages
     assert_state_close(paged, resident, params, res_params, exact=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("paging", ["explicit_tiny", "resident", "managed"])
+def test_cuda_step_never_synchronizes(rng, paging):
+    """After the first step (which sizes the pool from free memory), a step issues no device sync."""
+    params = make_params(rng, "cuda")
+    kw = {"paging": "managed", "page_size": PAGE} if paging == "managed" else PAGINGS[paging]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # managed may fall back on this GPU
+        opt = run(PagedAdamW(params, **kw), params, 1, seed=16)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(opt, params, 3, seed=16, start=1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
