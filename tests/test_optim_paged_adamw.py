@@ -357,9 +357,14 @@ def test_cuda_step_never_synchronizes(rng, paging):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # managed may fall back on this GPU
         opt = run(PagedAdamW(params, **kw), params, 1, seed=16)
+    grads = [grads_for(params, s, seed=16) for s in range(1, 4)]  # host->device copies may sync: before
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        run(opt, params, 3, seed=16, start=1)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
