@@ -94,7 +94,8 @@ class PagedAdamW(torch.optim.Optimizer):
         paging: ``"explicit"`` (default) a budgeted device page pool with a pinned host backing store;
             ``"managed"`` CUDA unified memory with prefetch (falls back to ``"explicit"`` with a warning
             where the GPU lacks concurrent managed access or the state exceeds free GPU memory);
-            ``"none"`` all state resident on the device.
+            ``"none"`` all state resident on the device. With ``"explicit"`` and a budget that holds the
+            whole state, nothing pages and the step is the resident one (``paging_backend == "resident"``).
         state_budget_bytes: device bytes for state pages (explicit). Default: on CUDA the free memory
             less a headroom of max(1 GiB, 10% of the device); on CPU the whole state (no paging).
         page_size: elements per page (each page holds both moments: ``8 * page_size`` bytes).

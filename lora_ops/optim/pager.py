@@ -259,7 +259,9 @@ class ExplicitPager(PageStore):
                     break  # every slot holds a page still to update: load it later
                 self._load(ahead, slot, stats)
                 loaded_now.add(ahead)
-            slot = self.page_slot[page]  # present: the first entry above is `page` itself
+            # `page` is resident now: when its load was tried, at most `lookahead` < n_slots slots held
+            # pages still to come (loaded ahead), so a victim existed.
+            slot = self.page_slot[page]
             if page in loaded_now:
                 compute.wait_event(self.slot_ready[slot])
             update(self.pool, [(page, slot)])
