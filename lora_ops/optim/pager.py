@@ -113,57 +113,81 @@ class ResidentStore(PageStore):
 
 
 class _CudaSync:
-    """Side stream and events of the explicit pager on a CUDA device."""
+    """Streams and events of the explicit pager on a CUDA device: copies run on a side stream, updates
+    on the current (compute) stream; only events order them. The host never waits in a step."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.copy_stream = torch.cuda.Stream(device=device)
-
-    def compute_stream(self):
-        return torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(torch.cuda.current_stream(device))
 
     def new_event(self):
         return torch.cuda.Event()
 
-    def copy_context(self):
-        return torch.cuda.stream(self.copy_stream)
+    def keep_alive(self, t: torch.Tensor) -> None:
+        # `t` is used on the copy stream: the caching allocator must not reuse it before that is done.
+        t.record_stream(self.copy_stream)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src, non_blocking=True)
+
+    def copy_wait(self, event) -> None:
+        self.copy_stream.wait_event(event)
+
+    def copy_record(self, event) -> None:
+        event.record(self.copy_stream)
+
+    def copy_wait_compute(self) -> None:
+        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+
+    def compute(self, fn: Callable[[], None]) -> None:
+        fn()  # kernels are asynchronous already: they go to the current stream
+
+    def compute_wait(self, event) -> None:
+        torch.cuda.current_stream(self.device).wait_event(event)
+
+    def compute_record(self, event) -> None:
+        event.record(torch.cuda.current_stream(self.device))
+
+    def synchronize(self) -> None:
+        # Host-side readers of the host store need the copy stream done; reads of device tensors
+        # (synchronous copies to the CPU on the current stream) order themselves after the updates.
+        self.copy_stream.synchronize()
 
 
 class _NullSync:
-    """CPU stand-in: copies are synchronous, so streams and events are no-ops."""
-
-    class _Event:
-        def record(self, stream=None) -> None:
-            pass
-
-    class _Stream:
-        def wait_event(self, event) -> None:
-            pass
-
-        def wait_stream(self, stream) -> None:
-            pass
-
-        def synchronize(self) -> None:
-            pass
-
-    class _Ctx:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            return None
-
-    def __init__(self):
-        self.copy_stream = self._Stream()
-
-    def compute_stream(self):
-        return self._Stream()
+    """CPU stand-in: copies and updates run at once, in program order, so ordering is a no-op."""
 
     def new_event(self):
-        return self._Event()
+        return None
 
-    def copy_context(self):
-        return self._Ctx()
+    def keep_alive(self, t: torch.Tensor) -> None:
+        pass
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def copy_wait(self, event) -> None:
+        pass
+
+    def copy_record(self, event) -> None:
+        pass
+
+    def copy_wait_compute(self) -> None:
+        pass
+
+    def compute(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def compute_wait(self, event) -> None:
+        pass
+
+    def compute_record(self, event) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 class ExplicitPager(PageStore):
@@ -192,13 +216,12 @@ class ExplicitPager(PageStore):
         self.n_slots = min(n_slots, n_pages)
         self.lookahead = max(1, min(lookahead, self.n_slots - 1))
         is_cuda = device.type == "cuda"
-        self.sync = _CudaSync(device) if is_cuda else _NullSync()
         self.pool = torch.zeros((self.n_slots, 2, page_elems), dtype=torch.float32, device=device)
         self.host = torch.zeros((n_pages, 2, page_elems), dtype=torch.float32, pin_memory=is_cuda)
-        if is_cuda:
-            # The pool is used on the copy stream too: the caching allocator must not reuse it early.
-            self.pool.record_stream(self.sync.copy_stream)
-            self.sync.copy_stream.wait_stream(self.sync.compute_stream())
+        self.sync = (
+            _CudaSync(device) if is_cuda else _NullSync()
+        )  # created after the pool: it orders after it
+        self.sync.keep_alive(self.pool)
         self.slot_page: list[int | None] = [None] * self.n_slots
         self.page_slot: dict[int, int] = {}
         self.slot_dirty = [False] * self.n_slots
@@ -219,19 +242,18 @@ class ExplicitPager(PageStore):
 
     def _load(self, page: int, slot: int, stats: PagingStats) -> None:
         """Enqueues on the copy stream: write-back of the slot's dirty page, then the load of ``page``."""
-        copy = self.sync.copy_stream
+        sync = self.sync
         old = self.slot_page[slot]
-        with self.sync.copy_context():
-            if self.slot_done_recorded[slot]:
-                copy.wait_event(self.slot_done[slot])
-            if old is not None:
-                if self.slot_dirty[slot]:
-                    self.host[old].copy_(self.pool[slot], non_blocking=True)
-                    stats.pages_out += 1
-                    stats.bytes_out += self.page_bytes
-                del self.page_slot[old]
-            self.pool[slot].copy_(self.host[page], non_blocking=True)
-            self.slot_ready[slot].record(copy)
+        if self.slot_done_recorded[slot]:
+            sync.copy_wait(self.slot_done[slot])  # the slot's last update has finished
+        if old is not None:
+            if self.slot_dirty[slot]:
+                sync.copy(self.host[old], self.pool[slot])
+                stats.pages_out += 1
+                stats.bytes_out += self.page_bytes
+            del self.page_slot[old]
+        sync.copy(self.pool[slot], self.host[page])
+        sync.copy_record(self.slot_ready[slot])
         stats.pages_in += 1
         stats.bytes_in += self.page_bytes
         self.slot_page[slot] = page
@@ -241,9 +263,9 @@ class ExplicitPager(PageStore):
     # -- one step --------------------------------------------------------------------------------
     def run_step(self, pages: Sequence[int], update: UpdateFn) -> PagingStats:
         stats = self._stats(budget_bytes=self.n_slots * self.page_bytes)
-        compute = self.sync.compute_stream()
+        sync = self.sync
         # Loads may start once everything queued before this step (e.g. a state load) is done.
-        self.sync.copy_stream.wait_stream(compute)
+        sync.copy_wait_compute()
         order = [pg for pg in pages if pg in self.page_slot] + [
             pg for pg in pages if pg not in self.page_slot
         ]
@@ -263,9 +285,9 @@ class ExplicitPager(PageStore):
             # pages still to come (loaded ahead), so a victim existed.
             slot = self.page_slot[page]
             if page in loaded_now:
-                compute.wait_event(self.slot_ready[slot])
-            update(self.pool, [(page, slot)])
-            self.slot_done[slot].record(compute)
+                sync.compute_wait(self.slot_ready[slot])
+            sync.compute(lambda page=page, slot=slot: update(self.pool, [(page, slot)]))
+            sync.compute_record(self.slot_done[slot])
             self.slot_done_recorded[slot] = True
             self.slot_dirty[slot] = True
             self.lru.move_to_end(slot)
@@ -275,7 +297,7 @@ class ExplicitPager(PageStore):
 
     # -- whole-state access (state_dict / load_state_dict; these may synchronize) ----------------
     def read_all(self) -> torch.Tensor:
-        self.sync.copy_stream.synchronize()  # host pages written by pending write-backs
+        self.sync.synchronize()  # host pages written by pending write-backs
         out = self.host.clone()
         for s, pg in enumerate(self.slot_page):
             if pg is not None:
@@ -283,14 +305,14 @@ class ExplicitPager(PageStore):
         return out
 
     def write_all(self, pages: torch.Tensor) -> None:
-        self.sync.copy_stream.synchronize()  # pending loads may still read the host store
+        self.sync.synchronize()  # pending loads may still read the host store
         self.host.copy_(pages)
         for s, pg in enumerate(self.slot_page):
             if pg is not None:
-                self.pool[s].copy_(pages[pg], non_blocking=True)
+                self.sync.compute(lambda s=s, pg=pg: self.pool[s].copy_(pages[pg], non_blocking=True))
                 self.slot_dirty[s] = False  # host and slot agree
         # Loads of the next step must see the slot writes above (issued on the compute stream).
-        self.sync.copy_stream.wait_stream(self.sync.compute_stream())
+        self.sync.copy_wait_compute()
 
 
 class ManagedStore(PageStore):
