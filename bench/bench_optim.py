@@ -7,7 +7,8 @@ torch.optim.AdamW and bitsandbytes, with the host<->device bandwidth measured in
 Rows: one per (parameter set, optimizer). Columns: median step time, achieved bandwidth of the update
 (bytes the update must move: param r+w, grad r, both fp32 moments r+w) and its share of the
 device-to-device copy bandwidth measured in the same run, bytes paged per step, and for paged rows the
-step time divided by the copy-time floor (bytes in / H2D bandwidth + bytes out / D2H bandwidth).
+step time divided by the copy-time floor (bytes in / H2D bandwidth + bytes out / D2H bandwidth: the
+two directions serialized; the explicit pager overlaps them on separate streams, so below 1 is possible).
 On CPU the "device" pool and the host store are both in RAM: paging there measures the pager's logic
 and memcpy cost, not PCIe.
 """

@@ -26,10 +26,10 @@ class _Event:
 
 
 class SimSync:
-    """Deferred copy and compute streams; `policy` picks which runnable stream goes next."""
+    """Deferred compute / h2d / d2h streams; `policy` picks which runnable stream goes next."""
 
     def __init__(self, policy: str, seed: int):
-        self.queues = {"copy": deque(), "compute": deque()}
+        self.queues = {name: deque() for name in pager_mod.STREAMS}
         self.policy = policy
         self.rng = random.Random(seed)
         self.ops_run = 0
@@ -40,35 +40,23 @@ class SimSync:
     def keep_alive(self, t):
         pass
 
-    def _wait(self, stream, event):  # CUDA: waits for the event's latest record at call time
+    def wait(self, stream, event):  # CUDA: waits for the event's latest record at call time
         self.queues[stream].append(("wait", event, event.issued))
 
-    def _record(self, stream, event):
+    def record(self, stream, event):
         event.issued += 1
         self.queues[stream].append(("record", event))
 
-    def copy(self, dst, src):
-        self.queues["copy"].append(("run", lambda: dst.copy_(src)))
-
-    def copy_wait(self, event):
-        self._wait("copy", event)
-
-    def copy_record(self, event):
-        self._record("copy", event)
-
-    def copy_wait_compute(self):
+    def wait_stream(self, stream, other):
         event = _Event()
-        self._record("compute", event)
-        self._wait("copy", event)
+        self.record(other, event)
+        self.wait(stream, event)
+
+    def copy(self, stream, dst, src):
+        self.queues[stream].append(("run", lambda: dst.copy_(src)))
 
     def compute(self, fn):
         self.queues["compute"].append(("run", fn))
-
-    def compute_wait(self, event):
-        self._wait("compute", event)
-
-    def compute_record(self, event):
-        self._record("compute", event)
 
     def synchronize(self):
         while any(self.queues.values()):
@@ -76,9 +64,11 @@ class SimSync:
             assert ready, "deadlock: both streams wait on events that are never recorded"
             if self.policy == "random":
                 stream = self.rng.choice(ready)
-            else:
-                first = "copy" if self.policy == "copy_first" else "compute"
-                stream = first if first in ready else ready[0]
+            else:  # copies as early as allowed, or as late as allowed
+                order = (
+                    ("h2d", "d2h", "compute") if self.policy == "copy_first" else ("compute", "d2h", "h2d")
+                )
+                stream = next(s for s in order if s in ready)
             self._execute(self.queues[stream].popleft())
 
     @staticmethod
@@ -116,7 +106,7 @@ def test_deferred_streams_bitwise_equal_resident(monkeypatch, rng, policy, budge
 
 
 def test_simulator_catches_a_missing_wait(monkeypatch, rng):
-    """The check above can fail: drop the wait before a slot is overwritten and results change."""
+    """The check above can fail: drop the waits for a slot's last update and results change."""
     monkeypatch.setattr(pager_mod, "_NullSync", lambda: SimSync("copy_first", seed=0))
     original = pager_mod.ExplicitPager._load
 

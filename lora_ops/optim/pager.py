@@ -7,7 +7,7 @@ A page holds ``page_elems`` elements of both moments, stored as ``[2, page_elems
 * :class:`ResidentStore`  every page on the device, one kernel launch per step (the budget covers
   the whole state).
 * :class:`ExplicitPager`  a device pool of ``n_slots < n_pages`` slots under a byte budget, a (pinned)
-  host backing store, LRU residency, copies on a side stream overlapped with updates. On CPU the same
+  host backing store, LRU residency, loads and write-backs on two side streams overlapped with updates. On CPU the same
   code runs with a CPU "device" pool and synchronous copies, so CI tests the paging logic.
 * :class:`ManagedStore`   CUDA unified memory, prefetched to the GPU before each update; the driver
   pages it out under memory pressure (what bitsandbytes' paged optimizers do).
@@ -112,48 +112,53 @@ class ResidentStore(PageStore):
         self.pages.copy_(pages)
 
 
+STREAMS = ("compute", "h2d", "d2h")
+"""The explicit pager's streams: updates on the current (compute) stream, loads on an H2D side
+stream, write-backs on a D2H side stream (PCIe is full duplex: the two directions overlap)."""
+
+
 class _CudaSync:
-    """Streams and events of the explicit pager on a CUDA device: copies run on a side stream, updates
-    on the current (compute) stream; only events order them. The host never waits in a step."""
+    """Streams and events of the explicit pager on a CUDA device; only events order the streams,
+    and the host never waits during a step."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device=device)
-        self.copy_stream.wait_stream(torch.cuda.current_stream(device))
+        self.side = {"h2d": torch.cuda.Stream(device=device), "d2h": torch.cuda.Stream(device=device)}
+        for st in self.side.values():
+            st.wait_stream(torch.cuda.current_stream(device))
+
+    def _stream(self, name: str):
+        return torch.cuda.current_stream(self.device) if name == "compute" else self.side[name]
 
     def new_event(self):
         return torch.cuda.Event()
 
     def keep_alive(self, t: torch.Tensor) -> None:
-        # `t` is used on the copy stream: the caching allocator must not reuse it before that is done.
-        t.record_stream(self.copy_stream)
+        # `t` is used on the side streams: the caching allocator must not reuse it before they are done.
+        for st in self.side.values():
+            t.record_stream(st)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        with torch.cuda.stream(self.copy_stream):
+    def copy(self, stream: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.side[stream]):
             dst.copy_(src, non_blocking=True)
-
-    def copy_wait(self, event) -> None:
-        self.copy_stream.wait_event(event)
-
-    def copy_record(self, event) -> None:
-        event.record(self.copy_stream)
-
-    def copy_wait_compute(self) -> None:
-        self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
 
     def compute(self, fn: Callable[[], None]) -> None:
         fn()  # kernels are asynchronous already: they go to the current stream
 
-    def compute_wait(self, event) -> None:
-        torch.cuda.current_stream(self.device).wait_event(event)
+    def wait(self, stream: str, event) -> None:
+        self._stream(stream).wait_event(event)
 
-    def compute_record(self, event) -> None:
-        event.record(torch.cuda.current_stream(self.device))
+    def record(self, stream: str, event) -> None:
+        event.record(self._stream(stream))
+
+    def wait_stream(self, stream: str, other: str) -> None:
+        self._stream(stream).wait_stream(self._stream(other))
 
     def synchronize(self) -> None:
-        # Host-side readers of the host store need the copy stream done; reads of device tensors
+        # Host-side readers of the host store need the side streams done; reads of device tensors
         # (synchronous copies to the CPU on the current stream) order themselves after the updates.
-        self.copy_stream.synchronize()
+        for st in self.side.values():
+            st.synchronize()
 
 
 class _NullSync:
@@ -165,25 +170,19 @@ class _NullSync:
     def keep_alive(self, t: torch.Tensor) -> None:
         pass
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def copy(self, stream: str, dst: torch.Tensor, src: torch.Tensor) -> None:
         dst.copy_(src)
-
-    def copy_wait(self, event) -> None:
-        pass
-
-    def copy_record(self, event) -> None:
-        pass
-
-    def copy_wait_compute(self) -> None:
-        pass
 
     def compute(self, fn: Callable[[], None]) -> None:
         fn()
 
-    def compute_wait(self, event) -> None:
+    def wait(self, stream: str, event) -> None:
         pass
 
-    def compute_record(self, event) -> None:
+    def record(self, stream: str, event) -> None:
+        pass
+
+    def wait_stream(self, stream: str, other: str) -> None:
         pass
 
     def synchronize(self) -> None:
@@ -195,9 +194,9 @@ class ExplicitPager(PageStore):
     store holding every page; LRU residency.
 
     One step, for the needed pages: pages already resident are updated first (no copy), then the
-    missing ones are streamed in. Loads are issued ``lookahead`` pages ahead on the copy stream, so
-    the H2D copy of page k+1 (and the D2H write-back of the page it evicts) overlaps the update of
-    page k (double buffering). Ordering is by events only: a slot is overwritten after the event
+    missing ones are streamed in. Loads are issued ``lookahead`` pages ahead, so the H2D copy of page
+    k+1 and the D2H write-back of the page it evicts overlap the update of page k (double buffering);
+    loads and write-backs use separate streams, so the two PCIe directions overlap too. Ordering is by events only: a slot is overwritten after the event
     recorded behind its last update; an update waits for the event behind its slot's load. The host
     never waits during a step. Pages left resident at the end of a step are the last ones updated,
     and they go first in the next step, so a cyclic access pattern moves only
@@ -228,6 +227,7 @@ class ExplicitPager(PageStore):
         self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.n_slots))  # oldest first
         self.slot_done = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last update
         self.slot_ready = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last load
+        self.slot_saved = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last write-back
         self.slot_done_recorded = [False] * self.n_slots
 
     # -- residency -------------------------------------------------------------------------------
@@ -241,19 +241,23 @@ class ExplicitPager(PageStore):
         return None
 
     def _load(self, page: int, slot: int, stats: PagingStats) -> None:
-        """Enqueues on the copy stream: write-back of the slot's dirty page, then the load of ``page``."""
+        """Enqueues the write-back of the slot's dirty page (D2H stream), then the load of ``page``
+        into the slot (H2D stream), each after what must precede it."""
         sync = self.sync
         old = self.slot_page[slot]
-        if self.slot_done_recorded[slot]:
-            sync.copy_wait(self.slot_done[slot])  # the slot's last update has finished
+        if self.slot_done_recorded[slot]:  # the slot's last update must be finished
+            sync.wait("d2h", self.slot_done[slot])
+            sync.wait("h2d", self.slot_done[slot])
         if old is not None:
             if self.slot_dirty[slot]:
-                sync.copy(self.host[old], self.pool[slot])
+                sync.copy("d2h", self.host[old], self.pool[slot])
+                sync.record("d2h", self.slot_saved[slot])
+                sync.wait("h2d", self.slot_saved[slot])  # read the slot before overwriting it
                 stats.pages_out += 1
                 stats.bytes_out += self.page_bytes
             del self.page_slot[old]
-        sync.copy(self.pool[slot], self.host[page])
-        sync.copy_record(self.slot_ready[slot])
+        sync.copy("h2d", self.pool[slot], self.host[page])
+        sync.record("h2d", self.slot_ready[slot])
         stats.pages_in += 1
         stats.bytes_in += self.page_bytes
         self.slot_page[slot] = page
@@ -264,8 +268,11 @@ class ExplicitPager(PageStore):
     def run_step(self, pages: Sequence[int], update: UpdateFn) -> PagingStats:
         stats = self._stats(budget_bytes=self.n_slots * self.page_bytes)
         sync = self.sync
-        # Loads may start once everything queued before this step (e.g. a state load) is done.
-        sync.copy_wait_compute()
+        # Copies may start once everything queued before this step (e.g. a state load) is done, and a
+        # load of a page must follow the write-back (previous steps, other stream) that saved it.
+        sync.wait_stream("d2h", "compute")
+        sync.wait_stream("h2d", "compute")
+        sync.wait_stream("h2d", "d2h")
         order = [pg for pg in pages if pg in self.page_slot] + [
             pg for pg in pages if pg not in self.page_slot
         ]
@@ -285,9 +292,9 @@ class ExplicitPager(PageStore):
             # pages still to come (loaded ahead), so a victim existed.
             slot = self.page_slot[page]
             if page in loaded_now:
-                sync.compute_wait(self.slot_ready[slot])
+                sync.wait("compute", self.slot_ready[slot])
             sync.compute(lambda page=page, slot=slot: update(self.pool, [(page, slot)]))
-            sync.compute_record(self.slot_done[slot])
+            sync.record("compute", self.slot_done[slot])
             self.slot_done_recorded[slot] = True
             self.slot_dirty[slot] = True
             self.lru.move_to_end(slot)
@@ -311,8 +318,9 @@ class ExplicitPager(PageStore):
             if pg is not None:
                 self.sync.compute(lambda s=s, pg=pg: self.pool[s].copy_(pages[pg], non_blocking=True))
                 self.slot_dirty[s] = False  # host and slot agree
-        # Loads of the next step must see the slot writes above (issued on the compute stream).
-        self.sync.copy_wait_compute()
+        # Copies of the next step must see the slot writes above (issued on the compute stream).
+        self.sync.wait_stream("d2h", "compute")
+        self.sync.wait_stream("h2d", "compute")
 
 
 class ManagedStore(PageStore):
