@@ -7,8 +7,9 @@ A page holds ``page_elems`` elements of both moments, stored as ``[2, page_elems
 * :class:`ResidentStore`  every page on the device, one kernel launch per step (the budget covers
   the whole state).
 * :class:`ExplicitPager`  a device pool of ``n_slots < n_pages`` slots under a byte budget, a (pinned)
-  host backing store, LRU residency, loads and write-backs on two side streams overlapped with updates. On CPU the same
-  code runs with a CPU "device" pool and synchronous copies, so CI tests the paging logic.
+  host backing store, LRU residency, loads and write-backs on two side streams overlapped with
+  updates. On CPU the same code runs with a CPU "device" pool and synchronous copies, so CI tests the
+  paging logic (and tests/test_optim_pager_streams.py replays its stream ordering on simulated streams).
 * :class:`ManagedStore`   CUDA unified memory, prefetched to the GPU before each update; the driver
   pages it out under memory pressure (what bitsandbytes' paged optimizers do).
 """
