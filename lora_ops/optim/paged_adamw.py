@@ -442,7 +442,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 src = mom[name].detach().to("cpu", torch.float32).reshape(-1)
                 if src.numel() != p.numel():
                     raise ValueError(
-                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, the parameter {p.numel()}"
+                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, "
+                        f"the parameter {p.numel()}"
                     )
                 self._scatter(full, i, row, src)
         store.write_all(full)

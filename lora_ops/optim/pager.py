@@ -197,8 +197,9 @@ class ExplicitPager(PageStore):
     One step, for the needed pages: pages already resident are updated first (no copy), then the
     missing ones are streamed in. Loads are issued ``lookahead`` pages ahead, so the H2D copy of page
     k+1 and the D2H write-back of the page it evicts overlap the update of page k (double buffering);
-    loads and write-backs use separate streams, so the two PCIe directions overlap too. Ordering is by events only: a slot is overwritten after the event
-    recorded behind its last update; an update waits for the event behind its slot's load. The host
+    loads and write-backs use separate streams, so the two PCIe directions overlap too. Ordering is by
+    events only: a slot is written back after the event recorded behind its last update and
+    overwritten after its write-back; an update waits for the event behind its slot's load. The host
     never waits during a step. Pages left resident at the end of a step are the last ones updated,
     and they go first in the next step, so a cyclic access pattern moves only
     ``n_needed - n_slots`` pages each way per step.
@@ -211,7 +212,8 @@ class ExplicitPager(PageStore):
         if n_slots < 2:
             raise ValueError(
                 f"PagedAdamW: the state budget holds {n_slots} page(s); the explicit pager needs at least 2 "
-                f"(double buffering). Raise state_budget_bytes to >= {2 * self.page_bytes} or lower page_size."
+                f"(double buffering). Raise state_budget_bytes to >= {2 * self.page_bytes} or lower "
+                "page_size."
             )
         self.n_slots = min(n_slots, n_pages)
         self.lookahead = max(1, min(lookahead, self.n_slots - 1))
