@@ -10,6 +10,13 @@
 #include "common/dtype.h"
 #include "common/nf4_format.h"
 
+// Build contract: never compile these files with --use_fast_math or -ftz=true. The format's
+// bit-exactness relies on IEEE float32 with denormals (a subnormal absmax or product must round as on
+// the CPU), and nvcc offers no macro to detect -ftz here. CMakeLists.txt passes neither flag.
+#if defined(__USE_FAST_MATH__)
+#error "lora_ops NF4 kernels must not be built with --use_fast_math (bit-exact IEEE float32 required)"
+#endif
+
 namespace lora_ops::cuda {
 
 // CTA size of every NF4 kernel: 8 warps, enough for full occupancy at <= 32 registers/thread and
