@@ -165,8 +165,9 @@ def run(device: str, shapes, reps: int) -> dict:
                     tb = timer(lambda pq: F.dequantize_4bit(pq[0], pq[1]), bq)
                     row["bnb_dequant_ms"] = tb * 1e3
                     row["dequant_speedup_vs_bnb"] = tb / (row["dequant_ms"] / 1e3)
+                    # Same quantized state through both decoders: their bits must agree (spec section 4).
                     row["dequant_bits_equal_bnb"] = bool(torch.equal(
-                        ours_deq(qs[0]).view(torch.int16), F.dequantize_4bit(*bq[0]).view(torch.int16)))
+                        ours_deq(qs[0]).view(torch.int16), F.dequantize_4bit(*qs[0].to_bnb()).view(torch.int16)))
                     tbq = timer(lambda w: F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=nested,
                                                           quant_type="nf4"), ws)
                     row["bnb_quant_ms"] = tbq * 1e3
@@ -184,7 +185,7 @@ def run(device: str, shapes, reps: int) -> dict:
 def markdown(h: dict, res: dict) -> str:
     lines = [f"# NF4 benchmark ({h['device_name']}, {h['device']})", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in h.items() if k not in ("device_name",)) + " |", "",
-             f"Device copy bandwidth (read + write) measured in this run: {res['copy_GBps']:.0f} GB/s. "
+             f"Device copy bandwidth (read + write) measured in this run: {res['copy_GBps']:.3g} GB/s. "
              f"Blocksize {res['blocksize']}, median of {res['reps']} passes over rotating inputs.", "",
              "| shape | dq | dequant ms | GB/s | % copy | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -195,7 +196,7 @@ def markdown(h: dict, res: dict) -> str:
     for r in res["rows"]:
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {'on' if r['double_quant'] else 'off'} | {r['dequant_ms']:.3f} | "
-            f"{r['dequant_GBps']:.0f} | {r['dequant_pct_copy']:.0f}% | {f(r, 'bnb_dequant_ms', '.3f')} | "
+            f"{r['dequant_GBps']:.3g} | {r['dequant_pct_copy']:.3g}% | {f(r, 'bnb_dequant_ms', '.3f')} | "
             f"{f(r, 'dequant_speedup_vs_bnb', '.2f')} | {r.get('dequant_bits_equal_bnb', '-')} | {r['quant_ms']:.3f} | "
             f"{f(r, 'bnb_quant_ms', '.3f')} | {f(r, 'quant_speedup_vs_bnb', '.2f')} |")
         if "bnb_error" in r:
