@@ -49,17 +49,33 @@ __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
+// Element i of a 16-byte vector load (words w[0..3], little-endian) widened to float32. Taking the
+// bits out of the words (instead of reinterpret_cast of the vector to T*) keeps the code free of
+// type-punning through pointers, which optimizing compilers may assume never happens.
+template <typename T>
+__device__ __forceinline__ float widen_element(const uint32_t (&w)[4], int i);
+template <>
+__device__ __forceinline__ float widen_element<float>(const uint32_t (&w)[4], int i) { return __uint_as_float(w[i]); }
+template <>
+__device__ __forceinline__ float widen_element<__half>(const uint32_t (&w)[4], int i) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)))));
+}
+template <>
+__device__ __forceinline__ float widen_element<__nv_bfloat16>(const uint32_t (&w)[4], int i) {
+  return __uint_as_float((w[i / 2] >> (16 * (i % 2))) << 16);  // bf16 is the top half of a float32
+}
+
 // Two decoded float32 values rounded ONCE each to a 16-bit type and packed little-endian (first
 // element in the low half), so a 16-byte store writes 8 consecutive outputs. The paired
 // conversions round to nearest even exactly like __float2half_rn / __float2bfloat16_rn (one
 // cvt.rn.{f16,bf16}x2.f32 instead of two), i.e. like the CPU kernel's float_to_fp16/bf16.
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
   const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return __half_as_ushort(h.x) | (static_cast<uint32_t>(__half_as_ushort(h.y)) << 16);
 }
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return __bfloat16_as_ushort(h.x) | (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
 }
 
 // One output element, rounded once to its type (tail and unaligned paths).

@@ -38,9 +38,9 @@ __device__ __forceinline__ void load_inputs(const T* __restrict__ in, int64_t be
 #pragma unroll
     for (int k = 0; k < kElems / kPerVec; ++k) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(in + begin) + k);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int i = 0; i < kPerVec; ++i) v[k * kPerVec + i] = to_float(e[i]);
+      for (int i = 0; i < kPerVec; ++i) v[k * kPerVec + i] = widen_element<T>(words, i);
     }
   } else {
 #pragma unroll
