@@ -9,7 +9,8 @@
 #   bench     every bench/bench_*.py --out OUT                         -> OUT/bench_*.json / .md
 # Logs: OUT/<step>.log. Summary: OUT/summary.json and OUT/summary.md.
 # bitsandbytes may come from a carried folder: PYTHONPATH=/path/to/site python ... is kept as is.
-# Knobs: LORA_OPS_CUDA_ARCHS (default: this GPU's arch, e.g. 90a on H100), JOBS (build jobs).
+# Knobs: LORA_OPS_CUDA_ARCHS (default: this GPU's arch, e.g. 90a on H100), JOBS (build jobs),
+#        BENCH_ARGS (extra benchmark arguments, e.g. "--quick" for a dry run without a GPU).
 set -u
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -83,7 +84,8 @@ run_benches() {
   local rc=0
   for b in bench/bench_*.py; do
     echo "-- $b"
-    "$py" "$b" --out "$out" || rc=1
+    # shellcheck disable=SC2086  # BENCH_ARGS is a word list on purpose (e.g. "--quick")
+    "$py" "$b" --out "$out" ${BENCH_ARGS:-} || rc=1
   done
   return $rc
 }
