@@ -31,6 +31,8 @@ constexpr int kSegmentElems = 2 * kSegmentBytes;   // 1024 elements
 constexpr int kUnroll = 2;                         // segments in flight per warp
 constexpr int kWarps = kNf4Threads / 32;
 
+// Compile-time store geometry of one output type: packed bytes behind one 16-byte store, and how many
+// store rounds empty a warp segment.
 template <typename OutT>
 struct DequantShape {
   static constexpr int kBytesPerLane = 8 / static_cast<int>(sizeof(OutT));  // packed bytes per 16-byte store

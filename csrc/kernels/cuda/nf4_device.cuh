@@ -28,22 +28,6 @@ constexpr int kNf4Threads = 256;
 // cache but are conflict-free in shared memory (16 words in 16 distinct banks).
 static __constant__ float kNf4CodebookDevice[16] = {LORA_OPS_NF4_VALUES};
 
-// Device element type of each kernel DType.
-template <DType T>
-struct DeviceElem;
-template <>
-struct DeviceElem<DType::kFloat32> {
-  using type = float;
-};
-template <>
-struct DeviceElem<DType::kFloat16> {
-  using type = __half;
-};
-template <>
-struct DeviceElem<DType::kBFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // Exact widening to float32 (fp16/bf16 -> fp32 is lossless), the first step of quantize.
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }

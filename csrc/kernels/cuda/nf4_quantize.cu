@@ -18,6 +18,8 @@
 namespace lora_ops::cuda {
 namespace {
 
+// Compile-time work split of one blocksize (see the diagram above): threads per quantization block,
+// elements per thread, quantization blocks per CTA tile.
 template <int kBlocksize>
 struct QuantizeShape {
   static constexpr int kGroup = kBlocksize / 8 < kNf4Threads ? kBlocksize / 8 : kNf4Threads;
