@@ -33,7 +33,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # The -gencode form is required for sm_90a: `-arch=sm_90a` alone would not embed 90a SASS the same way.
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90a,code=sm_90a"]
-NVCC_FLAGS = ["-std=c++17", "-O3", "-Werror", "all-warnings", "-Xptxas", "-v"]
+NVCC_FLAGS = ["-std=c++17", "-O3", "-Werror", "all-warnings", "-Xptxas", "-v",
+              # A CUDA torch's CMake config adds these to every CUDA compile of an extension; code that
+              # relies on implicit half/bf16 operators would pass here and break the real build.
+              "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+              "-D__CUDA_NO_BFLOAT16_CONVERSIONS__"]
 # With -Werror all-warnings this makes ptxas itself fail on a spill; dropped for a file that carries an
 # allow-spill comment (the parsed report then still fails every kernel the comment does not name).
 WARN_SPILLS = ["-Xptxas", "-warn-spills"]
