@@ -144,6 +144,7 @@ def qlora_linear(
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"qlora_linear: x has {x.shape[-1]} features but the weight is [{n}, {k}]")
+    _check_devices("qlora_linear", x, weight=weight.packed, A=A, B=B, bias=bias)
     A, B = _adapter(A, x), _adapter(B, x)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
@@ -152,6 +153,12 @@ def qlora_linear(
     y, _ = _ops.qlora_linear(x, weight.packed, weight.absmax, weight.absmax2, weight.nested_code, weight.offset,
                              weight.blocksize, n, A, B, bias, float(scale), float(dropout_p), rng)
     return y
+
+
+def _check_devices(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}; move all inputs to one device")
 
 
 def _adapter(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
