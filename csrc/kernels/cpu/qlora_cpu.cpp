@@ -403,6 +403,32 @@ struct AlignedBuffer {
   }
 };
 
+#ifdef LORA_OPS_X86
+// fp32 -> bf16 / fp16 with round-to-nearest-even, 8 at a time (bf16: NaN is kept quiet as in
+// float_to_bf16; fp16: F16C vcvtps2ph).
+LORA_AVX2 void store_row_16bit_avx2(uint16_t* out, const float* c, int64_t n, DType t) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(c + i);
+    __m128i h;
+    if (t == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, qnan, nan);
+      // pack the low 16 bits of 8 lanes (values < 2^16, so unsigned saturation is exact)
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = t == DType::kFloat16 ? float_to_fp16(c[i]) : float_to_bf16(c[i]);
+}
+#endif
+
 // ---- the shared epilogue: LoRA term (masked in backward), bias, single rounding ------------------
 struct Epilogue {
   const QloraMatmulParams& p;
@@ -450,6 +476,12 @@ struct Epilogue {
 
   void store_row(int64_t m, int64_t o0, int64_t ow, const float* c) const {
     const int64_t base = m * p.out_row_stride + o0;
+#ifdef LORA_OPS_X86
+    if (kUseAvx2 && p.a_dtype != DType::kFloat32) {
+      store_row_16bit_avx2(static_cast<uint16_t*>(p.out) + base, c, ow, p.a_dtype);
+      return;
+    }
+#endif
     switch (p.a_dtype) {
       case DType::kFloat32:
         std::memcpy(static_cast<float*>(p.out) + base, c, static_cast<size_t>(ow) * sizeof(float));
