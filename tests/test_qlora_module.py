@@ -103,8 +103,22 @@ def test_state_dict_round_trip_and_peft_key_names(device):
 
 def test_to_moves_buffers_and_adapters():
     layer = QLoRALinear.from_linear(_linear(), r=4, alpha=8)
-    moved = layer.to("meta")
+    moved = QLoRALinear.from_linear(_linear(), r=4, alpha=8).to("meta")
     assert all(t.device.type == "meta" for t in moved.state_dict().values())
+    # a dtype cast reaches the adapters and bias but never the quantization state
+    state = {k: v.clone() for k, v in layer.state_dict().items() if k.startswith("weight_")}
+    layer.to(torch.float16)
+    assert layer.lora_A.weight.dtype == torch.float16 and layer.bias.dtype == torch.float16
+    for k, v in state.items():
+        assert torch.equal(layer.state_dict()[k], v) and layer.state_dict()[k].dtype == v.dtype
+    y = layer(torch.randn(3, 96, dtype=torch.float16))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all()
+
+
+def test_placeholder_base_is_exact_zero():
+    layer = QLoRALinear(33, 7, r=2, alpha=2, blocksize=32)
+    assert torch.count_nonzero(layer.merge()) == 0
+    assert torch.count_nonzero(layer.weight.dequantize(torch.float32)) == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)
