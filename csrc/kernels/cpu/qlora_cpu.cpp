@@ -47,7 +47,7 @@ constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels
 constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
 int64_t gemv_max_m() {
-  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(3); }();
+  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(16); }();
   return v;
 }  // forward uses the row-dot path up to this M
 
@@ -546,7 +546,7 @@ constexpr int64_t kAxpyCols = 512;
 int64_t axpy_max_m() {
   static const int64_t v = [] {
     const char* e = std::getenv("LORA_OPS_AXPY_MAX_M");
-    return e ? std::atoll(e) : int64_t(8);
+    return e ? std::atoll(e) : int64_t(16);
   }();
   return v;
 }
