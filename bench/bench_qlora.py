@@ -31,9 +31,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import lora_ops  # noqa: E402
-from lora_ops.nf4 import NF4Weight, quantize_nf4  # noqa: E402
-from lora_ops.ops.qlora import qlora_linear  # noqa: E402
+from lora_ops.nf4 import NF4Weight, quantize_nf4
+from lora_ops.ops.qlora import qlora_linear
 
 LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N = out, K = in)
 FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
@@ -114,7 +113,11 @@ def ceilings(device, dtype, min_time) -> dict:
     mdt = dtype if device.type == "cuda" else torch.float32  # CPU bf16 GEMM is not the CPU's ceiling
     a = torch.randn(size, size, device=device).to(mdt)
     tm = time_fn(lambda: a @ a, device, min_time)
-    return {"copy_GBps": 2 * n * 4 / t / 1e6, "matmul_TFLOPs": 2 * size**3 / tm / 1e9, "matmul_dtype": str(mdt)}
+    return {
+        "copy_GBps": 2 * n * 4 / t / 1e6,
+        "matmul_TFLOPs": 2 * size**3 / tm / 1e9,
+        "matmul_dtype": str(mdt),
+    }
 
 
 # ---- the methods ------------------------------------------------------------------------------------
@@ -149,9 +152,11 @@ class Layer:
             import bitsandbytes as bnb
 
             q, qs = self.bnb
-            out["bnb_peft"] = lambda x, A, B: bnb.matmul_4bit(x, q.t(), quant_state=qs) + self.lora(x, A, B).to(x.dtype)
+            out["bnb_peft"] = lambda x, A, B: (
+                bnb.matmul_4bit(x, q.t(), quant_state=qs) + self.lora(x, A, B).to(x.dtype)
+            )
         out["dense"] = lambda x, A, B: x @ self.dense.t() + self.lora(x, A, B).to(x.dtype)
-        out["deq_mm"] = lambda x, A, B: (x @ self.nf4.dequantize(x.dtype).t() + self.lora(x, A, B).to(x.dtype))
+        out["deq_mm"] = lambda x, A, B: x @ self.nf4.dequantize(x.dtype).t() + self.lora(x, A, B).to(x.dtype)
         return out
 
     def bytes_moved(self, m):
@@ -191,7 +196,10 @@ def run(args) -> dict:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
                 row = {"N": n, "K": k, "M": m, "r": r, "dtype": args.dtype}
                 methods = layer.methods()
-                fwd = {name: (lambda fn=fn: fn(x, layer.A, layer.B)) for name, fn in methods.items()}
+                fwd = {
+                    name: (lambda fn=fn, x=x, A=layer.A, B=layer.B: fn(x, A, B))
+                    for name, fn in methods.items()
+                }
                 with torch.no_grad():
                     for name, t in time_interleaved(fwd, device, args.min_time).items():
                         row[f"{name}_fwd_ms"] = t
@@ -200,7 +208,7 @@ def run(args) -> dict:
                     A, B = layer.A.clone().requires_grad_(), layer.B.clone().requires_grad_()
                     dy = torch.randn(m, n, device=device).to(dtype)
 
-                    def make_fwd_bwd(fn):
+                    def make_fwd_bwd(fn, xg=xg, A=A, B=B, dy=dy):
                         def fwd_bwd():
                             xg.grad = A.grad = B.grad = None
                             fn(xg, A, B).backward(dy)
@@ -243,8 +251,12 @@ def summary_line(row) -> str:
 
 def environment(device) -> dict:
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip()
     except Exception:  # noqa: BLE001
         commit = "unknown"
     env = {
@@ -262,8 +274,11 @@ def environment(device) -> dict:
     except Exception:  # noqa: BLE001
         pass
     if device.type == "cuda":
-        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                       capture_output=True, text=True).stdout.strip()
+        env["driver"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
     return env
 
 
@@ -293,8 +308,21 @@ def markdown(result) -> str:
         "",
     ]
     has_mem = any("ours_fwdbwd_peak_MiB" in r for r in rows)
-    head = ["N×K", "M", "r", "ours", "bnb+PEFT (a)", "dense (b)", "deq+mm (c)", "ours GB/s", "ours TFLOP/s",
-            "× vs (a) fwd", "× vs (a) f+b", "× vs (b) f+b", "× vs (c) fwd"]
+    head = [
+        "N×K",
+        "M",
+        "r",
+        "ours",
+        "bnb+PEFT (a)",
+        "dense (b)",
+        "deq+mm (c)",
+        "ours GB/s",
+        "ours TFLOP/s",
+        "× vs (a) fwd",
+        "× vs (a) f+b",
+        "× vs (b) f+b",
+        "× vs (c) fwd",
+    ]
     if has_mem:
         head += ["peak MiB ours", "peak MiB (a)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -309,13 +337,26 @@ def markdown(result) -> str:
         return f"{r[key]:.2f}" if key in r else "n/a"
 
     for r in rows:
-        cells = [f"{r['N']}×{r['K']}", str(r["M"]), str(r["r"]), ms(r, "ours"), ms(r, "bnb_peft"), ms(r, "dense"),
-                 ms(r, "deq_mm"), f"{r['ours_fwd_GBps']:.1f}", f"{r['ours_fwd_TFLOPs']:.4f}",
-                 sp(r, "speedup_fwd_vs_bnb_peft"), sp(r, "speedup_fwdbwd_vs_bnb_peft"), sp(r, "speedup_fwdbwd_vs_dense"),
-                 sp(r, "speedup_fwd_vs_deq_mm")]
+        cells = [
+            f"{r['N']}×{r['K']}",
+            str(r["M"]),
+            str(r["r"]),
+            ms(r, "ours"),
+            ms(r, "bnb_peft"),
+            ms(r, "dense"),
+            ms(r, "deq_mm"),
+            f"{r['ours_fwd_GBps']:.1f}",
+            f"{r['ours_fwd_TFLOPs']:.4f}",
+            sp(r, "speedup_fwd_vs_bnb_peft"),
+            sp(r, "speedup_fwdbwd_vs_bnb_peft"),
+            sp(r, "speedup_fwdbwd_vs_dense"),
+            sp(r, "speedup_fwd_vs_deq_mm"),
+        ]
         if has_mem:
-            cells += [f"{r.get('ours_fwdbwd_peak_MiB', float('nan')):.0f}",
-                      f"{r.get('bnb_peft_fwdbwd_peak_MiB', float('nan')):.0f}"]
+            cells += [
+                f"{r.get('ours_fwdbwd_peak_MiB', float('nan')):.0f}",
+                f"{r.get('bnb_peft_fwdbwd_peak_MiB', float('nan')):.0f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -328,13 +369,17 @@ def parse_args(argv=None):
     ap.add_argument("--shapes", default=None, help="comma list of NxK (out x in), e.g. 4096x4096,14336x4096")
     ap.add_argument("--ms", default=None, help="comma list of M")
     ap.add_argument("--ranks", default=None, help="comma list of r")
-    ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 1 CPU, 0.3 GPU)")
+    ap.add_argument(
+        "--min-time", type=float, default=None, help="seconds per measurement (default 1 CPU, 0.3 GPU)"
+    )
     ap.add_argument("--no-backward", action="store_true")
     ap.add_argument("--out", default="bench/results/latest")
     a = ap.parse_args(argv)
     if a.quick:
         a.shapes, a.ms, a.ranks = a.shapes or "4096x4096", a.ms or "1,16,256", a.ranks or "16"
-    a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else LLAMA_SHAPES
+    a.shapes = (
+        [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else LLAMA_SHAPES
+    )
     a.ms = [int(v) for v in a.ms.split(",")] if a.ms else FULL_MS
     a.ranks = [int(v) for v in a.ranks.split(",")] if a.ranks else [16, 64]
     if a.min_time is None:

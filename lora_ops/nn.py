@@ -51,8 +51,16 @@ def _zero_nf4(n: int, k: int, blocksize: int, double_quant: bool, dtype: torch.d
     if not double_quant:
         return NF4Weight(packed, torch.zeros(nb, device=device), blocksize, (n, k), dtype)
     qabsmax = torch.full((nb,), 127, dtype=torch.uint8, device=device)  # index of 0.0 in the dynamic map
-    return NF4Weight(packed, qabsmax, blocksize, (n, k), dtype, torch.zeros(-(-nb // 256), device=device),
-                     reference.dynamic_map().to(device), torch.zeros((), device=device))
+    return NF4Weight(
+        packed,
+        qabsmax,
+        blocksize,
+        (n, k),
+        dtype,
+        torch.zeros(-(-nb // 256), device=device),
+        reference.dynamic_map().to(device),
+        torch.zeros((), device=device),
+    )
 
 
 class QLoRALinear(nn.Module):
@@ -92,7 +100,9 @@ class QLoRALinear(nn.Module):
         self._unmerged_base: NF4Weight | None = None
         # A placeholder base (exact zeros) until from_* or load_state_dict fills it.
         self._set_base(_zero_nf4(out_features, in_features, blocksize, double_quant, base_dtype, device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=base_dtype, device=device) if bias else None)
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=base_dtype, device=device) if bias else None
+        )
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
         self.reset_lora_parameters()
@@ -105,8 +115,10 @@ class QLoRALinear(nn.Module):
 
     def _set_base(self, w: NF4Weight) -> None:
         if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"QLoRALinear: base weight shape {tuple(w.shape)} != "
-                             f"({self.out_features}, {self.in_features})")
+            raise ValueError(
+                f"QLoRALinear: base weight shape {tuple(w.shape)} != "
+                f"({self.out_features}, {self.in_features})"
+            )
         self.blocksize, self.base_dtype = w.blocksize, w.dtype
         for name, t in w.tensors().items():
             self.register_buffer(f"weight_{name}", t)
@@ -125,8 +137,20 @@ class QLoRALinear(nn.Module):
     ) -> QLoRALinear:
         """Quantizes ``linear.weight`` to NF4 (its dtype becomes the base dtype); bias is kept frozen."""
         w = linear.weight.detach()
-        layer = cls(linear.in_features, linear.out_features, r, alpha, dropout, linear.bias is not None, use_rslora,
-                    blocksize, double_quant, w.dtype, adapter_dtype, w.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            r,
+            alpha,
+            dropout,
+            linear.bias is not None,
+            use_rslora,
+            blocksize,
+            double_quant,
+            w.dtype,
+            adapter_dtype,
+            w.device,
+        )
         layer._set_base(quantize_nf4(w, blocksize, double_quant))
         if linear.bias is not None:
             layer.bias = linear.bias.detach().clone()
@@ -147,13 +171,27 @@ class QLoRALinear(nn.Module):
         weight = linear4bit.weight
         qs = getattr(weight, "quant_state", None)
         if qs is None:
-            raise ValueError("QLoRALinear.from_bnb: the Linear4bit weight is not quantized yet (move it to a "
-                             "device first, as bitsandbytes quantizes on .to()/.cuda())")
+            raise ValueError(
+                "QLoRALinear.from_bnb: the Linear4bit weight is not quantized yet (move it to a "
+                "device first, as bitsandbytes quantizes on .to()/.cuda())"
+            )
         base = NF4Weight.from_bnb(weight.data, qs)
         out_f, in_f = base.shape
         bias = getattr(linear4bit, "bias", None)
-        layer = cls(in_f, out_f, r, alpha, dropout, False, use_rslora, base.blocksize, base.nested, base.dtype,
-                    adapter_dtype, base.device)
+        layer = cls(
+            in_f,
+            out_f,
+            r,
+            alpha,
+            dropout,
+            False,
+            use_rslora,
+            base.blocksize,
+            base.nested,
+            base.dtype,
+            adapter_dtype,
+            base.device,
+        )
         layer._set_base(base)
         if bias is not None:
             layer.bias = bias.detach()
@@ -168,8 +206,9 @@ class QLoRALinear(nn.Module):
         drop = lora_layer.lora_dropout[adapter_name]
         p = float(getattr(drop, "p", 0.0))
         r = lora_layer.r[adapter_name]
-        layer = cls.from_bnb(lora_layer.get_base_layer(), r, lora_layer.lora_alpha[adapter_name], p,
-                             adapter_dtype=a.dtype)
+        layer = cls.from_bnb(
+            lora_layer.get_base_layer(), r, lora_layer.lora_alpha[adapter_name], p, adapter_dtype=a.dtype
+        )
         layer.scaling = float(lora_layer.scaling[adapter_name])
         layer.lora_A.weight = a
         layer.lora_B.weight = b
@@ -190,9 +229,16 @@ class QLoRALinear(nn.Module):
     @property
     def weight(self) -> NF4Weight:
         """The frozen base as an :class:`NF4Weight` (shares the buffers)."""
-        return NF4Weight(self.weight_packed, self.weight_absmax, self.blocksize,
-                         (self.out_features, self.in_features), self.base_dtype, self.weight_absmax2,
-                         self.weight_nested_code, self.weight_offset)
+        return NF4Weight(
+            self.weight_packed,
+            self.weight_absmax,
+            self.blocksize,
+            (self.out_features, self.in_features),
+            self.base_dtype,
+            self.weight_absmax2,
+            self.weight_nested_code,
+            self.weight_offset,
+        )
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter under PEFT's adapter-file key names (``lora_A.weight``, ``lora_B.weight``)."""
@@ -207,10 +253,12 @@ class QLoRALinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
-                f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout_p}, "
-                f"blocksize={self.blocksize}, double_quant={self.weight_absmax.dtype == torch.uint8}, "
-                f"base_dtype={self.base_dtype}, bias={self.bias is not None}, merged={self.merged}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+            f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout_p}, "
+            f"blocksize={self.blocksize}, double_quant={self.weight_absmax.dtype == torch.uint8}, "
+            f"base_dtype={self.base_dtype}, bias={self.bias is not None}, merged={self.merged}"
+        )
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +269,9 @@ class QLoRALinear(nn.Module):
                 bias = bias.to(x.dtype)
             return qlora_ops.qlora_matmul(x, self.weight, bias=bias)
         p = self.lora_dropout_p if self.training else 0.0
-        return qlora_ops.qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p)
+        return qlora_ops.qlora_linear(
+            x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p
+        )
 
     # ---- merging -------------------------------------------------------------------------------------
     def _delta(self) -> torch.Tensor:

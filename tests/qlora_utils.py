@@ -10,15 +10,30 @@ from lora_ops import reference
 from lora_ops.nf4 import quantize_nf4
 
 HAS_CUDA = torch.cuda.is_available() and lora_ops.WITH_CUDA
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU build and a GPU"))]
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU build and a GPU")),
+]
 
 # Rounding atol relative to the output magnitude, and mean-relative-error bounds, per dtype.
 ATOL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3, torch.float64: 1e-12}
 MEAN_REL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3, torch.float64: 1e-12}
 
 
-def make_problem(m_shape, n, k, r, dtype, device, adapter_dtype=torch.float32, blocksize=64, double_quant=True,
-                 bias=True, seed=0, generator=None):
+def make_problem(
+    m_shape,
+    n,
+    k,
+    r,
+    dtype,
+    device,
+    adapter_dtype=torch.float32,
+    blocksize=64,
+    double_quant=True,
+    bias=True,
+    seed=0,
+    generator=None,
+):
     """Random layer: NF4 weight [n, k], x [*m_shape, k], A [r, k], B [n, r] (B non-zero), bias [n].
     Drawn from ``generator`` (tests pass the fresh per-test ``rng`` fixture) or from ``seed``."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
@@ -55,7 +70,11 @@ def torch_same_dtype(x, w, A, B, scale, bias, p, seed, offset):
 
 def assert_close_rule(ours: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor, dtype, what: str):
     """max|ours - ref| <= 2 * max|plain - ref| + atol * max(1, max|ref|), and a mean relative error bound."""
-    ours, ref, plain = ours.detach().double().cpu(), ref.detach().double().cpu(), plain.detach().double().cpu()
+    ours, ref, plain = (
+        ours.detach().double().cpu(),
+        ref.detach().double().cpu(),
+        plain.detach().double().cpu(),
+    )
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(ours).all(), f"{what}: non-finite values"
     scale = max(1.0, ref.abs().max().item())

@@ -43,11 +43,13 @@ def test_from_linear_starts_as_the_base_layer_with_peft_init(device):
     assert A.abs().max() <= bound and A.abs().max() > 0.5 * bound and A.std() > 0.3 * bound
     x = torch.randn(5, 96).to(bf16).to(device)
     layer.eval()
-    torch.testing.assert_close(layer(x), qlora_matmul(x, layer.weight, bias=lin.bias.detach()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        layer(x), qlora_matmul(x, layer.weight, bias=lin.bias.detach()), rtol=0, atol=0
+    )
     # and the base is the NF4 quantization of the linear weight
     w = dense_weight(quantize_nf4(lin.weight.detach(), 64, True), bf16)
     ref = x.double().cpu() @ w.double().t() + lin.bias.detach().double().cpu()
-    assert (layer(x).double().cpu() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+    assert (layer(x).double().cpu() - ref).abs().max() <= 2**-7 * ref.abs().max()
     assert layer.scaling == 2.0
     assert QLoRALinear.from_linear(lin, r=16, alpha=16, use_rslora=True).scaling == pytest.approx(4.0)
 
@@ -175,8 +177,14 @@ def test_compile_fullgraph_module_forward_backward(device):
 
 def _bnb_layer(lin):
     bnb = pytest.importorskip("bitsandbytes")
-    l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=bf16,
-                           compress_statistics=True, quant_type="nf4")
+    l4 = bnb.nn.Linear4bit(
+        lin.in_features,
+        lin.out_features,
+        bias=lin.bias is not None,
+        compute_dtype=bf16,
+        compress_statistics=True,
+        quant_type="nf4",
+    )
     l4.load_state_dict(lin.state_dict())
     return l4.to("cpu")  # bitsandbytes quantizes on .to()
 
@@ -211,8 +219,9 @@ def test_from_peft_matches_peft_forward():
             return self.proj(x)
 
     lin = _linear()
-    model = peft.get_peft_model(Net(_bnb_layer(lin)),
-                                peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"]))
+    model = peft.get_peft_model(
+        Net(_bnb_layer(lin)), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"])
+    )
     plora = model.base_model.model.proj
     with torch.no_grad():
         plora.lora_B["default"].weight.normal_()

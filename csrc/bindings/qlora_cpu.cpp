@@ -18,10 +18,11 @@ const QloraBackend kCpu{
 
 std::tuple<at::Tensor, at::Tensor> linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                           const std::optional<at::Tensor>& absmax2,
-                                          const std::optional<at::Tensor>& code, const std::optional<at::Tensor>& offset,
-                                          int64_t blocksize, int64_t out_features, const at::Tensor& A,
-                                          const at::Tensor& B, const std::optional<at::Tensor>& bias, double scale,
-                                          double p, const std::optional<at::Tensor>& rng) {
+                                          const std::optional<at::Tensor>& code,
+                                          const std::optional<at::Tensor>& offset, int64_t blocksize,
+                                          int64_t out_features, const at::Tensor& A, const at::Tensor& B,
+                                          const std::optional<at::Tensor>& bias, double scale, double p,
+                                          const std::optional<at::Tensor>& rng) {
   return qlora_linear_op(x, packed, absmax, absmax2, code, offset, blocksize, out_features, A, B, bias, scale, p, rng,
                          kCpu);
 }
@@ -56,7 +57,7 @@ at::Tensor dropout_mask(int64_t rows, int64_t cols, double p, const at::Tensor& 
   return out;
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   m.impl("qlora_linear", &linear);
@@ -66,4 +67,4 @@ TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   m.impl("lora_dropout_mask", &dropout_mask);
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

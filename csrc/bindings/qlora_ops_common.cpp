@@ -10,7 +10,8 @@ namespace {
 
 DType qlora_dtype(at::ScalarType t, bool allow_f64, const char* op, const char* arg) {
   if (t == at::kDouble) {
-    TORCH_CHECK_TYPE(allow_f64, op, ": ", arg, " is float64, which only the CPU path supports (for gradcheck); "
+    TORCH_CHECK_TYPE(allow_f64, op, ": ", arg,
+                     " is float64, which only the CPU path supports (for gradcheck); "
                      "use float32, float16 or bfloat16");
     return DType::kFloat64;
   }
@@ -20,8 +21,8 @@ DType qlora_dtype(at::ScalarType t, bool allow_f64, const char* op, const char* 
 // Adapter / bias tensors: x's dtype or float32 (PEFT keeps adapters in fp32); float64 only with float64 x.
 DType side_dtype(const at::Tensor& t, const at::Tensor& x, const char* op, const char* arg) {
   const at::ScalarType st = t.scalar_type();
-  TORCH_CHECK_TYPE(st == x.scalar_type() || st == at::kFloat, op, ": ", arg, " must have x's dtype (",
-                   x.scalar_type(), ") or float32, got ", st);
+  TORCH_CHECK_TYPE(st == x.scalar_type() || st == at::kFloat, op, ": ", arg, " must have x's dtype (", x.scalar_type(),
+                   ") or float32, got ", st);
   return st == at::kFloat ? DType::kFloat32 : qlora_dtype(st, true, op, arg);
 }
 
@@ -32,7 +33,8 @@ void check_device(const at::Tensor& t, const at::Tensor& x, const char* op, cons
 
 // x [..., K] as a 2-D [M, K] view when the strides allow it (else a contiguous copy).
 at::Tensor rows_view(const at::Tensor& x, int64_t cols) {
-  if (x.dim() == 2) return x;
+  if (x.dim() == 2)
+    return x;
   return x.reshape({-1, cols});
 }
 
@@ -47,12 +49,11 @@ Nf4Weight make_weight(const at::Tensor& x, const at::Tensor& packed, const at::T
                       const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t n, int64_t k,
                       const char* op) {
   TORCH_CHECK_VALUE(n > 0 && k > 0, op, ": out_features and in_features must be positive, got ", n, " and ", k);
-  TORCH_CHECK_VALUE(packed.numel() == (n * k + 1) / 2, op, ": the NF4 weight holds ", packed.numel(),
-                    " bytes but a [", n, ", ", k, "] weight needs ", (n * k + 1) / 2,
+  TORCH_CHECK_VALUE(packed.numel() == (n * k + 1) / 2, op, ": the NF4 weight holds ", packed.numel(), " bytes but a [",
+                    n, ", ", k, "] weight needs ", (n * k + 1) / 2,
                     " (in_features / out_features do not match the quantized weight)");
   check_device(packed, x, op, "packed weight");
-  const std::optional<at::Tensor> off =
-      offset.has_value() ? std::optional<at::Tensor>(offset->reshape({1})) : offset;
+  const std::optional<at::Tensor> off = offset.has_value() ? std::optional<at::Tensor>(offset->reshape({1})) : offset;
   return make_nf4_weight(packed, absmax, absmax2, nested_code, off, blocksize, n * k, op);
 }
 
@@ -60,19 +61,19 @@ void check_scale(double scale, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
 
-}  // namespace
+} // namespace
 
 DropoutParams make_dropout(double dropout_p, const std::optional<at::Tensor>& rng, int64_t cols, const char* op) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
   DropoutParams d;
   d.cols = cols;
   d.threshold = dropout_threshold(dropout_p);
-  if (d.threshold == 0) return d;  // p below 2^-24: no dropout at all (keep_scale stays 1)
+  if (d.threshold == 0)
+    return d; // p below 2^-24: no dropout at all (keep_scale stays 1)
   TORCH_CHECK_VALUE(rng.has_value(), op, ": dropout_p > 0 needs rng, an int64 tensor [2] = (seed, offset)");
   TORCH_CHECK_TYPE(rng->scalar_type() == at::kLong, op, ": rng must be int64, got ", rng->scalar_type());
   TORCH_CHECK_VALUE(rng->numel() == 2, op, ": rng must hold 2 values (seed, offset), got ", rng->numel());
-  TORCH_CHECK(rng->device().is_cpu(), op, ": rng must be a CPU tensor (it is read on the host), got ",
-              rng->device());
+  TORCH_CHECK(rng->device().is_cpu(), op, ": rng must be a CPU tensor (it is read on the host), got ", rng->device());
   const at::Tensor r = rng->contiguous();
   d.seed = static_cast<uint64_t>(r.data_ptr<int64_t>()[0]);
   d.offset = static_cast<uint64_t>(r.data_ptr<int64_t>()[1]);
@@ -80,11 +81,12 @@ DropoutParams make_dropout(double dropout_p, const std::optional<at::Tensor>& rn
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor> qlora_linear_op(
-    const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const std::optional<at::Tensor>& absmax2,
-    const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset, int64_t blocksize,
-    int64_t out_features, const at::Tensor& A, const at::Tensor& B, const std::optional<at::Tensor>& bias,
-    double scale, double dropout_p, const std::optional<at::Tensor>& rng, const QloraBackend& be) {
+std::tuple<at::Tensor, at::Tensor>
+qlora_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
+                const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features, const at::Tensor& A,
+                const at::Tensor& B, const std::optional<at::Tensor>& bias, double scale, double dropout_p,
+                const std::optional<at::Tensor>& rng, const QloraBackend& be) {
   constexpr const char* op = "qlora_linear";
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., K]");
   const DType xt = qlora_dtype(x.scalar_type(), be.supports_float64, op, "x");
@@ -104,8 +106,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_op(
   QloraMatmulParams mp;
   mp.weight = make_weight(x, packed, absmax, absmax2, nested_code, offset, blocksize, N, K, op);
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N = ", N, "], got ",
-                      bias->sizes());
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N = ", N, "], got ", bias->sizes());
     check_device(*bias, x, op, "bias");
     mp.bias_dtype = side_dtype(*bias, x, op, "bias");
   }
@@ -116,7 +117,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_op(
   const auto acc_type = xt == DType::kFloat64 ? at::kDouble : at::kFloat;
   at::Tensor y = new_output(out_shape(x, N), x.options());
   at::Tensor s = new_output({M, r}, x.options().dtype(acc_type));
-  if (M == 0) return {y, s};
+  if (M == 0)
+    return {y, s};
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
 
   LoraDownParams dp;
@@ -163,9 +165,8 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
                            const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
                            const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
                            int64_t in_features, bool transpose_w, const std::optional<at::Tensor>& lora_s,
-                           const std::optional<at::Tensor>& lora_w, double scale,
-                           const std::optional<at::Tensor>& bias, double dropout_p,
-                           const std::optional<at::Tensor>& rng, const QloraBackend& be) {
+                           const std::optional<at::Tensor>& lora_w, double scale, const std::optional<at::Tensor>& bias,
+                           double dropout_p, const std::optional<at::Tensor>& rng, const QloraBackend& be) {
   constexpr const char* op = "qlora_matmul";
   TORCH_CHECK_VALUE(a.dim() >= 1, op, ": a must have at least one dimension");
   const DType xt = qlora_dtype(a.scalar_type(), be.supports_float64, op, "a");
@@ -188,8 +189,8 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
                      lora_s->scalar_type());
     const int64_t r = lora_s->size(1);
     TORCH_CHECK_VALUE(r >= 1 && r <= kMaxLoraRank, op, ": rank must be in 1..", kMaxLoraRank, ", got ", r);
-    TORCH_CHECK_VALUE(lora_w->dim() == 2 && lora_w->size(0) == n_out && lora_w->size(1) == r, op,
-                      ": lora_w must be [", n_out, ", r = ", r, "], got ", lora_w->sizes());
+    TORCH_CHECK_VALUE(lora_w->dim() == 2 && lora_w->size(0) == n_out && lora_w->size(1) == r, op, ": lora_w must be [",
+                      n_out, ", r = ", r, "], got ", lora_w->sizes());
     check_device(*lora_s, a, op, "lora_s");
     check_device(*lora_w, a, op, "lora_w");
     s_c = lora_s->stride(1) == 1 ? *lora_s : lora_s->contiguous();
@@ -215,7 +216,8 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
                     ": dropout applies to the LoRA term only in the transposed (dx) form; the forward applies it "
                     "when computing lora_s");
   at::Tensor out = new_output(out_shape(a, n_out), a.options());
-  if (M == 0) return out;
+  if (M == 0)
+    return out;
   mp.n = N;
   mp.k = K;
   mp.transpose_w = transpose_w;
@@ -247,7 +249,8 @@ at::Tensor lora_down_op(const at::Tensor& a, const at::Tensor& f, double dropout
   const at::Tensor a2 = rows_view(a, L);
   const int64_t M = a2.size(0);
   at::Tensor out = new_output({M, r}, a.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
-  if (M == 0) return out;
+  if (M == 0)
+    return out;
   dp.m = M;
   dp.l = L;
   dp.rank = static_cast<int32_t>(r);
@@ -280,7 +283,8 @@ at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double
   LoraOuterParams op_;
   op_.dropout = make_dropout(dropout_p, rng, Q, op);
   at::Tensor out = new_output({P, Q}, left.options().dtype(out_dtype));
-  if (P == 0 || Q == 0) return out;
+  if (P == 0 || Q == 0)
+    return out;
   op_.m = l2.size(0);
   op_.p = P;
   op_.q = Q;
@@ -299,4 +303,4 @@ at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double
   return out;
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

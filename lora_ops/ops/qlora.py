@@ -38,16 +38,46 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 # ---- fake (meta) kernels -----------------------------------------------------------------------
 @torch.library.register_fake("lora_ops::qlora_linear")
-def _qlora_linear_fake(x, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, A, B, bias, scale,
-                       dropout_p, rng):
+def _qlora_linear_fake(
+    x,
+    packed,
+    absmax,
+    absmax2,
+    nested_code,
+    offset,
+    blocksize,
+    out_features,
+    A,
+    B,
+    bias,
+    scale,
+    dropout_p,
+    rng,
+):
     y = x.new_empty((*x.shape[:-1], out_features))
     s = x.new_empty((_rows(x.shape), A.shape[0]), dtype=_acc_dtype(x))
     return y, s
 
 
 @torch.library.register_fake("lora_ops::qlora_matmul")
-def _qlora_matmul_fake(a, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, in_features,
-                       transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng):
+def _qlora_matmul_fake(
+    a,
+    packed,
+    absmax,
+    absmax2,
+    nested_code,
+    offset,
+    blocksize,
+    out_features,
+    in_features,
+    transpose_w,
+    lora_s,
+    lora_w,
+    scale,
+    bias,
+    dropout_p,
+    rng,
+):
     return a.new_empty((*a.shape[:-1], in_features if transpose_w else out_features))
 
 
@@ -68,8 +98,22 @@ def _lora_dropout_mask_fake(rows, cols, dropout_p, rng):
 
 # ---- autograd of qlora_linear ------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (x, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, A, B, bias, scale, dropout_p,
-     rng) = inputs
+    (
+        x,
+        packed,
+        absmax,
+        absmax2,
+        nested_code,
+        offset,
+        blocksize,
+        out_features,
+        A,
+        B,
+        _bias,
+        scale,
+        dropout_p,
+        rng,
+    ) = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
     ctx.blocksize = blocksize
@@ -89,8 +133,24 @@ def _backward(ctx, grad_y, grad_s):
     n, k = ctx.out_features, x.shape[-1]
     u = _ops.lora_down(dy, B.t(), 0.0, None) if (need_dx or need_dA) else None  # dy·B, once
     if need_dx:
-        dx = _ops.qlora_matmul(dy, packed, absmax, absmax2, nested_code, offset, ctx.blocksize, n, k, True, u, A.t(),
-                               ctx.scale, None, ctx.dropout_p, rng)
+        dx = _ops.qlora_matmul(
+            dy,
+            packed,
+            absmax,
+            absmax2,
+            nested_code,
+            offset,
+            ctx.blocksize,
+            n,
+            k,
+            True,
+            u,
+            A.t(),
+            ctx.scale,
+            None,
+            ctx.dropout_p,
+            rng,
+        )
     if need_dA:
         dA = _ops.lora_outer(u, x, ctx.scale, ctx.dropout_p, rng, A.dtype)
     if need_dB:
@@ -150,15 +210,31 @@ def qlora_linear(
         bias = bias.to(x.dtype)
     if dropout_p > 0 and rng is None:
         rng = make_rng()
-    y, _ = _ops.qlora_linear(x, weight.packed, weight.absmax, weight.absmax2, weight.nested_code, weight.offset,
-                             weight.blocksize, n, A, B, bias, float(scale), float(dropout_p), rng)
+    y, _ = _ops.qlora_linear(
+        x,
+        weight.packed,
+        weight.absmax,
+        weight.absmax2,
+        weight.nested_code,
+        weight.offset,
+        weight.blocksize,
+        n,
+        A,
+        B,
+        bias,
+        float(scale),
+        float(dropout_p),
+        rng,
+    )
     return y
 
 
 def _check_devices(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}; move all inputs to one device")
+            raise RuntimeError(
+                f"{op}: {name} is on {t.device} but x is on {x.device}; move all inputs to one device"
+            )
 
 
 def _adapter(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +258,24 @@ def qlora_matmul(
     ``transpose_w`` ``a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p)`` (``a [..., N] -> [..., K]``, the dx form).
     ``lora_s``: float32 ``[M, r]``; ``lora_w``: ``[n_out, r]`` (any strides). Not differentiable."""
     n, k = weight.shape
-    return _ops.qlora_matmul(a, weight.packed, weight.absmax, weight.absmax2, weight.nested_code, weight.offset,
-                             weight.blocksize, n, k, transpose_w, lora_s, lora_w, float(scale), bias,
-                             float(dropout_p), rng)
+    return _ops.qlora_matmul(
+        a,
+        weight.packed,
+        weight.absmax,
+        weight.absmax2,
+        weight.nested_code,
+        weight.offset,
+        weight.blocksize,
+        n,
+        k,
+        transpose_w,
+        lora_s,
+        lora_w,
+        float(scale),
+        bias,
+        float(dropout_p),
+        rng,
+    )
 
 
 def lora_dropout_mask(rows: int, cols: int, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:

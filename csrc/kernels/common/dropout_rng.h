@@ -68,11 +68,11 @@ LORA_HD uint32_t dropout_threshold(double p) {
 
 // Everything a kernel needs to apply the mask of x ([M, K] view) at element (i, j).
 struct DropoutParams {
-  uint32_t threshold = 0;   // floor(p * 2^24); 0 means no dropout (every element kept, keep_scale 1)
-  float keep_scale = 1.0f;  // float(1 / (1 - p)), multiplies kept elements
-  uint64_t seed = 0;        // 64-bit seed (from the op's rng tensor, element 0)
-  uint64_t offset = 0;      // counter offset (rng tensor element 1): advance it to reuse a seed
-  int64_t cols = 0;         // K, the row length of x: counter of (i, j) is offset + i * cols + j
+  uint32_t threshold = 0;  // floor(p * 2^24); 0 means no dropout (every element kept, keep_scale 1)
+  float keep_scale = 1.0f; // float(1 / (1 - p)), multiplies kept elements
+  uint64_t seed = 0;       // 64-bit seed (from the op's rng tensor, element 0)
+  uint64_t offset = 0;     // counter offset (rng tensor element 1): advance it to reuse a seed
+  int64_t cols = 0;        // K, the row length of x: counter of (i, j) is offset + i * cols + j
 
   LORA_HD bool enabled() const { return threshold != 0; }
 };
@@ -81,8 +81,9 @@ struct DropoutParams {
 LORA_HD bool dropout_keep(const DropoutParams& d, int64_t i, int64_t j) {
   const uint64_t ctr = d.offset + static_cast<uint64_t>(i) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(j);
   const uint32_t key = dropout_key(d.seed);
-  const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+  const uint32_t h =
+      dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
   return dropout_keep_hash(h, d.threshold);
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

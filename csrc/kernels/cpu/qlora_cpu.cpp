@@ -43,20 +43,24 @@ namespace lora_ops::cpu {
 namespace {
 
 constexpr float kCodebook[16] = {LORA_OPS_NF4_VALUES};
-constexpr int kMR = 6;         // micro-kernel rows (x rows per register tile)
-constexpr int kNR = 16;        // micro-kernel columns (two ymm vectors)
-constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels)
-constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
-constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
+constexpr int kMR = 6;       // micro-kernel rows (x rows per register tile)
+constexpr int kNR = 16;      // micro-kernel columns (two ymm vectors)
+constexpr int kPanel = 64;   // output columns per thread task (4 micro-panels)
+constexpr int64_t kKB = 256; // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
+constexpr int64_t kMB = 256; // rows of x converted to fp32 at a time (bounds every buffer)
 int64_t gemv_max_m() {
-  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(16); }();
+  static const int64_t v = [] {
+    const char* e = std::getenv("LORA_OPS_GEMV_MAX_M");
+    return e ? std::atoll(e) : int64_t(16);
+  }();
   return v;
-}  // forward uses the row-dot path up to this M
+} // forward uses the row-dot path up to this M
 
 bool detect_avx2() {
 #ifdef LORA_OPS_X86
   const char* off = std::getenv("LORA_OPS_NO_AVX2");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  if (off != nullptr && off[0] != '\0' && off[0] != '0')
+    return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
@@ -66,34 +70,32 @@ bool detect_avx2() {
 const bool kUseAvx2 = detect_avx2();
 
 // ---- element conversion -------------------------------------------------------------------------
-template <typename Acc>
-Acc load_elem(const void* base, DType t, int64_t i) {
+template <typename Acc> Acc load_elem(const void* base, DType t, int64_t i) {
   switch (t) {
-    case DType::kFloat16:
-      return static_cast<Acc>(fp16_to_float(static_cast<const uint16_t*>(base)[i]));
-    case DType::kBFloat16:
-      return static_cast<Acc>(bf16_to_float(static_cast<const uint16_t*>(base)[i]));
-    case DType::kFloat64:
-      return static_cast<Acc>(static_cast<const double*>(base)[i]);
-    default:
-      return static_cast<Acc>(static_cast<const float*>(base)[i]);
+  case DType::kFloat16:
+    return static_cast<Acc>(fp16_to_float(static_cast<const uint16_t*>(base)[i]));
+  case DType::kBFloat16:
+    return static_cast<Acc>(bf16_to_float(static_cast<const uint16_t*>(base)[i]));
+  case DType::kFloat64:
+    return static_cast<Acc>(static_cast<const double*>(base)[i]);
+  default:
+    return static_cast<Acc>(static_cast<const float*>(base)[i]);
   }
 }
 
-template <typename Acc>
-void store_elem(void* base, DType t, int64_t i, Acc v) {
+template <typename Acc> void store_elem(void* base, DType t, int64_t i, Acc v) {
   switch (t) {
-    case DType::kFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_fp16(static_cast<float>(v));
-      break;
-    case DType::kBFloat16:
-      static_cast<uint16_t*>(base)[i] = float_to_bf16(static_cast<float>(v));
-      break;
-    case DType::kFloat64:
-      static_cast<double*>(base)[i] = static_cast<double>(v);
-      break;
-    default:
-      static_cast<float*>(base)[i] = static_cast<float>(v);
+  case DType::kFloat16:
+    static_cast<uint16_t*>(base)[i] = float_to_fp16(static_cast<float>(v));
+    break;
+  case DType::kBFloat16:
+    static_cast<uint16_t*>(base)[i] = float_to_bf16(static_cast<float>(v));
+    break;
+  case DType::kFloat64:
+    static_cast<double*>(base)[i] = static_cast<double>(v);
+    break;
+  default:
+    static_cast<float*>(base)[i] = static_cast<float>(v);
   }
 }
 
@@ -102,51 +104,54 @@ LORA_AVX2 void fp16_row_to_float_avx2(const uint16_t* src, int64_t n, float* dst
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
+  for (; i < n; ++i)
+    dst[i] = fp16_to_float(src[i]);
 }
 #endif
 
 // dst[i] = src[offset + i * stride], i < n, widened to Acc.
-template <typename Acc>
-void load_row(const void* src, DType t, int64_t offset, int64_t stride, int64_t n, Acc* dst) {
+template <typename Acc> void load_row(const void* src, DType t, int64_t offset, int64_t stride, int64_t n, Acc* dst) {
   if (stride == 1) {
     switch (t) {
-      case DType::kFloat32: {
-        const float* s = static_cast<const float*>(src) + offset;
-        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(s[i]);
-        return;
-      }
-      case DType::kBFloat16: {
-        const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
-        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(bits_to_float(static_cast<uint32_t>(s[i]) << 16));
-        return;
-      }
-      case DType::kFloat16:
+    case DType::kFloat32: {
+      const float* s = static_cast<const float*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i)
+        dst[i] = static_cast<Acc>(s[i]);
+      return;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+      for (int64_t i = 0; i < n; ++i)
+        dst[i] = static_cast<Acc>(bits_to_float(static_cast<uint32_t>(s[i]) << 16));
+      return;
+    }
+    case DType::kFloat16:
 #ifdef LORA_OPS_X86
-        if constexpr (std::is_same_v<Acc, float>) {
-          if (kUseAvx2) {
-            fp16_row_to_float_avx2(static_cast<const uint16_t*>(src) + offset, n, dst);
-            return;
-          }
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (kUseAvx2) {
+          fp16_row_to_float_avx2(static_cast<const uint16_t*>(src) + offset, n, dst);
+          return;
         }
+      }
 #endif
-        break;
-      default:
-        break;
+      break;
+    default:
+      break;
     }
   }
-  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem<Acc>(src, t, offset + i * stride);
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = load_elem<Acc>(src, t, offset + i * stride);
 }
 
 // The weight value rule (spec section 4): the fp32 product rounded once to the compute dtype.
 inline float round_to_compute(float v, DType t) {
   switch (t) {
-    case DType::kFloat16:
-      return fp16_to_float(float_to_fp16(v));
-    case DType::kBFloat16:
-      return bf16_to_float(float_to_bf16(v));
-    default:
-      return v;  // fp32 and the fp64 path use the exact fp32 product
+  case DType::kFloat16:
+    return fp16_to_float(float_to_fp16(v));
+  case DType::kBFloat16:
+    return bf16_to_float(float_to_bf16(v));
+  default:
+    return v; // fp32 and the fp64 path use the exact fp32 product
   }
 }
 
@@ -159,7 +164,8 @@ void decode_segment_portable(const Nf4Weight& w, DType t, int64_t f, int64_t len
     const int64_t b = f / bs;
     const int64_t run_end = std::min(end, (b + 1) * bs);
     const float amax = nf4_block_absmax(w, b);
-    for (int c = 0; c < 16; ++c) tab[c] = round_to_compute(nf4_decode(kCodebook[c], amax), t);
+    for (int c = 0; c < 16; ++c)
+      tab[c] = round_to_compute(nf4_decode(kCodebook[c], amax), t);
     for (; f < run_end; ++f) {
       const uint8_t byte = w.packed[f >> 1];
       *dst++ = tab[(f & 1) ? nf4_low(byte) : nf4_high(byte)];
@@ -176,7 +182,8 @@ LORA_AVX2 inline __m256 round_to_compute_avx2(__m256 v, DType t) {
     const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
     return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
   }
-  if (t == DType::kFloat16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  if (t == DType::kFloat16)
+    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   return v;
 }
 
@@ -198,7 +205,7 @@ LORA_AVX2 void decode_segment_avx2(const Nf4Weight& w, DType t, int64_t f, int64
     // One fp32 product per code (exactly nf4_decode), then one rounding to the compute dtype.
     const __m256 t_lo = round_to_compute_avx2(_mm256_mul_ps(cb_lo, amax), t);
     const __m256 t_hi = round_to_compute_avx2(_mm256_mul_ps(cb_hi, amax), t);
-    if (f & 1) {  // odd start: the low nibble of a byte, then the run is byte-aligned
+    if (f & 1) { // odd start: the low nibble of a byte, then the run is byte-aligned
       _mm256_store_ps(tab, t_lo);
       _mm256_store_ps(tab + 8, t_hi);
       *dst++ = tab[nf4_low(w.packed[f >> 1])];
@@ -226,7 +233,8 @@ LORA_AVX2 void decode_segment_avx2(const Nf4Weight& w, DType t, int64_t f, int64
 
 void decode_segment(const Nf4Weight& w, DType t, int64_t f, int64_t len, float* dst) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2) return decode_segment_avx2(w, t, f, len, dst);
+  if (kUseAvx2)
+    return decode_segment_avx2(w, t, f, len, dst);
 #endif
   decode_segment_portable(w, t, f, len, dst);
 }
@@ -236,10 +244,13 @@ float dot_portable(const float* a, const float* b, int64_t n) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+    for (int j = 0; j < 8; ++j)
+      acc[j] += a[i + j] * b[i + j];
   float s = 0.0f;
-  for (int j = 0; j < 8; ++j) s += acc[j];
-  for (; i < n; ++i) s += a[i] * b[i];
+  for (int j = 0; j < 8; ++j)
+    s += acc[j];
+  for (; i < n; ++i)
+    s += a[i] * b[i];
   return s;
 }
 
@@ -253,12 +264,14 @@ LORA_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
     s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
     s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
   }
-  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  for (; i + 8 <= n; i += 8)
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
   const __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
   alignas(32) float lanes[8];
   _mm256_store_ps(lanes, s);
   float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-  for (; i < n; ++i) r += a[i] * b[i];
+  for (; i < n; ++i)
+    r += a[i] * b[i];
   return r;
 }
 #endif
@@ -268,7 +281,8 @@ LORA_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 // accumulator chains cover the FMA latency.
 LORA_AVX2 void dot4_avx2(const float* x, const float* w, int64_t ldw, int64_t n, float* out) {
   __m256 a[8];
-  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  for (int j = 0; j < 8; ++j)
+    a[j] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
@@ -279,13 +293,15 @@ LORA_AVX2 void dot4_avx2(const float* x, const float* w, int64_t ldw, int64_t n,
   }
   for (; i + 8 <= n; i += 8) {
     const __m256 x0 = _mm256_loadu_ps(x + i);
-    for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
+    for (int j = 0; j < 4; ++j)
+      a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
   }
   for (int j = 0; j < 4; ++j) {
     alignas(32) float lanes[8];
     _mm256_store_ps(lanes, _mm256_add_ps(a[j], a[4 + j]));
     float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (int64_t t = i; t < n; ++t) r += x[t] * w[j * ldw + t];
+    for (int64_t t = i; t < n; ++t)
+      r += x[t] * w[j * ldw + t];
     out[j] = r;
   }
 }
@@ -293,7 +309,8 @@ LORA_AVX2 void dot4_avx2(const float* x, const float* w, int64_t ldw, int64_t n,
 // Transposes an 8x8 fp32 tile: rows src[r * lds .. +8] -> rows dst[c * ldd .. +8].
 LORA_AVX2 inline void transpose8x8_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
   __m256 r[8], t[8];
-  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm256_loadu_ps(src + i * lds);
   for (int i = 0; i < 8; i += 2) {
     t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
     t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
@@ -314,7 +331,8 @@ LORA_AVX2 inline void transpose8x8_avx2(const float* src, int64_t lds, float* ds
 
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2) return dot_avx2(a, b, n);
+  if (kUseAvx2)
+    return dot_avx2(a, b, n);
 #endif
   return dot_portable(a, b, n);
 }
@@ -325,45 +343,48 @@ void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, 
                       bool accumulate) {
   float acc[MR][kNR];
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
+    for (int j = 0; j < kNR; ++j)
+      acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
   for (int64_t k = 0; k < kb; ++k) {
     const float* wk = pw + k * kNR;
     for (int i = 0; i < MR; ++i) {
       const float xv = x[i * ldx + k];
-      for (int j = 0; j < kNR; ++j) acc[i][j] += xv * wk[j];
+      for (int j = 0; j < kNR; ++j)
+        acc[i][j] += xv * wk[j];
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
+    for (int j = 0; j < kNR; ++j)
+      c[i * ldc + j] = acc[i][j];
 }
 
 #ifdef LORA_OPS_X86
 // 12 ymm accumulators (6 rows x 2 vectors), 2 weight loads and 6 broadcasts per k: FMA-bound. The
 // accumulators are named variables (an array of __m256 made gcc spill them to the stack every k).
-#define LORA_UK_ROW(i)                                                                      \
-  if constexpr (MR > i) {                                                                   \
-    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);                                 \
-    c##i##0 = _mm256_fmadd_ps(xv, w0, c##i##0);                                             \
-    c##i##1 = _mm256_fmadd_ps(xv, w1, c##i##1);                                             \
+#define LORA_UK_ROW(i)                                                                                                 \
+  if constexpr (MR > i) {                                                                                              \
+    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);                                                            \
+    c##i##0 = _mm256_fmadd_ps(xv, w0, c##i##0);                                                                        \
+    c##i##1 = _mm256_fmadd_ps(xv, w1, c##i##1);                                                                        \
   }
-#define LORA_UK_INIT(i)                                                                     \
-  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                      \
-  if constexpr (MR > i) {                                                                   \
-    if (accumulate) {                                                                       \
-      c##i##0 = _mm256_loadu_ps(c + i * ldc);                                               \
-      c##i##1 = _mm256_loadu_ps(c + i * ldc + 8);                                           \
-    }                                                                                       \
+#define LORA_UK_INIT(i)                                                                                                \
+  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                                                 \
+  if constexpr (MR > i) {                                                                                              \
+    if (accumulate) {                                                                                                  \
+      c##i##0 = _mm256_loadu_ps(c + i * ldc);                                                                          \
+      c##i##1 = _mm256_loadu_ps(c + i * ldc + 8);                                                                      \
+    }                                                                                                                  \
   }
-#define LORA_UK_STORE(i)                                                                    \
-  if constexpr (MR > i) {                                                                   \
-    _mm256_storeu_ps(c + i * ldc, c##i##0);                                                 \
-    _mm256_storeu_ps(c + i * ldc + 8, c##i##1);                                             \
+#define LORA_UK_STORE(i)                                                                                               \
+  if constexpr (MR > i) {                                                                                              \
+    _mm256_storeu_ps(c + i * ldc, c##i##0);                                                                            \
+    _mm256_storeu_ps(c + i * ldc + 8, c##i##1);                                                                        \
   }
 template <int MR>
 LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                             bool accumulate) {
-  LORA_UK_INIT(0) LORA_UK_INIT(1) LORA_UK_INIT(2) LORA_UK_INIT(3) LORA_UK_INIT(4) LORA_UK_INIT(5)
-  for (int64_t k = 0; k < kb; ++k) {
+  LORA_UK_INIT(0)
+  LORA_UK_INIT(1) LORA_UK_INIT(2) LORA_UK_INIT(3) LORA_UK_INIT(4) LORA_UK_INIT(5) for (int64_t k = 0; k < kb; ++k) {
     const __m256 w0 = _mm256_load_ps(pw + k * kNR);
     const __m256 w1 = _mm256_load_ps(pw + k * kNR + 8);
     LORA_UK_ROW(0) LORA_UK_ROW(1) LORA_UK_ROW(2) LORA_UK_ROW(3) LORA_UK_ROW(4) LORA_UK_ROW(5)
@@ -378,7 +399,8 @@ LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_
 template <int MR>
 void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc, bool accumulate) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2) return ukernel_avx2<MR>(x, ldx, pw, kb, c, ldc, accumulate);
+  if (kUseAvx2)
+    return ukernel_avx2<MR>(x, ldx, pw, kb, c, ldc, accumulate);
 #endif
   ukernel_portable<MR>(x, ldx, pw, kb, c, ldc, accumulate);
 }
@@ -386,12 +408,18 @@ void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c,
 void ukernel_rows(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                   bool accumulate) {
   switch (mr) {
-    case 1: return ukernel<1>(x, ldx, pw, kb, c, ldc, accumulate);
-    case 2: return ukernel<2>(x, ldx, pw, kb, c, ldc, accumulate);
-    case 3: return ukernel<3>(x, ldx, pw, kb, c, ldc, accumulate);
-    case 4: return ukernel<4>(x, ldx, pw, kb, c, ldc, accumulate);
-    case 5: return ukernel<5>(x, ldx, pw, kb, c, ldc, accumulate);
-    default: return ukernel<6>(x, ldx, pw, kb, c, ldc, accumulate);
+  case 1:
+    return ukernel<1>(x, ldx, pw, kb, c, ldc, accumulate);
+  case 2:
+    return ukernel<2>(x, ldx, pw, kb, c, ldc, accumulate);
+  case 3:
+    return ukernel<3>(x, ldx, pw, kb, c, ldc, accumulate);
+  case 4:
+    return ukernel<4>(x, ldx, pw, kb, c, ldc, accumulate);
+  case 5:
+    return ukernel<5>(x, ldx, pw, kb, c, ldc, accumulate);
+  default:
+    return ukernel<6>(x, ldx, pw, kb, c, ldc, accumulate);
   }
 }
 
@@ -427,7 +455,8 @@ LORA_AVX2 void store_row_16bit_avx2(uint16_t* out, const float* c, int64_t n, DT
     }
     _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
   }
-  for (; i < n; ++i) out[i] = t == DType::kFloat16 ? float_to_fp16(c[i]) : float_to_bf16(c[i]);
+  for (; i < n; ++i)
+    out[i] = t == DType::kFloat16 ? float_to_fp16(c[i]) : float_to_bf16(c[i]);
 }
 #endif
 
@@ -451,27 +480,34 @@ struct Epilogue {
   void finish_row(int64_t m, int64_t o0, int64_t ow, float* c, const float* lw) const {
     if (p.rank > 0) {
       float lr[kPanel];
-      for (int t = 0; t < kPanel; ++t) lr[t] = 0.0f;
+      for (int t = 0; t < kPanel; ++t)
+        lr[t] = 0.0f;
       const float* s = static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride;
       for (int64_t q = 0; q < p.rank; ++q) {
         const float sv = s[q];
         const float* lwq = lw + q * kPanel;
-        for (int t = 0; t < kPanel; ++t) lr[t] += sv * lwq[t];
+        for (int t = 0; t < kPanel; ++t)
+          lr[t] += sv * lwq[t];
       }
-      if (p.dropout.enabled()) apply_mask(m, o0, ow, lr);
-      for (int64_t t = 0; t < ow; ++t) c[t] += p.scale * lr[t];
+      if (p.dropout.enabled())
+        apply_mask(m, o0, ow, lr);
+      for (int64_t t = 0; t < ow; ++t)
+        c[t] += p.scale * lr[t];
     }
     if (p.bias != nullptr)
-      for (int64_t t = 0; t < ow; ++t) c[t] += load_elem<float>(p.bias, p.bias_dtype, o0 + t);
+      for (int64_t t = 0; t < ow; ++t)
+        c[t] += load_elem<float>(p.bias, p.bias_dtype, o0 + t);
     store_row(m, o0, ow, c);
   }
 
   void apply_mask(int64_t m, int64_t o0, int64_t ow, float* v) const {
     const DropoutParams& d = p.dropout;
-    const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o0);
+    const uint64_t ctr0 =
+        d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o0);
     for (int64_t t = 0; t < ow; ++t) {
       const uint64_t ctr = ctr0 + static_cast<uint64_t>(t);
-      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+      const uint32_t h =
+          dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
       v[t] = dropout_keep_hash(h, d.threshold) ? v[t] * d.keep_scale : 0.0f;
     }
   }
@@ -485,18 +521,20 @@ struct Epilogue {
     }
 #endif
     switch (p.a_dtype) {
-      case DType::kFloat32:
-        std::memcpy(static_cast<float*>(p.out) + base, c, static_cast<size_t>(ow) * sizeof(float));
-        break;
-      case DType::kBFloat16: {
-        uint16_t* o = static_cast<uint16_t*>(p.out) + base;
-        for (int64_t t = 0; t < ow; ++t) o[t] = float_to_bf16(c[t]);
-        break;
-      }
-      default: {
-        uint16_t* o = static_cast<uint16_t*>(p.out) + base;
-        for (int64_t t = 0; t < ow; ++t) o[t] = float_to_fp16(c[t]);
-      }
+    case DType::kFloat32:
+      std::memcpy(static_cast<float*>(p.out) + base, c, static_cast<size_t>(ow) * sizeof(float));
+      break;
+    case DType::kBFloat16: {
+      uint16_t* o = static_cast<uint16_t*>(p.out) + base;
+      for (int64_t t = 0; t < ow; ++t)
+        o[t] = float_to_bf16(c[t]);
+      break;
+    }
+    default: {
+      uint16_t* o = static_cast<uint16_t*>(p.out) + base;
+      for (int64_t t = 0; t < ow; ++t)
+        o[t] = float_to_fp16(c[t]);
+    }
     }
   }
 };
@@ -505,9 +543,10 @@ struct Epilogue {
 void matmul_gemv(const QloraMatmulParams& p) {
   const int64_t K = p.k, N = p.n, M = p.m;
   std::vector<float> x32(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, K, x32.data() + m * K);
+  for (int64_t m = 0; m < M; ++m)
+    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, K, x32.data() + m * K);
   const Epilogue ep(p);
-  constexpr int64_t kRows = kPanel;  // W rows per task: the epilogue works on 64 columns at a time
+  constexpr int64_t kRows = kPanel; // W rows per task: the epilogue works on 64 columns at a time
   const int64_t n_tasks = (N + kRows - 1) / kRows;
 #pragma omp parallel
   {
@@ -522,21 +561,25 @@ void matmul_gemv(const QloraMatmulParams& p) {
 #ifdef LORA_OPS_X86
       if (kUseAvx2) {
         for (; t + 4 <= ow; t += 4) {
-          decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr);  // 4 consecutive W rows
+          decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr); // 4 consecutive W rows
           float d[4];
           for (int64_t m = 0; m < M; ++m) {
             dot4_avx2(x32.data() + m * K, wrow.ptr, K, K, d);
-            for (int j = 0; j < 4; ++j) c[m * kPanel + t + j] = d[j];
+            for (int j = 0; j < 4; ++j)
+              c[m * kPanel + t + j] = d[j];
           }
         }
       }
 #endif
       for (; t < ow; ++t) {
         decode_segment(p.weight, p.a_dtype, (o0 + t) * K, K, wrow.ptr);
-        for (int64_t m = 0; m < M; ++m) c[m * kPanel + t] = dot(x32.data() + m * K, wrow.ptr, K);
+        for (int64_t m = 0; m < M; ++m)
+          c[m * kPanel + t] = dot(x32.data() + m * K, wrow.ptr, K);
       }
-      if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
-      for (int64_t m = 0; m < M; ++m) ep.finish_row(m, o0, ow, c.data() + m * kPanel, lw.data());
+      if (p.rank > 0)
+        ep.load_lora_panel(o0, ow, lw.data());
+      for (int64_t m = 0; m < M; ++m)
+        ep.finish_row(m, o0, ow, c.data() + m * kPanel, lw.data());
     }
   }
 }
@@ -554,19 +597,23 @@ int64_t axpy_max_m() {
 }
 
 void axpy_portable(float a, const float* x, float* y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+  for (int64_t i = 0; i < n; ++i)
+    y[i] += a * x[i];
 }
 #ifdef LORA_OPS_X86
 LORA_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t n) {
   const __m256 av = _mm256_set1_ps(a);
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i)
+    y[i] += a * x[i];
 }
 #endif
 void axpy(float a, const float* x, float* y, int64_t n) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2) return axpy_avx2(a, x, y, n);
+  if (kUseAvx2)
+    return axpy_avx2(a, x, y, n);
 #endif
   axpy_portable(a, x, y, n);
 }
@@ -574,7 +621,8 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 void matmul_axpy_transposed(const QloraMatmulParams& p) {
   const int64_t K = p.k, N = p.n, M = p.m;
   std::vector<float> a32(static_cast<size_t>(M * N));
-  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, N, a32.data() + m * N);
+  for (int64_t m = 0; m < M; ++m)
+    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, N, a32.data() + m * N);
   const Epilogue ep(p);
   const int64_t n_tasks = (K + kAxpyCols - 1) / kAxpyCols;
 #pragma omp parallel
@@ -591,13 +639,16 @@ void matmul_axpy_transposed(const QloraMatmulParams& p) {
         decode_segment(p.weight, p.a_dtype, n * K + k0, kw, wrow.ptr);
         for (int64_t m = 0; m < M; ++m) {
           const float av = a32[m * N + n];
-          if (av != 0.0f) axpy(av, wrow.ptr, acc.data() + m * kAxpyCols, kw);
+          if (av != 0.0f)
+            axpy(av, wrow.ptr, acc.data() + m * kAxpyCols, kw);
         }
       }
       for (int64_t o0 = k0; o0 < k0 + kw; o0 += kPanel) {
         const int64_t ow = std::min<int64_t>(kPanel, k0 + kw - o0);
-        if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
-        for (int64_t m = 0; m < M; ++m) ep.finish_row(m, o0, ow, acc.data() + m * kAxpyCols + (o0 - k0), lw.data());
+        if (p.rank > 0)
+          ep.load_lora_panel(o0, ow, lw.data());
+        for (int64_t m = 0; m < M; ++m)
+          ep.finish_row(m, o0, ow, acc.data() + m * kAxpyCols + (o0 - k0), lw.data());
       }
     }
   }
@@ -622,9 +673,11 @@ void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i
       }
       float* dst = scratch + (t0 / kNR) * kKB * kNR + (t0 % kNR);
       int64_t kk = 0;
-      for (; kk + 8 <= kb; kk += 8) transpose8x8_avx2(tmp + kk, kKB, dst + kk * kNR, kNR);
+      for (; kk + 8 <= kb; kk += 8)
+        transpose8x8_avx2(tmp + kk, kKB, dst + kk * kNR, kNR);
       for (; kk < kb; ++kk)
-        for (int64_t rr = 0; rr < 8; ++rr) dst[kk * kNR + rr] = tmp[rr * kKB + kk];
+        for (int64_t rr = 0; rr < 8; ++rr)
+          dst[kk * kNR + rr] = tmp[rr * kKB + kk];
     }
     return;
   }
@@ -636,9 +689,11 @@ void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i
       float* dst = scratch + (t / kNR) * kKB * kNR + (t % kNR);
       if (t < ow) {
         decode_segment(p.weight, p.a_dtype, (o0 + t) * K + i0, kb, tmp);
-        for (int64_t kk = 0; kk < kb; ++kk) dst[kk * kNR] = tmp[kk];
+        for (int64_t kk = 0; kk < kb; ++kk)
+          dst[kk * kNR] = tmp[kk];
       } else {
-        for (int64_t kk = 0; kk < kb; ++kk) dst[kk * kNR] = 0.0f;
+        for (int64_t kk = 0; kk < kb; ++kk)
+          dst[kk * kNR] = 0.0f;
       }
     }
   } else {
@@ -646,7 +701,8 @@ void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i
     // contiguous: decode and copy 16-wide chunks (no transposed copy of W exists anywhere).
     for (int64_t kk = 0; kk < kb; ++kk) {
       decode_segment(p.weight, p.a_dtype, (i0 + kk) * K + o0, ow, tmp);
-      for (int64_t t = ow; t < n_micro * kNR; ++t) tmp[t] = 0.0f;
+      for (int64_t t = ow; t < n_micro * kNR; ++t)
+        tmp[t] = 0.0f;
       for (int j = 0; j < n_micro; ++j)
         std::memcpy(scratch + j * kKB * kNR + kk * kNR, tmp + j * kNR, kNR * sizeof(float));
     }
@@ -688,8 +744,10 @@ void matmul_gemm(const QloraMatmulParams& p) {
                            c.ptr + mg * kPanel + j * kNR, kPanel, i0 > 0);
           }
         }
-        if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
-        for (int64_t m = 0; m < mb; ++m) ep.finish_row(m0 + m, o0, ow, c.ptr + m * kPanel, lw.data());
+        if (p.rank > 0)
+          ep.load_lora_panel(o0, ow, lw.data());
+        for (int64_t m = 0; m < mb; ++m)
+          ep.finish_row(m0 + m, o0, ow, c.ptr + m * kPanel, lw.data());
       }
     }
   }
@@ -702,18 +760,21 @@ void matmul_f64(const QloraMatmulParams& p) {
   const int64_t n_out = p.transpose_w ? K : N;
   std::vector<double> acc(static_cast<size_t>(M * n_out), 0.0);
   std::vector<double> a(static_cast<size_t>(M * n_in));
-  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, n_in, a.data() + m * n_in);
+  for (int64_t m = 0; m < M; ++m)
+    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, n_in, a.data() + m * n_in);
   std::vector<float> wrow(static_cast<size_t>(K));
   for (int64_t n = 0; n < N; ++n) {
     decode_segment_portable(p.weight, DType::kFloat32, n * K, K, wrow.data());
     for (int64_t m = 0; m < M; ++m) {
       if (!p.transpose_w) {
         double s = 0.0;
-        for (int64_t k = 0; k < K; ++k) s += a[m * n_in + k] * static_cast<double>(wrow[k]);
+        for (int64_t k = 0; k < K; ++k)
+          s += a[m * n_in + k] * static_cast<double>(wrow[k]);
         acc[m * n_out + n] = s;
       } else {
         const double av = a[m * n_in + n];
-        for (int64_t k = 0; k < K; ++k) acc[m * n_out + k] += av * static_cast<double>(wrow[k]);
+        for (int64_t k = 0; k < K; ++k)
+          acc[m * n_out + k] += av * static_cast<double>(wrow[k]);
       }
     }
   }
@@ -728,19 +789,20 @@ void matmul_f64(const QloraMatmulParams& p) {
           l += s[q] * load_elem<double>(p.lora_w, p.lora_w_dtype, o * p.lora_w_stride_o + q * p.lora_w_stride_q);
         if (p.dropout.enabled()) {
           const uint64_t ctr = p.dropout.offset + static_cast<uint64_t>(m * p.dropout.cols + o);
-          const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+          const uint32_t h =
+              dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
           l = dropout_keep_hash(h, p.dropout.threshold) ? l * static_cast<double>(p.dropout.keep_scale) : 0.0;
         }
         v += static_cast<double>(p.scale) * l;
       }
-      if (p.bias != nullptr) v += load_elem<double>(p.bias, p.bias_dtype, o);
+      if (p.bias != nullptr)
+        v += load_elem<double>(p.bias, p.bias_dtype, o);
       static_cast<double*>(p.out)[m * p.out_row_stride + o] = v;
     }
 }
 
 // Applies the dropout mask of row m (global) to a converted row of length n: v *= keep ? keep_scale : 0.
-template <typename Acc>
-void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v) {
+template <typename Acc> void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v) {
   const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols);
   uint32_t hi = static_cast<uint32_t>(ctr0 >> 32);
   uint32_t hi_key = dropout_hi_key(key, hi);
@@ -755,13 +817,13 @@ void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v
   }
 }
 
-template <typename Acc>
-void lora_down_typed(const LoraDownParams& p) {
+template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
   const int64_t r = p.rank, L = p.l;
   // fT[i][q] = f[q, i]: the reduction becomes an axpy over the rank (vectorizes for any r).
   std::vector<Acc> ft(static_cast<size_t>(L * r));
   for (int64_t q = 0; q < r; ++q)
-    for (int64_t i = 0; i < L; ++i) ft[i * r + q] = load_elem<Acc>(p.f, p.f_dtype, q * p.f_stride_q + i * p.f_stride_l);
+    for (int64_t i = 0; i < L; ++i)
+      ft[i * r + q] = load_elem<Acc>(p.f, p.f_dtype, q * p.f_stride_q + i * p.f_stride_l);
   const uint32_t key = dropout_key(p.dropout.seed);
   const bool parallel = p.m * L * r > (1 << 16);
 #pragma omp parallel if (parallel)
@@ -771,21 +833,23 @@ void lora_down_typed(const LoraDownParams& p) {
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < p.m; ++m) {
       load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
-      if (p.dropout.enabled()) mask_row(p.dropout, key, m, L, row.data());
+      if (p.dropout.enabled())
+        mask_row(p.dropout, key, m, L, row.data());
       std::fill(acc.begin(), acc.end(), Acc(0));
       for (int64_t i = 0; i < L; ++i) {
         const Acc v = row[i];
         const Acc* fi = ft.data() + i * r;
-        for (int64_t q = 0; q < r; ++q) acc[q] += v * fi[q];
+        for (int64_t q = 0; q < r; ++q)
+          acc[q] += v * fi[q];
       }
       Acc* out = static_cast<Acc*>(p.out) + m * p.out_row_stride;
-      for (int64_t q = 0; q < r; ++q) out[q] = acc[q];
+      for (int64_t q = 0; q < r; ++q)
+        out[q] = acc[q];
     }
   }
 }
 
-template <typename Acc>
-void lora_outer_typed(const LoraOuterParams& p) {
+template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
   // M are consumed kChunk at a time so each accumulator row is reused from L1.
   constexpr int64_t kChunk = 8;
@@ -807,40 +871,50 @@ void lora_outer_typed(const LoraOuterParams& p) {
         for (int64_t mm = 0; mm < mc; ++mm) {
           load_row(p.left, p.left_dtype, (m0 + mm) * p.left_row_stride + p0 * p.left_col_stride, p.left_col_stride, np,
                    left.data() + mm * np);
-          load_row(p.right, p.right_dtype, (m0 + mm) * p.right_row_stride, p.right_col_stride, Q, right.data() + mm * Q);
-          if (p.dropout.enabled()) mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
+          load_row(p.right, p.right_dtype, (m0 + mm) * p.right_row_stride, p.right_col_stride, Q,
+                   right.data() + mm * Q);
+          if (p.dropout.enabled())
+            mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
         }
         for (int64_t pp = 0; pp < np; ++pp) {
           Acc* a = acc.data() + pp * Q;
           for (int64_t mm = 0; mm < mc; ++mm) {
             const Acc lv = left[mm * np + pp];
             const Acc* rr = right.data() + mm * Q;
-            for (int64_t qq = 0; qq < Q; ++qq) a[qq] += lv * rr[qq];
+            for (int64_t qq = 0; qq < Q; ++qq)
+              a[qq] += lv * rr[qq];
           }
         }
       }
       const Acc scale = static_cast<Acc>(p.scale);
       for (int64_t pp = 0; pp < np; ++pp)
-        for (int64_t qq = 0; qq < Q; ++qq) store_elem<Acc>(p.out, p.out_dtype, (p0 + pp) * Q + qq, scale * acc[pp * Q + qq]);
+        for (int64_t qq = 0; qq < Q; ++qq)
+          store_elem<Acc>(p.out, p.out_dtype, (p0 + pp) * Q + qq, scale * acc[pp * Q + qq]);
     }
   }
 }
 
-}  // namespace
+} // namespace
 
 bool qlora_cpu_uses_avx2() { return kUseAvx2; }
 
 void qlora_matmul(const QloraMatmulParams& p) {
-  if (p.m == 0) return;
-  if (p.a_dtype == DType::kFloat64) return matmul_f64(p);
-  if (!p.transpose_w && p.m <= gemv_max_m()) return matmul_gemv(p);
-  if (p.transpose_w && p.m <= axpy_max_m()) return matmul_axpy_transposed(p);
+  if (p.m == 0)
+    return;
+  if (p.a_dtype == DType::kFloat64)
+    return matmul_f64(p);
+  if (!p.transpose_w && p.m <= gemv_max_m())
+    return matmul_gemv(p);
+  if (p.transpose_w && p.m <= axpy_max_m())
+    return matmul_axpy_transposed(p);
   matmul_gemm(p);
 }
 
 void lora_down(const LoraDownParams& p) {
-  if (p.m == 0) return;
-  if (p.a_dtype == DType::kFloat64) return lora_down_typed<double>(p);
+  if (p.m == 0)
+    return;
+  if (p.a_dtype == DType::kFloat64)
+    return lora_down_typed<double>(p);
   lora_down_typed<float>(p);
 }
 
@@ -858,10 +932,11 @@ void dropout_mask(const DropoutMaskParams& p) {
     const uint64_t ctr0 = d.offset + static_cast<uint64_t>(i) * static_cast<uint64_t>(d.cols);
     for (int64_t j = 0; j < d.cols; ++j) {
       const uint64_t ctr = ctr0 + static_cast<uint64_t>(j);
-      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+      const uint32_t h =
+          dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
       p.out[i * d.cols + j] = (!d.enabled() || dropout_keep_hash(h, d.threshold)) ? 1 : 0;
     }
   }
 }
 
-}  // namespace lora_ops::cpu
+} // namespace lora_ops::cpu

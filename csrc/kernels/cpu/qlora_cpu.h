@@ -24,4 +24,4 @@ void dropout_mask(const DropoutMaskParams& p);
 // True when the AVX2+FMA+F16C kernels are in use (the CPU supports them and LORA_OPS_NO_AVX2 is unset).
 bool qlora_cpu_uses_avx2();
 
-}  // namespace lora_ops::cpu
+} // namespace lora_ops::cpu
