@@ -4,6 +4,7 @@ Public API (see README.md):
     NF4Weight, quantize_nf4                 NF4 storage (lora_ops.nf4)
     nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
     PagedAdamW, PagingStats                 AdamW with paged float32 state (lora_ops.optim)
+    QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
 """
 
 from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
@@ -12,6 +13,9 @@ from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
 from lora_ops.ops.adamw import adamw_step_
 from lora_ops.optim import PagedAdamW, PagingStats
+
+from lora_ops.nn import QLoRALinear
+from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
 
 __all__ = [
     "WITH_CUDA",
@@ -23,5 +27,10 @@ __all__ = [
     "adamw_step_",
     "PagedAdamW",
     "PagingStats",
+    "QLoRALinear",
+    "qlora_linear",
+    "qlora_matmul",
+    "lora_dropout_mask",
+    "make_rng",
 ]
 __version__ = "0.1.0"
