@@ -1,0 +1,250 @@
+// Decode-size fused QLoRA forward (M <= 16): y = x·Wᵀ + scale·s·Bᵀ + bias, streaming the packed
+// weight once. At these sizes the product is bound by the weight bytes, so every packed byte is read
+// exactly once, with 16-byte loads, and everything else (x, tables) comes from shared memory.
+//
+//   CTA = 8 warps = 32 rows of W; blockIdx.y = K split (split-K keeps every SM busy at small N).
+//
+//            K split [cb, ce) in 32-element chunks (16 packed bytes each)
+//            <-------------- piece of PC chunks, staged in smem ------------>
+//   warp 0   rows n0+0..3   lane l: chunk l of the piece, 4 rows -> 4 x LDG.128
+//   warp 1   rows n0+4..7   ...
+//   ...
+//   warp 7   rows n0+28..31
+//
+//   x piece (rows m < min(M, MT)) in shared memory, "group-major": the 8-element group g of chunk c
+//   of row m lives at ((m·4 + g)·PC + c)·8, so for fixed (m, g) the 32 lanes (32 chunks) read 32
+//   consecutive 16-byte slots: conflict-free LDS.128 (bf16/fp16; fp32 groups are 32 bytes, 2-way).
+//
+//   Per lane and piece: load 4 x 16 B of codes (next piece's loads are issued before the staging
+//   barrier), decode one absmax per (row, chunk) (nested decode fused), then per group of 8 codes
+//   decode W = T(c[code]·absmax) (codebook in shared memory, rounded once to the compute dtype) and
+//   FMA against the MT rows of x into fp32 accumulators acc[MT][4].
+//   End: butterfly-shuffle sum over the 32 lanes; splits == 1 -> epilogue (LoRA s·Bᵀ, bias) and store;
+//   else fp32 partials to the workspace and qlora_splitk_finish (qlora_ffma.cu) sums them in order.
+#include "cuda/qlora_cuda.h"
+#include "cuda/qlora_device.cuh"
+
+namespace lora_ops::cuda {
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr int kRowsPerWarp = 4;
+constexpr int kRowsPerCta = kWarps * kRowsPerWarp;
+constexpr int kChunk = 32;  // elements per 16-byte load of codes
+constexpr int kStageBytes = 32 * 1024;
+
+template <typename T, int MT>
+struct DecodeShape {
+  // Chunks per staged piece: 32 (one per lane) unless the x piece would exceed kStageBytes.
+  static constexpr int kPieceChunks =
+      (kStageBytes / (MT * kChunk * static_cast<int>(sizeof(T)))) < 32 ? (kStageBytes / (MT * kChunk * static_cast<int>(sizeof(T)))) : 32;
+  static constexpr int kXsElems = MT * 4 * kPieceChunks * 8;
+};
+
+// 8 consecutive x values of one group, widened to fp32 (one LDS.128, two for fp32).
+__device__ __forceinline__ void load8(const float* s, float (&v)[8]) {
+  const float4 a = *reinterpret_cast<const float4*>(s);
+  const float4 b = *reinterpret_cast<const float4*>(s + 4);
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void load8(const __half* s, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(s);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
+    v[2 * i] = f.x;
+    v[2 * i + 1] = f.y;
+  }
+}
+__device__ __forceinline__ void load8(const __nv_bfloat16* s, float (&v)[8]) {
+  const uint4 u = *reinterpret_cast<const uint4*>(s);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    // bf16 -> fp32 is a 16-bit shift: exact.
+    v[2 * i] = __uint_as_float(w[i] << 16);
+    v[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+// Copies one 8-element group global -> shared (16-byte aligned on both sides, checked by the host).
+template <typename T>
+__device__ __forceinline__ void copy8(T* dst, const T* src) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4, "fp16/bf16/fp32");
+  const uint4* s = reinterpret_cast<const uint4*>(src);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = __ldg(s);
+  if constexpr (sizeof(T) == 4) d[1] = __ldg(s + 1);
+}
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads)
+    qlora_decode_kernel(const QloraMatmulParams p, int64_t chunks_per_split, float* ws, int log2_bs) {
+  using S = DecodeShape<T, MT>;
+  constexpr int PC = S::kPieceChunks;
+  __shared__ float codebook[16];
+  __shared__ __align__(16) T xs[S::kXsElems];
+  load_codebook(codebook);
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t N = p.n, K = p.k, M = p.m;
+  const int64_t n_base = static_cast<int64_t>(blockIdx.x) * kRowsPerCta + warp * kRowsPerWarp;
+  const int64_t nc = K / kChunk;
+  const int64_t cb = static_cast<int64_t>(blockIdx.y) * chunks_per_split;
+  const int64_t ce = cb + chunks_per_split < nc ? cb + chunks_per_split : nc;
+  const float offset = weight_offset(p.weight);
+  const int mrows = M < MT ? static_cast<int>(M) : MT;
+  const T* a = static_cast<const T*>(p.a);
+
+  float acc[MT][kRowsPerWarp];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) acc[m][r] = 0.0f;
+
+  for (int64_t pc0 = cb; pc0 < ce; pc0 += PC) {
+    const int pcn = ce - pc0 < PC ? static_cast<int>(ce - pc0) : PC;
+    const bool active = lane < pcn;  // PC <= 32: at most one chunk per lane per piece
+    // 1. This lane's codes for its 4 rows: issued before the staging barrier so they are in flight
+    //    while x is staged. Rows past N load nothing and are never stored.
+    uint4 wq[kRowsPerWarp];
+    float amax[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t n = n_base + r;
+      const int64_t flat = n * K + (pc0 + lane) * kChunk;  // 32-aligned: one block, 16-byte aligned bytes
+      wq[r] = (active && n < N) ? __ldg(reinterpret_cast<const uint4*>(p.weight.packed + flat / 2)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int64_t n = n_base + r;
+      const int64_t flat = n * K + (pc0 + lane) * kChunk;
+      amax[r] = (active && n < N) ? weight_block_absmax(p.weight, offset, flat >> log2_bs) : 0.0f;
+    }
+
+    // 2. Stage x[m, piece] for the valid rows (the previous piece's readers are done after the barrier).
+    __syncthreads();
+    const int units_per_row = pcn * 4;
+    for (int u = threadIdx.x; u < mrows * units_per_row; u += kThreads) {
+      const int m = u / units_per_row, rem = u % units_per_row;
+      const int c = rem >> 2, g = rem & 3;
+      copy8(xs + ((m * 4 + g) * PC + c) * 8, a + m * p.a_row_stride + (pc0 + c) * kChunk + g * 8);
+    }
+    __syncthreads();
+
+    // 3. Decode and accumulate.
+    if (active) {
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        float wv[kRowsPerWarp][8];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const uint32_t word = g == 0 ? wq[r].x : g == 1 ? wq[r].y : g == 2 ? wq[r].z : wq[r].w;
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // byte j holds elements 2j (high nibble) and 2j+1 (low)
+            const uint32_t byte = (word >> (8 * j)) & 0xFFu;
+            wv[r][2 * j] = round_to<T>(nf4_decode(codebook[byte >> 4], amax[r]));
+            wv[r][2 * j + 1] = round_to<T>(nf4_decode(codebook[byte & 15u], amax[r]));
+          }
+        }
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          if (m >= mrows) break;
+          float xv[8];
+          load8(xs + ((m * 4 + g) * PC + lane) * 8, xv);
+#pragma unroll
+          for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+            for (int e = 0; e < 8; ++e) acc[m][r] = fmaf(xv[e], wv[r][e], acc[m][r]);
+        }
+      }
+    }
+  }
+
+  // 4. Sum over the warp's lanes (every lane ends with every sum), then lane v % 32 stores value v.
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
+
+  const uint32_t key = dropout_key(p.dropout.seed);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int v = m * kRowsPerWarp + r;
+      const int64_t n = n_base + r;
+      if ((v & 31) != lane || m >= mrows || n >= N) continue;
+      if (ws != nullptr) {
+        ws[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = acc[m][r];
+      } else {
+        store_as(p.out, p.a_dtype, m * p.out_row_stride + n, qlora_epilogue(p, key, m, n, acc[m][r]));
+      }
+    }
+  }
+}
+
+int64_t chunks_per_split(int64_t nc, int splits) {
+  const int64_t per = (nc + splits - 1) / splits;
+  return (per + 31) / 32 * 32;  // whole pieces
+}
+
+template <typename T, int MT>
+cudaError_t launch(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  const int64_t nc = p.k / kChunk;
+  const int64_t cps = chunks_per_split(nc, splits);
+  const int64_t eff = (nc + cps - 1) / cps;
+  if (eff > 1 && workspace == nullptr) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((p.n + kRowsPerCta - 1) / kRowsPerCta), static_cast<unsigned>(eff));
+  qlora_decode_kernel<T, MT><<<grid, kThreads, 0, stream>>>(p, cps, eff > 1 ? workspace : nullptr,
+                                                            log2_blocksize(p.weight.blocksize));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || eff == 1) return err;
+  return qlora_splitk_finish(p, static_cast<int>(eff), workspace, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_rows(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  // Three row-count instances (compile time); rows past M are skipped at run time, not computed.
+  if (p.m <= 1) return launch<T, 1>(p, splits, workspace, stream);
+  if (p.m <= 4) return launch<T, 4>(p, splits, workspace, stream);
+  return launch<T, 16>(p, splits, workspace, stream);
+}
+
+}  // namespace
+
+bool qlora_decode_supported(const QloraMatmulParams& p) {
+  if (p.transpose_w || p.m < 1 || p.m > kDecodeMaxRows || p.n < 1 || p.k < kChunk || p.k % kChunk != 0) return false;
+  if (p.a_dtype == DType::kFloat64 || !nf4_valid_blocksize(p.weight.blocksize)) return false;
+  const int64_t es = p.a_dtype == DType::kFloat32 ? 4 : 2;
+  return is_aligned(p.weight.packed, 16) && is_aligned(p.a, 16) && p.a_col_stride == 1 &&
+         (p.a_row_stride * es) % 16 == 0 && p.rank >= 0 && p.rank <= kMaxLoraRank;
+}
+
+int qlora_decode_splits(const QloraMatmulParams& p, int sms) {
+  const int64_t ctas = (p.n + kRowsPerCta - 1) / kRowsPerCta;
+  const int64_t nc = p.k / kChunk;
+  const int64_t target = 2 * static_cast<int64_t>(sms > 0 ? sms : 1);  // two resident CTAs per SM
+  int64_t s = (target + ctas - 1) / ctas;
+  const int64_t max_by_len = (nc + 31) / 32;  // at least one full piece per split
+  if (s > max_by_len) s = max_by_len;
+  if (s < 1) s = 1;
+  const int64_t cps = chunks_per_split(nc, static_cast<int>(s));
+  return static_cast<int>((nc + cps - 1) / cps);
+}
+
+cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  if (!qlora_decode_supported(p) || splits < 1) return cudaErrorInvalidValue;
+  switch (p.a_dtype) {
+    case DType::kFloat32: return dispatch_rows<float>(p, splits, workspace, stream);
+    case DType::kFloat16: return dispatch_rows<__half>(p, splits, workspace, stream);
+    case DType::kBFloat16: return dispatch_rows<__nv_bfloat16>(p, splits, workspace, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace lora_ops::cuda
