@@ -1,6 +1,6 @@
 // CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
 //
-//   small M (forward, M <= kGemvMaxM): per W row, decode the row into an L1 buffer (AVX2: 8 codes per
+//   small M (forward, M <= gemv_max_m()): per W row, decode the row into an L1 buffer (AVX2: 8 codes per
 //     step via variable shifts + two vpermps table lookups) and dot it with each x row.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
 //     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
@@ -46,7 +46,10 @@ constexpr int kNR = 16;        // micro-kernel columns (two ymm vectors)
 constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels)
 constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
-constexpr int64_t kGemvMaxM = 3;  // forward uses the row-dot path up to this M
+int64_t gemv_max_m() {
+  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(3); }();
+  return v;
+}  // forward uses the row-dot path up to this M
 
 bool detect_avx2() {
 #ifdef LORA_OPS_X86
@@ -258,6 +261,55 @@ LORA_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
 }
 #endif
 
+#ifdef LORA_OPS_X86
+// out[j] = x · w_j for 4 weight rows at once: one x load feeds 4 FMAs; 2-way unrolled so 8 independent
+// accumulator chains cover the FMA latency.
+LORA_AVX2 void dot4_avx2(const float* x, const float* w, int64_t ldw, int64_t n, float* out) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
+      a[4 + j] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + j * ldw + i + 8), a[4 + j]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a[j], a[4 + j]));
+    float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int64_t t = i; t < n; ++t) r += x[t] * w[j * ldw + t];
+    out[j] = r;
+  }
+}
+
+// Transposes an 8x8 fp32 tile: rows src[r * lds .. +8] -> rows dst[c * ldd .. +8].
+LORA_AVX2 inline void transpose8x8_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef LORA_OPS_X86
   if (kUseAvx2) return dot_avx2(a, b, n);
@@ -284,29 +336,41 @@ void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, 
 }
 
 #ifdef LORA_OPS_X86
-// 12 ymm accumulators (6 rows x 2 vectors), 2 weight loads and 6 broadcasts per k: FMA-bound.
+// 12 ymm accumulators (6 rows x 2 vectors), 2 weight loads and 6 broadcasts per k: FMA-bound. The
+// accumulators are named variables (an array of __m256 made gcc spill them to the stack every k).
+#define LORA_UK_ROW(i)                                                                      \
+  if constexpr (MR > i) {                                                                   \
+    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);                                 \
+    c##i##0 = _mm256_fmadd_ps(xv, w0, c##i##0);                                             \
+    c##i##1 = _mm256_fmadd_ps(xv, w1, c##i##1);                                             \
+  }
+#define LORA_UK_INIT(i)                                                                     \
+  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                      \
+  if constexpr (MR > i) {                                                                   \
+    if (accumulate) {                                                                       \
+      c##i##0 = _mm256_loadu_ps(c + i * ldc);                                               \
+      c##i##1 = _mm256_loadu_ps(c + i * ldc + 8);                                           \
+    }                                                                                       \
+  }
+#define LORA_UK_STORE(i)                                                                    \
+  if constexpr (MR > i) {                                                                   \
+    _mm256_storeu_ps(c + i * ldc, c##i##0);                                                 \
+    _mm256_storeu_ps(c + i * ldc + 8, c##i##1);                                             \
+  }
 template <int MR>
 LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                             bool accumulate) {
-  __m256 acc0[MR], acc1[MR];
-  for (int i = 0; i < MR; ++i) {
-    acc0[i] = accumulate ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-    acc1[i] = accumulate ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
-  }
+  LORA_UK_INIT(0) LORA_UK_INIT(1) LORA_UK_INIT(2) LORA_UK_INIT(3) LORA_UK_INIT(4) LORA_UK_INIT(5)
   for (int64_t k = 0; k < kb; ++k) {
     const __m256 w0 = _mm256_load_ps(pw + k * kNR);
     const __m256 w1 = _mm256_load_ps(pw + k * kNR + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);
-      acc0[i] = _mm256_fmadd_ps(xv, w0, acc0[i]);
-      acc1[i] = _mm256_fmadd_ps(xv, w1, acc1[i]);
-    }
+    LORA_UK_ROW(0) LORA_UK_ROW(1) LORA_UK_ROW(2) LORA_UK_ROW(3) LORA_UK_ROW(4) LORA_UK_ROW(5)
   }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(c + i * ldc, acc0[i]);
-    _mm256_storeu_ps(c + i * ldc + 8, acc1[i]);
-  }
+  LORA_UK_STORE(0) LORA_UK_STORE(1) LORA_UK_STORE(2) LORA_UK_STORE(3) LORA_UK_STORE(4) LORA_UK_STORE(5)
 }
+#undef LORA_UK_ROW
+#undef LORA_UK_INIT
+#undef LORA_UK_STORE
 #endif
 
 template <int MR>
@@ -338,6 +402,32 @@ struct AlignedBuffer {
     ptr = storage.data() + ((64 - addr % 64) % 64) / sizeof(float);
   }
 };
+
+#ifdef LORA_OPS_X86
+// fp32 -> bf16 / fp16 with round-to-nearest-even, 8 at a time (bf16: NaN is kept quiet as in
+// float_to_bf16; fp16: F16C vcvtps2ph).
+LORA_AVX2 void store_row_16bit_avx2(uint16_t* out, const float* c, int64_t n, DType t) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(c + i);
+    __m128i h;
+    if (t == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, qnan, nan);
+      // pack the low 16 bits of 8 lanes (values < 2^16, so unsigned saturation is exact)
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = t == DType::kFloat16 ? float_to_fp16(c[i]) : float_to_bf16(c[i]);
+}
+#endif
 
 // ---- the shared epilogue: LoRA term (masked in backward), bias, single rounding ------------------
 struct Epilogue {
@@ -386,6 +476,12 @@ struct Epilogue {
 
   void store_row(int64_t m, int64_t o0, int64_t ow, const float* c) const {
     const int64_t base = m * p.out_row_stride + o0;
+#ifdef LORA_OPS_X86
+    if (kUseAvx2 && p.a_dtype != DType::kFloat32) {
+      store_row_16bit_avx2(static_cast<uint16_t*>(p.out) + base, c, ow, p.a_dtype);
+      return;
+    }
+#endif
     switch (p.a_dtype) {
       case DType::kFloat32:
         std::memcpy(static_cast<float*>(p.out) + base, c, static_cast<size_t>(ow) * sizeof(float));
@@ -413,14 +509,27 @@ void matmul_gemv(const QloraMatmulParams& p) {
   const int64_t n_tasks = (N + kRows - 1) / kRows;
 #pragma omp parallel
   {
-    AlignedBuffer wrow(K);
+    AlignedBuffer wrow(4 * K);
     std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
     std::vector<float> c(static_cast<size_t>(M * kPanel));
 #pragma omp for schedule(static)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t o0 = task * kRows;
       const int64_t ow = std::min(kRows, N - o0);
-      for (int64_t t = 0; t < ow; ++t) {
+      int64_t t = 0;
+#ifdef LORA_OPS_X86
+      if (kUseAvx2) {
+        for (; t + 4 <= ow; t += 4) {
+          decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr);  // 4 consecutive W rows
+          float d[4];
+          for (int64_t m = 0; m < M; ++m) {
+            dot4_avx2(x32.data() + m * K, wrow.ptr, K, K, d);
+            for (int j = 0; j < 4; ++j) c[m * kPanel + t + j] = d[j];
+          }
+        }
+      }
+#endif
+      for (; t < ow; ++t) {
         decode_segment(p.weight, p.a_dtype, (o0 + t) * K, K, wrow.ptr);
         for (int64_t m = 0; m < M; ++m) c[m * kPanel + t] = dot(x32.data() + m * K, wrow.ptr, K);
       }
@@ -436,6 +545,26 @@ void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i
                    float* tmp) {
   const int64_t K = p.k;
   const int n_micro = static_cast<int>((ow + kNR - 1) / kNR);
+#ifdef LORA_OPS_X86
+  if (!p.transpose_w && kUseAvx2) {
+    // 8 W rows are decoded into tmp [8][kKB], then 8x8 tiles are transposed into the micro-panel.
+    for (int64_t t0 = 0; t0 < n_micro * kNR; t0 += 8) {
+      for (int64_t rr = 0; rr < 8; ++rr) {
+        float* row = tmp + rr * kKB;
+        if (t0 + rr < ow)
+          decode_segment(p.weight, p.a_dtype, (o0 + t0 + rr) * K + i0, kb, row);
+        else
+          std::fill(row, row + kb, 0.0f);
+      }
+      float* dst = scratch + (t0 / kNR) * kKB * kNR + (t0 % kNR);
+      int64_t kk = 0;
+      for (; kk + 8 <= kb; kk += 8) transpose8x8_avx2(tmp + kk, kKB, dst + kk * kNR, kNR);
+      for (; kk < kb; ++kk)
+        for (int64_t rr = 0; rr < 8; ++rr) dst[kk * kNR + rr] = tmp[rr * kKB + kk];
+    }
+    return;
+  }
+#endif
   if (!p.transpose_w) {
     // Output column o is W row o; the reduction runs along that row (contiguous codes): decode the
     // row segment, then scatter it into column o % 16 of its micro-panel.
@@ -465,17 +594,19 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const int64_t n_out = p.transpose_w ? p.k : p.n;
   const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
   const int64_t mb_max = std::min(kMB, p.m);
-  std::vector<float> x32(static_cast<size_t>(mb_max * n_in));
+  // Row pitch padded off multiples of 4 KiB so the 6 rows a micro-kernel reads do not alias in L1.
+  const int64_t ldx = ((n_in + 15) / 16) * 16 + 16;
+  std::vector<float> x32(static_cast<size_t>(mb_max * ldx));
   const Epilogue ep(p);
   for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
     const int64_t mb = std::min(kMB, p.m - m0);
 #pragma omp parallel for schedule(static)
     for (int64_t m = 0; m < mb; ++m)
-      load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * n_in);
+      load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * ldx);
 #pragma omp parallel
     {
       AlignedBuffer scratch(kKB * kPanel);
-      std::vector<float> tmp(static_cast<size_t>(std::max<int64_t>(kKB, kPanel)));
+      std::vector<float> tmp(static_cast<size_t>(8 * kKB));
       AlignedBuffer c(mb * kPanel);
       std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
 #pragma omp for schedule(dynamic, 1)
@@ -489,7 +620,7 @@ void matmul_gemm(const QloraMatmulParams& p) {
           for (int64_t mg = 0; mg < mb; mg += kMR) {
             const int mr = static_cast<int>(std::min<int64_t>(kMR, mb - mg));
             for (int j = 0; j < n_micro; ++j)
-              ukernel_rows(mr, x32.data() + mg * n_in + i0, n_in, scratch.ptr + j * kKB * kNR, kb,
+              ukernel_rows(mr, x32.data() + mg * ldx + i0, ldx, scratch.ptr + j * kKB * kNR, kb,
                            c.ptr + mg * kPanel + j * kNR, kPanel, i0 > 0);
           }
         }
@@ -638,7 +769,7 @@ bool qlora_cpu_uses_avx2() { return kUseAvx2; }
 void qlora_matmul(const QloraMatmulParams& p) {
   if (p.m == 0) return;
   if (p.a_dtype == DType::kFloat64) return matmul_f64(p);
-  if (!p.transpose_w && p.m <= kGemvMaxM) return matmul_gemv(p);
+  if (!p.transpose_w && p.m <= gemv_max_m()) return matmul_gemv(p);
   matmul_gemm(p);
 }
 
