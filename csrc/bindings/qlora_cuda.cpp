@@ -20,11 +20,13 @@ namespace {
 
 // ---- qlora_matmul dispatch ---------------------------------------------------------------------------
 // Crossover constants, in ONE place. NOT YET MEASURED ON A GPU: they follow the kernels' design limits
-// (the decode kernel keeps M <= 16 accumulator rows per lane and has no transposed form yet), not
+// (the decode kernel keeps M <= 16 accumulator rows per lane, its transposed form M <= 4), not
 // timings. bench/bench_qlora.py on a GPU must set them; record the measured table in
 // bench/dispatch_qlora.md.
 constexpr int64_t kDecodeMaxM = 16;  // forward, M <= this and the decode layout conditions hold -> decode
+constexpr int64_t kDecodeMaxMT = 4;  // transposed (dx) form, likewise; larger M -> tensor-core kernel
 static_assert(kDecodeMaxM <= cuda::kDecodeMaxRows, "the decode kernel supports at most kDecodeMaxRows rows");
+static_assert(kDecodeMaxMT <= cuda::kDecodeMaxRowsT, "the transposed decode kernel supports at most 4 rows");
 
 enum class MatmulPath { kDecode, kTensorCore, kFfma };
 
@@ -57,18 +59,23 @@ MatmulPath qlora_matmul_path(const QloraMatmulParams& p) {
     if (std::strcmp(f, "mma") == 0 && tc_ok) return MatmulPath::kTensorCore;
     if (std::strcmp(f, "ffma") == 0) return MatmulPath::kFfma;
   }
-  if (decode_ok && p.m <= kDecodeMaxM) return MatmulPath::kDecode;
+  if (decode_ok && p.m <= (p.transpose_w ? kDecodeMaxMT : kDecodeMaxM)) return MatmulPath::kDecode;
   if (tc_ok) return MatmulPath::kTensorCore;
   return MatmulPath::kFfma;
 }
 
 // fp32 scratch on the current device, stream-ordered by the caching allocator: freeing it after the
-// launches is safe (the block is reused only by work queued later on the same stream).
-at::Tensor workspace(size_t bytes) {
-  const int64_t n = static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
-  return at::empty({n > 0 ? n : 1},
-                   at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
-}
+// launches is safe (the block is reused only by work queued later on the same stream). None (an
+// undefined tensor, nullptr to the launcher) when no split needs it.
+struct Workspace {
+  at::Tensor t;
+  explicit Workspace(size_t bytes) {
+    if (bytes == 0) return;
+    const int64_t n = static_cast<int64_t>((bytes + sizeof(float) - 1) / sizeof(float));
+    t = at::empty({n}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, c10::cuda::current_device()));
+  }
+  float* ptr() { return t.defined() ? t.data_ptr<float>() : nullptr; }
+};
 
 void cuda_matmul(const QloraMatmulParams& p) {
   constexpr const char* op = "qlora_matmul";
@@ -76,8 +83,8 @@ void cuda_matmul(const QloraMatmulParams& p) {
   switch (qlora_matmul_path(p)) {
     case MatmulPath::kDecode: {
       const int splits = cuda::qlora_decode_splits(p, current_sms());
-      at::Tensor ws = workspace(cuda::qlora_splitk_workspace_bytes(p, splits));
-      check_cuda(cuda::qlora_decode(p, splits, ws.data_ptr<float>(), stream), op);
+      Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));
+      check_cuda(cuda::qlora_decode(p, splits, ws.ptr(), stream), op);
       return;
     }
     case MatmulPath::kTensorCore:
@@ -85,8 +92,8 @@ void cuda_matmul(const QloraMatmulParams& p) {
       return;
     case MatmulPath::kFfma: {
       const int splits = cuda::qlora_ffma_splits(p, current_sms());
-      at::Tensor ws = workspace(cuda::qlora_splitk_workspace_bytes(p, splits));
-      check_cuda(cuda::qlora_ffma(p, splits, ws.data_ptr<float>(), stream), op);
+      Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));
+      check_cuda(cuda::qlora_ffma(p, splits, ws.ptr(), stream), op);
       return;
     }
   }
@@ -95,15 +102,15 @@ void cuda_matmul(const QloraMatmulParams& p) {
 void cuda_down(const LoraDownParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int splits = cuda::lora_down_splits(p, current_sms());
-  at::Tensor ws = workspace(cuda::lora_down_workspace_bytes(p, splits));
-  check_cuda(cuda::lora_down(p, splits, ws.data_ptr<float>(), stream), "lora_down");
+  Workspace ws(cuda::lora_down_workspace_bytes(p, splits));
+  check_cuda(cuda::lora_down(p, splits, ws.ptr(), stream), "lora_down");
 }
 
 void cuda_outer(const LoraOuterParams& p) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int splits = cuda::lora_outer_splits(p, current_sms());
-  at::Tensor ws = workspace(cuda::lora_outer_workspace_bytes(p, splits));
-  check_cuda(cuda::lora_outer(p, splits, ws.data_ptr<float>(), stream), "lora_outer");
+  Workspace ws(cuda::lora_outer_workspace_bytes(p, splits));
+  check_cuda(cuda::lora_outer(p, splits, ws.ptr(), stream), "lora_outer");
 }
 
 const QloraBackend kCuda{

@@ -5,8 +5,9 @@
 // All pointers are device pointers; fp64 is not supported on the GPU.
 //
 //   path        file             M          dtypes              layout needs
-//   decode      qlora_decode.cu  1 .. 16    fp16 / bf16 / fp32  forward only; K % 32 == 0, packed and
-//                                                               a rows 16-byte aligned, a col stride 1
+//   decode      qlora_decode.cu  1 .. 16    fp16 / bf16 / fp32  forward: K % 32 == 0, packed and a rows
+//                                                               16-byte aligned, a col stride 1
+//               (transposed)     1 .. 4     fp16 / bf16 / fp32  K % 32 == 0, packed 16-byte aligned
 //   tensor core qlora_mma.cu     any        fp16 / bf16         none (16-byte cp.async / ldg fast
 //                                                               path when aligned, scalar otherwise)
 //   ffma        qlora_ffma.cu    any        any                 none (the always-correct fallback)
@@ -24,7 +25,8 @@
 namespace lora_ops::cuda {
 
 // ---- decode path (M <= kDecodeMaxRows) --------------------------------------------------------------
-constexpr int64_t kDecodeMaxRows = 16;
+constexpr int64_t kDecodeMaxRows = 16;   // forward (y = x·Wᵀ)
+constexpr int64_t kDecodeMaxRowsT = 4;   // transposed (dx = dy·W): acc[M][32] per lane
 
 // True when the decode kernel can take p (shape, dtype and alignment conditions above).
 bool qlora_decode_supported(const QloraMatmulParams& p);

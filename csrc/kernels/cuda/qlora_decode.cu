@@ -188,6 +188,108 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- transposed form, dx = dy·W (M <= kDecodeMaxRowsT) ---------------------------------------------
+//   out[m, k] = Σ_n dy[m, n] · W[n, k]: the reduction runs over W's rows, the outputs along the packed
+//   direction. CTA = 8 warps on the same 1024 output columns (lane l: chunk c0 + l, 32 columns, one
+//   LDG.128 of codes per W row); warp w takes rows n ≡ w (mod 8) of the CTA's N split (blockIdx.y).
+//   dy[m, n] is a warp-uniform broadcast load. Per lane acc[MT][32] fp32; at the end the 8 warps'
+//   partial sums are added in a fixed order through shared memory (stored j-major so both the writes
+//   and the reads are conflict-free), then epilogue (LoRA term ∘ dropout mask) or split-K partials.
+constexpr int kTCols = 32 * kChunk;  // output columns per CTA
+
+template <typename T, int MT>
+__global__ void __launch_bounds__(kThreads)
+    qlora_decode_t_kernel(const QloraMatmulParams p, int64_t rows_per_split, float* ws, int log2_bs) {
+  __shared__ float codebook[16];
+  __shared__ float red[kWarps][kTCols];
+  load_codebook(codebook);
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t N = p.n, K = p.k, M = p.m;
+  const int64_t nc = K / kChunk;
+  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * 32 + lane;
+  const bool active = chunk < nc;
+  const int64_t nb = static_cast<int64_t>(blockIdx.y) * rows_per_split;
+  const int64_t ne = nb + rows_per_split < N ? nb + rows_per_split : N;
+  const float offset = weight_offset(p.weight);
+  const int mrows = M < MT ? static_cast<int>(M) : MT;
+  const T* dy = static_cast<const T*>(p.a);
+
+  float acc[MT][kChunk];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) acc[m][j] = 0.0f;
+
+  for (int64_t n = nb + warp; n < ne; n += kWarps) {  // warp-uniform loop
+    float dv[MT];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) dv[m] = m < mrows ? to_float(dy[m * p.a_row_stride + n * p.a_col_stride]) : 0.0f;
+    if (!active) continue;
+    const int64_t flat = n * K + chunk * kChunk;
+    const uint4 q = __ldg(reinterpret_cast<const uint4*>(p.weight.packed + flat / 2));
+    const float amax = weight_block_absmax(p.weight, offset, flat >> log2_bs);
+    const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+    for (int g = 0; g < 4; ++g) {
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t byte = (words[g] >> (8 * b)) & 0xFFu;
+        const float w0 = round_to<T>(nf4_decode(codebook[byte >> 4], amax));
+        const float w1 = round_to<T>(nf4_decode(codebook[byte & 15u], amax));
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          acc[m][g * 8 + 2 * b] = fmaf(dv[m], w0, acc[m][g * 8 + 2 * b]);
+          acc[m][g * 8 + 2 * b + 1] = fmaf(dv[m], w1, acc[m][g * 8 + 2 * b + 1]);
+        }
+      }
+    }
+  }
+
+  const uint32_t key = dropout_key(p.dropout.seed);
+#pragma unroll
+  for (int m = 0; m < MT; ++m) {
+    if (m >= mrows) break;  // CTA-uniform: the barriers below stay matched
+#pragma unroll
+    for (int j = 0; j < kChunk; ++j) red[warp][j * 32 + lane] = acc[m][j];  // j-major: conflict-free
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < kTCols; idx += kThreads) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) v += red[w][idx];
+      const int64_t k = (static_cast<int64_t>(blockIdx.x) * 32 + idx % 32) * kChunk + idx / 32;
+      if (k < K) {
+        if (ws != nullptr) {
+          ws[(static_cast<int64_t>(blockIdx.y) * M + m) * K + k] = v;
+        } else {
+          store_as(p.out, p.a_dtype, m * p.out_row_stride + k, qlora_epilogue(p, key, m, k, v));
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, int MT>
+cudaError_t launch_t(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  const int64_t rps = (p.n + splits - 1) / splits;
+  const int64_t eff = (p.n + rps - 1) / rps;
+  if (eff > 65535 || (eff > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>((p.k / kChunk + 31) / 32), static_cast<unsigned>(eff));
+  qlora_decode_t_kernel<T, MT><<<grid, kThreads, 0, stream>>>(p, rps, eff > 1 ? workspace : nullptr,
+                                                              log2_blocksize(p.weight.blocksize));
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || eff == 1) return err;
+  return qlora_splitk_finish(p, static_cast<int>(eff), workspace, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_rows_t(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  if (p.m <= 1) return launch_t<T, 1>(p, splits, workspace, stream);
+  return launch_t<T, 4>(p, splits, workspace, stream);
+}
+
 int64_t chunks_per_split(int64_t nc, int splits) {
   const int64_t per = (nc + splits - 1) / splits;
   return (per + 31) / 32 * 32;  // whole pieces
@@ -217,8 +319,16 @@ cudaError_t dispatch_rows(const QloraMatmulParams& p, int splits, float* workspa
 
 }  // namespace
 
+// Transposed form: W codes 16-byte aligned and K % 32 == 0; dy any strides (scalar broadcast loads).
+static bool decode_t_supported(const QloraMatmulParams& p) {
+  return p.m >= 1 && p.m <= kDecodeMaxRowsT && p.n >= 1 && p.k >= kChunk && p.k % kChunk == 0 &&
+         p.a_dtype != DType::kFloat64 && nf4_valid_blocksize(p.weight.blocksize) && is_aligned(p.weight.packed, 16) &&
+         p.rank >= 0 && p.rank <= kMaxLoraRank;
+}
+
 bool qlora_decode_supported(const QloraMatmulParams& p) {
-  if (p.transpose_w || p.m < 1 || p.m > kDecodeMaxRows || p.n < 1 || p.k < kChunk || p.k % kChunk != 0) return false;
+  if (p.transpose_w) return decode_t_supported(p);
+  if (p.m < 1 || p.m > kDecodeMaxRows || p.n < 1 || p.k < kChunk || p.k % kChunk != 0) return false;
   if (p.a_dtype == DType::kFloat64 || !nf4_valid_blocksize(p.weight.blocksize)) return false;
   const int64_t es = p.a_dtype == DType::kFloat32 ? 4 : 2;
   return is_aligned(p.weight.packed, 16) && is_aligned(p.a, 16) && p.a_col_stride == 1 &&
@@ -226,6 +336,16 @@ bool qlora_decode_supported(const QloraMatmulParams& p) {
 }
 
 int qlora_decode_splits(const QloraMatmulParams& p, int sms) {
+  if (p.transpose_w) {  // split N so that CTAs >= 2 waves, each split >= 64 rows (8 per warp)
+    const int64_t ctas = (p.k / kChunk + 31) / 32;
+    const int64_t target = 2 * static_cast<int64_t>(sms > 0 ? sms : 1);
+    int64_t s = (target + ctas - 1) / ctas;
+    const int64_t max_by_len = p.n / 64 > 1 ? p.n / 64 : 1;
+    if (s > max_by_len) s = max_by_len;
+    if (s < 1) s = 1;
+    const int64_t rps = (p.n + s - 1) / s;
+    return static_cast<int>((p.n + rps - 1) / rps);
+  }
   const int64_t ctas = (p.n + kRowsPerCta - 1) / kRowsPerCta;
   const int64_t nc = p.k / kChunk;
   const int64_t target = 2 * static_cast<int64_t>(sms > 0 ? sms : 1);  // two resident CTAs per SM
@@ -239,6 +359,14 @@ int qlora_decode_splits(const QloraMatmulParams& p, int sms) {
 
 cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
   if (!qlora_decode_supported(p) || splits < 1) return cudaErrorInvalidValue;
+  if (p.transpose_w) {
+    switch (p.a_dtype) {
+      case DType::kFloat32: return dispatch_rows_t<float>(p, splits, workspace, stream);
+      case DType::kFloat16: return dispatch_rows_t<__half>(p, splits, workspace, stream);
+      case DType::kBFloat16: return dispatch_rows_t<__nv_bfloat16>(p, splits, workspace, stream);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   switch (p.a_dtype) {
     case DType::kFloat32: return dispatch_rows<float>(p, splits, workspace, stream);
     case DType::kFloat16: return dispatch_rows<__half>(p, splits, workspace, stream);

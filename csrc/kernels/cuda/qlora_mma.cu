@@ -82,10 +82,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ uint16_t to_bits(float v, __half) { return __half_as_ushort(__float2half_rn(v)); }
-__device__ __forceinline__ uint16_t to_bits(float v, __nv_bfloat16) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(v));
-}
 __device__ __forceinline__ uint16_t load_bits(const __half* p, int64_t i) { return __half_as_ushort(p[i]); }
 __device__ __forceinline__ uint16_t load_bits(const __nv_bfloat16* p, int64_t i) { return __bfloat16_as_ushort(p[i]); }
 
