@@ -171,19 +171,30 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) acc[m][r] += __shfl_xor_sync(0xffffffffu, acc[m][r], off);
 
+  // Lane l finishes values v = l + 32h (v = m·4 + r); selects are unrolled, the epilogue is not.
+  constexpr int kValues = MT * kRowsPerWarp;
+  constexpr int kPerLane = (kValues + 31) / 32;
+  float mine[kPerLane];
+#pragma unroll
+  for (int h = 0; h < kPerLane; ++h) mine[h] = 0.0f;
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r)
+#pragma unroll
+      for (int h = 0; h < kPerLane; ++h)
+        if (m * kRowsPerWarp + r == lane + 32 * h) mine[h] = acc[m][r];
   const uint32_t key = dropout_key(p.dropout.seed);
 #pragma unroll
-  for (int m = 0; m < MT; ++m) {
-#pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int v = m * kRowsPerWarp + r;
-      const int64_t n = n_base + r;
-      if ((v & 31) != lane || m >= mrows || n >= N) continue;
-      if (ws != nullptr) {
-        ws[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = acc[m][r];
-      } else {
-        store_as(p.out, p.a_dtype, m * p.out_row_stride + n, qlora_epilogue(p, key, m, n, acc[m][r]));
-      }
+  for (int h = 0; h < kPerLane; ++h) {
+    const int v = lane + 32 * h;
+    const int m = v / kRowsPerWarp;
+    const int64_t n = n_base + v % kRowsPerWarp;
+    if (v >= kValues || m >= mrows || n >= N) continue;
+    if (ws != nullptr) {
+      ws[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = mine[h];
+    } else {
+      store_as(p.out, p.a_dtype, m * p.out_row_stride + n, qlora_epilogue(p, key, m, n, mine[h]));
     }
   }
 }

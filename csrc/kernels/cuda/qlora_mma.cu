@@ -100,15 +100,21 @@ struct MmaTile {
   __device__ __forceinline__ void load_a(int64_t i0, int slot) const {
     const T* a = static_cast<const T*>(p.a);
     unsigned char* base = a_ring + slot * kTileElems * 2;
+    if constexpr (kFast) {
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const int id = threadIdx.x + u * kThreads;
-      const int row = id >> 3, ch = id & 7;
-      const int64_t m = m0 + row, i = i0 + ch * 8;
-      if constexpr (kFast) {
+      for (int u = 0; u < 4; ++u) {
+        const int id = threadIdx.x + u * kThreads;
+        const int row = id >> 3, ch = id & 7;
+        const int64_t m = m0 + row, i = i0 + ch * 8;
         const bool valid = m < p.m && i < n_in;  // n_in % 8 == 0: a chunk is all in or all out
         cp_async16(smem_u32(base + swz(row, ch)), valid ? static_cast<const void*>(a + m * p.a_row_stride + i) : p.a, valid);
-      } else {
+      }
+    } else {
+#pragma unroll 1  // scalar: 8 bounds-checked loads per chunk, packed in pairs (unrolled, it spills)
+      for (int u = 0; u < 4; ++u) {
+        const int id = threadIdx.x + u * kThreads;
+        const int row = id >> 3, ch = id & 7;
+        const int64_t m = m0 + row, i = i0 + ch * 8;
         uint32_t w[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
@@ -162,7 +168,7 @@ struct MmaTile {
     const int row = threadIdx.x >> 1, half = threadIdx.x & 1;
     unsigned char* base = w_ring + slot * kTileElems * 2;
     const int64_t wr = w_row0(i0) + row;
-#pragma unroll
+#pragma unroll 1  // one 16-byte chunk at a time: unrolled, 32 independent decode chains cost ~150 registers
     for (int j = 0; j < 4; ++j) {
       uint32_t out[4];
 #pragma unroll
@@ -286,22 +292,34 @@ __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulPa
     }
   }
   cp_async_wait<0>();
+  __syncthreads();  // every warp is done with the rings: reuse them for the fp32 output tile
 
-  // Epilogue. C fragment of lane (g = lane / 4, t = lane % 4): c0, c1 = (row g, cols 2t, 2t+1),
-  // c2, c3 = (row g + 8, cols 2t, 2t+1).
-  const uint32_t key = dropout_key(p.dropout.seed);
-  T* out = static_cast<T*>(p.out);
+  // Epilogue, 1: accumulators -> shared fp32 tile cs[64][68]. C fragment of lane (g = lane / 4,
+  // t = lane % 4): c0, c1 = (row g, cols 2t, 2t+1), c2, c3 = (row g + 8, cols 2t, 2t+1).
+  constexpr int kCsStride = BN + 4;
+  static_assert(BM * kCsStride * 4 <= kStages * 2 * kTileElems * 2, "output tile fits in the rings");
+  float* cs = reinterpret_cast<float*>(smem);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
     for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t m = tile.m0 + wm * 32 + mi * 16 + g + (c >> 1) * 8;
-        const int64_t o = tile.o0 + wn * 32 + ni * 8 + 2 * t + (c & 1);
-        if (m < p.m && o < n_out) store_one(out, m * p.out_row_stride + o, qlora_epilogue(p, key, m, o, acc[mi][ni][c]));
-      }
+      for (int c = 0; c < 4; ++c)
+        cs[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
+  __syncthreads();
+
+  // 2. One output per thread per step, consecutive threads on consecutive columns (coalesced stores):
+  //    LoRA term (s row broadcast across the warp), dropout mask (dx), bias, one rounding.
+  const uint32_t key = dropout_key(p.dropout.seed);
+  T* out = static_cast<T*>(p.out);
+#pragma unroll 1
+  for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
+    const int row = idx / BN, col = idx % BN;
+    const int64_t m = tile.m0 + row, o = tile.o0 + col;
+    if (m < p.m && o < n_out)
+      store_one(out, m * p.out_row_stride + o, qlora_epilogue(p, key, m, o, cs[row * kCsStride + col]));
+  }
 }
 
 template <typename T, bool kTranspose, bool kFast>
