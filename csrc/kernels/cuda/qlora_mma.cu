@@ -20,6 +20,13 @@
 //   the 8 row addresses of every ldmatrix 8x8 matrix, every cp.async 16 B write of a quarter warp and
 //   the decoded 16 B stores hit 8 distinct bank groups (no conflicts, no padding).
 //
+//   Epilogue: the accumulators go through shared memory (fp32 64 x 68, reusing the rings) so each
+//   thread finishes whole outputs with coalesced stores: + scale·Σ_q s[m,q]·lora_w[o,q] (fp32, per
+//   output, FFMA), ∘ dropout mask in the dx form, + bias, one rounding.
+//   Known cost: the LoRA term is r FFMAs per output; at training sizes with r = 64 that is of the same
+//   order as the K = 4096 main loop on tensor cores (not measured). Candidate: run it as extra MMA
+//   k-steps with s and lora_w split into bf16 hi + lo parts (3 MMAs keep ~fp32 accuracy).
+//
 // Fast path (kFast): a has unit column stride, 16-byte aligned rows and n_in % 8 == 0, and K % 32 == 0
 // with 16-byte aligned packed codes. Otherwise every global access is scalar and bounds-checked
 // (odd K, unaligned views, any strides) with the same tiles. Tails in M, n_out and the reduction are
