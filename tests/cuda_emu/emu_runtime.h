@@ -87,18 +87,20 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;
 };
 
-// Runs kernel(args...) over the grid: CTAs in sequence, each on the pool's blockDim threads.
+// Runs kernel(args...) over the grid (x, y, z): CTAs in sequence, each on the pool's blockDim threads.
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
   template <typename... A>
   void operator()(A&&... args) const {
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned b = 0; b < grid.x; ++b) {
       Cta cta(static_cast<int>(block.x));
       const std::function<void(int)> job = [&](int t) {
         threadIdx = make_uint3(t, 0, 0);
-        blockIdx = make_uint3(b, 0, 0);
+        blockIdx = make_uint3(b, by, bz);
         blockDim = block;
         gridDim = grid;
         t_cta = &cta;

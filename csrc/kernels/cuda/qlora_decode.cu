@@ -52,10 +52,9 @@ __device__ __forceinline__ void load8(const __half* s, float (&v)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(s);
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&w[i]));
-    v[2 * i] = f.x;
-    v[2 * i + 1] = f.y;
+  for (int i = 0; i < 4; ++i) {  // from the bits, no type punning through pointers
+    v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xFFFFu)));
+    v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
   }
 }
 __device__ __forceinline__ void load8(const __nv_bfloat16* s, float (&v)[8]) {
