@@ -1,8 +1,11 @@
 """The CUDA QLoRA kernels' SOURCE, run on the CPU under tests/cuda_emu/ (a std::thread per CUDA thread,
-barriers for __syncthreads / warp shuffles): the decode kernels (forward and transposed, split-K), the
-FFMA fallback, the split-K finishing kernel, lora_down / lora_outer (split reductions) and the dropout
-mask, compared with the CPU kernels. This checks indexing, tails, staging and reductions where no GPU
-exists; it cannot run the tensor-core kernel (inline PTX), check device intrinsics, the real memory
+barriers for __syncthreads / warp shuffles) and compared with the CPU kernels:
+  - emu_qlora_check.cpp: the decode kernels (forward and transposed, split-K), the FFMA fallback, the
+    split-K finishing kernel, lora_down / lora_outer (split reductions) and the dropout mask;
+  - emu_qlora_mma_check.cpp: the tensor-core kernel, its PTX (cp.async, ldmatrix, mma.m16n8k16)
+    replaced by host models of the PTX ISA's fragment layouts (emu_mma_ptx.h).
+This checks indexing, swizzles, fragment bookkeeping, tails, pipelining slots and reductions where no
+GPU exists; it cannot check the hardware's reading of the PTX, device intrinsics, the real memory
 model or speed."""
 
 import importlib.util
@@ -25,7 +28,8 @@ def _cuda_include_dir():
     return mod.cuda_include_dir("nvcc") if shutil.which("nvcc") else None
 
 
-def test_qlora_cuda_kernels_emulated_match_cpu_kernels(tmp_path):
+@pytest.mark.parametrize("harness", ["emu_qlora_check", "emu_qlora_mma_check"])
+def test_qlora_cuda_kernels_emulated_match_cpu_kernels(tmp_path, harness):
     cxx = shutil.which("g++")
     inc = _cuda_include_dir()
     if cxx is None or inc is None:
@@ -35,11 +39,11 @@ def test_qlora_cuda_kernels_emulated_match_cpu_kernels(tmp_path):
     for f in (ROOT / "csrc" / "kernels" / "cuda").iterdir():
         src = re.sub(r"(\w+(?:<[^<>;]*>)?)<<<(.+?)>>>", r"::lora_emu::make_launch(\1, \2)", f.read_text())
         (tmp_path / "cuda" / f.name).write_text(src)
-    exe = tmp_path / "emu_qlora_check"
+    exe = tmp_path / harness
     build = subprocess.run(
         [cxx, "-std=c++20", "-O2", "-pthread", "-fopenmp", "-ffp-contract=off", "-w", f"-I{tmp_path}",
          f"-I{ROOT / 'tests' / 'cuda_emu'}", f"-I{ROOT / 'csrc' / 'kernels'}", "-isystem", str(inc),
-         str(ROOT / "tests" / "cuda_emu" / "emu_qlora_check.cpp"), str(ROOT / "csrc" / "kernels" / "cpu" / "qlora_cpu.cpp"),
+         str(ROOT / "tests" / "cuda_emu" / f"{harness}.cpp"), str(ROOT / "csrc" / "kernels" / "cpu" / "qlora_cpu.cpp"),
          str(ROOT / "csrc" / "kernels" / "cpu" / "nf4_cpu.cpp"), "-o", str(exe)],
         capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-4000:]

@@ -19,6 +19,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -62,9 +63,14 @@ T shfl(T v, int src) {
 // threads per launch dominated the run time).
 class Pool {
  public:
-  static Pool& get(int n) {
-    static Pool pool(n);
-    return pool;
+  static Pool& get(int n) {  // one pool per CTA size (kernels use 128 and 256 threads)
+    static std::mutex mu;
+    static std::vector<std::pair<int, Pool*>> pools;
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& [size, pool] : pools)
+      if (size == n) return *pool;
+    pools.emplace_back(n, new Pool(n));
+    return *pools.back().second;
   }
   void run(const std::function<void(int)>& job) {
     job_ = &job;
