@@ -162,6 +162,14 @@ class Layer:
         return 2 * m * self.n * self.k + 2 * m * self.r * (self.k + self.n)
 
 
+def save(result, out_dir) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_qlora.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "bench_qlora.md"), "w") as f:
+        f.write(markdown(result))
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -175,6 +183,7 @@ def run(args) -> dict:
     env["ceilings"] = ceilings(device, dtype, args.min_time)
     print(json.dumps(env, indent=1), flush=True)
     rows = []
+    result = {"environment": env, "rows": rows, "args": {k: v for k, v in vars(args).items()}}
     for n, k in args.shapes:
         for r in args.ranks:
             layer = Layer(n, k, r, dtype, device, have_bnb)
@@ -216,8 +225,9 @@ def run(args) -> dict:
                             row[f"speedup_{ph}_vs_{base}"] = row[f"{base}_{ph}_ms"] / row[f"ours_{ph}_ms"]
                 rows.append(row)
                 print(summary_line(row), flush=True)
+                save(result, args.out)  # partial results survive an interrupted sweep
             del layer
-    return {"environment": env, "rows": rows}
+    return result
 
 
 def summary_line(row) -> str:
@@ -336,12 +346,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     result = run(args)
-    result["args"] = {k: v for k, v in vars(args).items()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_qlora.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_qlora.md"), "w") as f:
-        f.write(markdown(result))
+    save(result, args.out)
     print(markdown(result))
 
 

@@ -1,7 +1,9 @@
 // CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
 //
-//   small M (forward, M <= gemv_max_m()): per W row, decode the row into an L1 buffer (AVX2: 8 codes per
-//     step via variable shifts + two vpermps table lookups) and dot it with each x row.
+//   small M (forward, M <= gemv_max_m() = 16): per 4 W rows, decode them into an L1 buffer (AVX2: 8 codes
+//     per step via variable shifts + two vpermps table lookups) and dot them with each x row.
+//   small M (dx, M <= axpy_max_m() = 16): threads own column ranges of W, decode each W row segment once
+//     and axpy it into every row's fp32 accumulator.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
 //     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
 //     thread-local scratch laid out as 4 micro-panels [kKB][16] (64 KiB, L2-resident), and a 6x16
@@ -47,7 +49,7 @@ constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels
 constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
 int64_t gemv_max_m() {
-  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(3); }();
+  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(16); }();
   return v;
 }  // forward uses the row-dot path up to this M
 
@@ -546,7 +548,7 @@ constexpr int64_t kAxpyCols = 512;
 int64_t axpy_max_m() {
   static const int64_t v = [] {
     const char* e = std::getenv("LORA_OPS_AXPY_MAX_M");
-    return e ? std::atoll(e) : int64_t(8);
+    return e ? std::atoll(e) : int64_t(16);
   }();
   return v;
 }
