@@ -1,0 +1,65 @@
+// CUDA launchers of the fused QLoRA linear (seam: common/qlora_params.h). Torch-free: called by
+// csrc/bindings/qlora_cuda.cpp, which chooses between the qlora_matmul paths (dispatch rule and
+// crossover constants live there). Every launcher enqueues on `stream`, never synchronizes, and
+// returns the first CUDA error (invalid or unsupported arguments -> cudaErrorInvalidValue).
+// All pointers are device pointers; fp64 is not supported on the GPU.
+//
+//   path        file             M          dtypes              layout needs
+//   decode      qlora_decode.cu  1 .. 16    fp16 / bf16 / fp32  forward: K % 32 == 0, packed and a rows
+//                                                               16-byte aligned, a col stride 1
+//               (transposed)     1 .. 4     fp16 / bf16 / fp32  K % 32 == 0, packed 16-byte aligned
+//   tensor core qlora_mma.cu     any        fp16 / bf16         none (16-byte cp.async / ldg fast
+//                                                               path when aligned, scalar otherwise)
+//   ffma        qlora_ffma.cu    any        any                 none (the always-correct fallback)
+//
+// Split-K (decode, ffma) writes fp32 partials [splits, M, n_out] into a caller-provided workspace and
+// a second launch sums them in a fixed order (deterministic) and applies the epilogue.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common/qlora_params.h"
+
+namespace lora_ops::cuda {
+
+// ---- decode path (M <= kDecodeMaxRows) --------------------------------------------------------------
+constexpr int64_t kDecodeMaxRows = 16;   // forward (y = x·Wᵀ)
+constexpr int64_t kDecodeMaxRowsT = 4;   // transposed (dx = dy·W): acc[M][32] per lane
+
+// True when the decode kernel can take p (shape, dtype and alignment conditions above).
+bool qlora_decode_supported(const QloraMatmulParams& p);
+// Number of K splits the decode kernel will use on a device with `sms` multiprocessors (>= 1), and
+// the fp32 workspace it needs for them (0 when splits == 1).
+int qlora_decode_splits(const QloraMatmulParams& p, int sms);
+size_t qlora_splitk_workspace_bytes(const QloraMatmulParams& p, int splits);
+cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// ---- tensor-core path (fp16 / bf16, sm80+) ----------------------------------------------------------
+bool qlora_mma_supported(const QloraMatmulParams& p);
+cudaError_t qlora_mma(const QloraMatmulParams& p, cudaStream_t stream);
+
+// ---- FFMA path (any dtype, any layout) --------------------------------------------------------------
+int qlora_ffma_splits(const QloraMatmulParams& p, int sms);
+cudaError_t qlora_ffma(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// Sums fp32 partials ws[splits, M, n_out] in split order, applies the epilogue, writes p.out.
+cudaError_t qlora_splitk_finish(const QloraMatmulParams& p, int splits, const float* workspace, cudaStream_t stream);
+
+// ---- LoRA side path ---------------------------------------------------------------------------------
+// s = drop(a) · fᵀ, [M, r] fp32. Split over l when M·r is small; workspace as lora_down_workspace_bytes.
+int lora_down_splits(const LoraDownParams& p, int sms);
+size_t lora_down_workspace_bytes(const LoraDownParams& p, int splits);
+cudaError_t lora_down(const LoraDownParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// g = scale · leftᵀ · drop(right), [p, q]; the M reduction is split across CTAs when p·q is small,
+// the fp32 partials summed in split order by a second launch (deterministic).
+int lora_outer_splits(const LoraOuterParams& p, int sms);
+size_t lora_outer_workspace_bytes(const LoraOuterParams& p, int splits);
+cudaError_t lora_outer(const LoraOuterParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// The dropout keep-mask as 0/1 bytes (p.out is a device pointer).
+cudaError_t lora_dropout_mask(const DropoutMaskParams& p, cudaStream_t stream);
+
+}  // namespace lora_ops::cuda
