@@ -31,6 +31,8 @@ constexpr int kSegmentElems = 2 * kSegmentBytes;   // 1024 elements
 constexpr int kUnroll = 2;                         // segments in flight per warp
 constexpr int kWarps = kNf4Threads / 32;
 
+// Compile-time store geometry of one output type: packed bytes behind one 16-byte store, and how many
+// store rounds empty a warp segment.
 template <typename OutT>
 struct DequantShape {
   static constexpr int kBytesPerLane = 8 / static_cast<int>(sizeof(OutT));  // packed bytes per 16-byte store
@@ -90,7 +92,8 @@ __global__ void __launch_bounds__(kNf4Threads) nf4_dequantize_kernel(const Dequa
   using S = DequantShape<OutT>;
   __shared__ float codebook[16];
   __shared__ float nested_map[kNested ? 256 : 1];
-  __shared__ uint4 stage_codes[kWarps][kUnroll][32];
+  // A warp's packed bytes as 32-bit words: lane l's 16-byte load lands in words [4l, 4l+4).
+  __shared__ __align__(16) uint32_t stage_words[kWarps][kUnroll][32 * 4];
   __shared__ float stage_amax[kWarps][kUnroll][32];
   if (threadIdx.x < 16) codebook[threadIdx.x] = kNf4CodebookDevice[threadIdx.x];
   if constexpr (kNested) {
@@ -123,19 +126,22 @@ __global__ void __launch_bounds__(kNf4Threads) nf4_dequantize_kernel(const Dequa
     __syncwarp();  // the previous iteration's readers of this warp's staging are done
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      stage_codes[warp][u][lane] = q[u];
+      stage_words[warp][u][4 * lane + 0] = q[u].x;  // (one 16-byte shared store once compiled)
+      stage_words[warp][u][4 * lane + 1] = q[u].y;
+      stage_words[warp][u][4 * lane + 2] = q[u].z;
+      stage_words[warp][u][4 * lane + 3] = q[u].w;
       stage_amax[warp][u][lane] = amax[u];
     }
     __syncwarp();
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (seg0 + u >= n_segments) break;
-      const uint8_t* seg_bytes = reinterpret_cast<const uint8_t*>(stage_codes[warp][u]);
 #pragma unroll
       for (int j = 0; j < S::kRounds; ++j) {
         const int pb = (j * 32 + lane) * S::kBytesPerLane;  // warp-local packed byte
-        const uint32_t bytes = S::kBytesPerLane == 4 ? *reinterpret_cast<const uint32_t*>(seg_bytes + pb)
-                                                     : *reinterpret_cast<const uint16_t*>(seg_bytes + pb);
+        // Packed bytes [pb, pb + B) of the segment, little-endian: the first byte is the lowest.
+        const uint32_t word = stage_words[warp][u][pb / 4];
+        const uint32_t bytes = S::kBytesPerLane == 4 ? word : (word >> (8 * (pb % 4))) & 0xffffu;
         decode_store(bytes, stage_amax[warp][u][pb / kChunkBytes], codebook,
                      out + (seg0 + u) * kSegmentElems + 2 * pb);
       }

@@ -10,6 +10,13 @@
 #include "common/dtype.h"
 #include "common/nf4_format.h"
 
+// Build contract: never compile these files with --use_fast_math or -ftz=true. The format's
+// bit-exactness relies on IEEE float32 with denormals (a subnormal absmax or product must round as on
+// the CPU), and nvcc offers no macro to detect -ftz here. CMakeLists.txt passes neither flag.
+#if defined(__USE_FAST_MATH__)
+#error "lora_ops NF4 kernels must not be built with --use_fast_math (bit-exact IEEE float32 required)"
+#endif
+
 namespace lora_ops::cuda {
 
 // CTA size of every NF4 kernel: 8 warps, enough for full occupancy at <= 32 registers/thread and
@@ -21,26 +28,26 @@ constexpr int kNf4Threads = 256;
 // cache but are conflict-free in shared memory (16 words in 16 distinct banks).
 static __constant__ float kNf4CodebookDevice[16] = {LORA_OPS_NF4_VALUES};
 
-// Device element type of each kernel DType.
-template <DType T>
-struct DeviceElem;
-template <>
-struct DeviceElem<DType::kFloat32> {
-  using type = float;
-};
-template <>
-struct DeviceElem<DType::kFloat16> {
-  using type = __half;
-};
-template <>
-struct DeviceElem<DType::kBFloat16> {
-  using type = __nv_bfloat16;
-};
-
 // Exact widening to float32 (fp16/bf16 -> fp32 is lossless), the first step of quantize.
 __device__ __forceinline__ float to_float(float v) { return v; }
 __device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// Element i of a 16-byte vector load (words w[0..3], little-endian) widened to float32. Taking the
+// bits out of the words (instead of reinterpret_cast of the vector to T*) keeps the code free of
+// type-punning through pointers, which optimizing compilers may assume never happens.
+template <typename T>
+__device__ __forceinline__ float widen_element(const uint32_t (&w)[4], int i);
+template <>
+__device__ __forceinline__ float widen_element<float>(const uint32_t (&w)[4], int i) { return __uint_as_float(w[i]); }
+template <>
+__device__ __forceinline__ float widen_element<__half>(const uint32_t (&w)[4], int i) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(w[i / 2] >> (16 * (i % 2)))));
+}
+template <>
+__device__ __forceinline__ float widen_element<__nv_bfloat16>(const uint32_t (&w)[4], int i) {
+  return __uint_as_float((w[i / 2] >> (16 * (i % 2))) << 16);  // bf16 is the top half of a float32
+}
 
 // Two decoded float32 values rounded ONCE each to a 16-bit type and packed little-endian (first
 // element in the low half), so a 16-byte store writes 8 consecutive outputs. The paired
@@ -48,11 +55,11 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162f
 // cvt.rn.{f16,bf16}x2.f32 instead of two), i.e. like the CPU kernel's float_to_fp16/bf16.
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __half) {
   const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return __half_as_ushort(h.x) | (static_cast<uint32_t>(__half_as_ushort(h.y)) << 16);
 }
 __device__ __forceinline__ uint32_t pack2(float lo, float hi, __nv_bfloat16) {
   const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return __bfloat16_as_ushort(h.x) | (static_cast<uint32_t>(__bfloat16_as_ushort(h.y)) << 16);
 }
 
 // One output element, rounded once to its type (tail and unaligned paths).

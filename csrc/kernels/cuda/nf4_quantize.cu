@@ -18,6 +18,8 @@
 namespace lora_ops::cuda {
 namespace {
 
+// Compile-time work split of one blocksize (see the diagram above): threads per quantization block,
+// elements per thread, quantization blocks per CTA tile.
 template <int kBlocksize>
 struct QuantizeShape {
   static constexpr int kGroup = kBlocksize / 8 < kNf4Threads ? kBlocksize / 8 : kNf4Threads;
@@ -38,9 +40,9 @@ __device__ __forceinline__ void load_inputs(const T* __restrict__ in, int64_t be
 #pragma unroll
     for (int k = 0; k < kElems / kPerVec; ++k) {
       const uint4 raw = __ldg(reinterpret_cast<const uint4*>(in + begin) + k);
-      const T* e = reinterpret_cast<const T*>(&raw);
+      const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-      for (int i = 0; i < kPerVec; ++i) v[k * kPerVec + i] = to_float(e[i]);
+      for (int i = 0; i < kPerVec; ++i) v[k * kPerVec + i] = widen_element<T>(words, i);
     }
   } else {
 #pragma unroll
