@@ -62,3 +62,17 @@ def test_asm_rewrite_keeps_operand_order():
                    '::lora_emu::In(a ? 1 : 0), ::lora_emu::In(p)});')
     launch = build_emu.rewrite_cuda_source("k<A, B<C>, D>\n      <<<grid, 256, 0, s>>>(x, y);")
     assert launch == "::lora_emu::make_launch(k<A, B<C>, D>, grid, 256, 0, s)(x, y);"
+
+
+@pytest.mark.skipif(os.environ.get("LORA_OPS_EMU_ASAN") != "1",
+                    reason="AddressSanitizer run of the emulation is opt-in (LORA_OPS_EMU_ASAN=1; ~2 min here)")
+def test_qlora_cuda_kernels_emulated_under_asan(tmp_path):
+    """Every group once under AddressSanitizer: operands are poisoned around their bytes, so a kernel
+    reading or writing past any input, weight, workspace or output aborts with a report."""
+    if shutil.which("g++") is None or build_emu.cuda_include_dir() is None:
+        pytest.skip("needs g++ and the CUDA toolkit headers (nvcc) to build the CUDA emulation")
+    exe = build_emu.build_qlora_check(tmp_path, extra_flags=("-fsanitize=address", "-fno-omit-frame-pointer"))
+    env = dict(os.environ, OMP_NUM_THREADS="1", ASAN_OPTIONS="detect_leaks=0")
+    run = subprocess.run([str(exe), "all", "4321", "0"], capture_output=True, text=True, timeout=900, env=env)
+    out = run.stdout[-4000:] + run.stderr[-4000:]
+    assert run.returncode == 0 and re.search(r"\d+ checks, 0 failures", run.stdout), out

@@ -8,7 +8,8 @@ Rewrites (the kernel sources themselves are never edited):
 The inline-asm rewrite keeps the PTX text and the operand numbering (outputs first, as in GCC asm), so
 the runtime dispatches on the instruction and reads operands by their %N positions.
 
-Usable as a script: python tests/cuda_emu/build_emu.py OUT_DIR  (builds emu_qlora_check there).
+Usable as a script: python tests/cuda_emu/build_emu.py OUT_DIR [extra g++ flags...]  (builds
+emu_qlora_check there; e.g. -fsanitize=address to catch out-of-bounds reads of the kernels).
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def rewrite_cuda_source(src: str) -> str:
     return _rewrite_asm(src)
 
 
-def build_qlora_check(out_dir: Path, cxx: str = "g++") -> Path:
+def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
     """Compiles tests/cuda_emu/emu_qlora_check.cpp with the rewritten QLoRA kernels; returns the binary."""
     inc = cuda_include_dir()
     if inc is None:
@@ -156,7 +157,7 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++") -> Path:
         if not dst.exists() or dst.read_text() != text:  # unchanged files keep their mtime (no rebuild)
             dst.write_text(text)
     flags = ["-std=c++20", "-O2", "-w", "-ffp-contract=off", "-fopenmp", f"-I{out_dir}", f"-I{EMU}", f"-I{KERNELS}",
-             "-isystem", inc]
+             "-isystem", inc, *extra_flags]
     objs = []
     jobs = [(cuda_dir / u, ["-x", "c++", "-include", str(EMU / "emu_fiber_runtime.h")]) for u in QLORA_UNITS]
     jobs += [(EMU / "emu_qlora_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []),
@@ -175,11 +176,11 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++") -> Path:
                 raise RuntimeError(f"compiling {src.name} failed:\n{r.stderr[-6000:]}")
         objs.append(str(obj))
     exe = out_dir / "emu_qlora_check"
-    r = subprocess.run([cxx, "-fopenmp", "-pthread", *objs, "-o", str(exe)], capture_output=True, text=True)
+    r = subprocess.run([cxx, "-fopenmp", "-pthread", *extra_flags, *objs, "-o", str(exe)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking failed:\n{r.stderr[-6000:]}")
     return exe
 
 
 if __name__ == "__main__":
-    print(build_qlora_check(Path(sys.argv[1]).resolve()))
+    print(build_qlora_check(Path(sys.argv[1]).resolve(), extra_flags=tuple(sys.argv[2:])))

@@ -32,13 +32,45 @@ double unit_roundoff(DType t) {
   return t == DType::kFloat32 ? std::ldexp(1.0, -24) : t == DType::kFloat16 ? std::ldexp(1.0, -11) : std::ldexp(1.0, -8);
 }
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define EMU_ASAN 1
+#else
+#define ASAN_POISON_MEMORY_REGION(a, n) ((void)(a), (void)(n))
+#define ASAN_UNPOISON_MEMORY_REGION(a, n) ((void)(a), (void)(n))
+#endif
+
 // A device buffer (host memory here): 16-byte aligned base plus `shift` bytes, guard bytes after.
+// Under AddressSanitizer (build_emu.py OUT -fsanitize=address) the bytes around [ptr, ptr + n) are
+// poisoned, so a kernel reading or writing past an operand aborts with a report.
 struct Buf {
   std::vector<uint8_t> store;
   uint8_t* ptr = nullptr;
   size_t bytes = 0;
   Buf(size_t n, size_t shift = 0, uint8_t fill = 0xFF) : store(n + shift + 64, fill), bytes(n) {
     ptr = store.data() + ((16 - reinterpret_cast<uintptr_t>(store.data()) % 16) % 16) + shift;
+    ASAN_POISON_MEMORY_REGION(store.data(), ptr - store.data());
+    ASAN_POISON_MEMORY_REGION(ptr + n, store.data() + store.size() - (ptr + n));
+  }
+  Buf(Buf&& o) noexcept : store(std::move(o.store)), ptr(o.ptr), bytes(o.bytes) {}
+  Buf& operator=(Buf&& o) noexcept {
+    ASAN_UNPOISON_MEMORY_REGION(store.data(), store.size());
+    store = std::move(o.store);
+    ptr = o.ptr;
+    bytes = o.bytes;
+    return *this;
+  }
+  ~Buf() { ASAN_UNPOISON_MEMORY_REGION(store.data(), store.size()); }
+  // True when the 64 bytes after the buffer still hold `fill` (under ASan a write there aborts).
+  bool guard_intact(uint8_t fill = 0xFF) const {
+#ifdef EMU_ASAN
+    (void)fill;
+    return true;
+#else
+    for (int b = 0; b < 64; ++b)
+      if (ptr[bytes + b] != fill) return false;
+    return true;
+#endif
   }
 };
 
@@ -329,8 +361,7 @@ void check_matmul(const MatmulCase& c) {
   for (int64_t m = 0; m < c.m && pad_ok; ++m)
     for (size_t b = static_cast<size_t>((m * p.out_row_stride + n_out) * es); b < static_cast<size_t>((m + 1) * p.out_row_stride * es); ++b)
       if (out_gpu.ptr[b] != 0xFF) pad_ok = false;
-  for (int b = 0; b < 64; ++b)
-    if (out_gpu.ptr[out_bytes + b] != 0xFF) pad_ok = false;
+  if (!out_gpu.guard_intact()) pad_ok = false;
   expect(pad_ok, name + ": wrote outside the output rows");
 
   // float64 reference from the dequantized weight (rounded to the compute dtype).
@@ -489,10 +520,7 @@ void check_outer(bool da, int64_t m, int64_t pdim, int64_t qdim, DType dt, DType
       ec.add(load(oc.ptr, out_t, i * qdim + j), acc, mag, m);
     }
   judge(nb, eg, ec, out_t);
-  bool guard = true;
-  for (int b = 0; b < 64; ++b)
-    if (og.ptr[ob + b] != 0xFF) guard = false;
-  expect(guard, std::string(nb) + ": wrote past the output");
+  expect(og.guard_intact(), std::string(nb) + ": wrote past the output");
 }
 
 void check_mask(int64_t rows, int64_t cols, double prob, uint64_t offset) {
@@ -508,7 +536,7 @@ void check_mask(int64_t rows, int64_t cols, double prob, uint64_t offset) {
   cpu::dropout_mask(p);
   p.out = g.ptr;
   expect(cuda::lora_dropout_mask(p, nullptr) == cudaSuccess, std::string(nb) + ": launcher error");
-  expect(std::memcmp(g.ptr, c.ptr, rows * cols) == 0 && g.ptr[rows * cols] == 0xFF, std::string(nb) + ": mask bytes differ");
+  expect(std::memcmp(g.ptr, c.ptr, rows * cols) == 0 && g.guard_intact(), std::string(nb) + ": mask bytes differ");
   if (prob > 0) {  // keep rate sanity (the CPU kernel is checked against reference.py elsewhere)
     int64_t kept = 0;
     for (int64_t i = 0; i < rows * cols; ++i) kept += g.ptr[i];
