@@ -145,7 +145,7 @@ def rewrite_cuda_source(src: str) -> str:
 
 
 def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compiles tests/cuda_emu/emu_qlora_check.cpp with the rewritten QLoRA kernels; returns the binary."""
+    """Compiles tests/cuda_emu/emu_qlora_fiber_check.cpp with the rewritten QLoRA kernels; returns the binary."""
     inc = cuda_include_dir()
     if inc is None:
         raise RuntimeError("nvcc (CUDA toolkit headers) not found")
@@ -160,7 +160,7 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, .
              "-isystem", inc, *extra_flags]
     objs = []
     jobs = [(cuda_dir / u, ["-x", "c++", "-include", str(EMU / "emu_fiber_runtime.h")]) for u in QLORA_UNITS]
-    jobs += [(EMU / "emu_qlora_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []),
+    jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []),
              (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
     deps = [EMU / "emu_fiber_runtime.h"] + list((KERNELS / "common").iterdir()) + list((KERNELS / "cpu").glob("*.h"))
     newest_dep = max(d.stat().st_mtime for d in deps) if deps else 0
@@ -175,7 +175,7 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, .
             if r.returncode != 0:
                 raise RuntimeError(f"compiling {src.name} failed:\n{r.stderr[-6000:]}")
         objs.append(str(obj))
-    exe = out_dir / "emu_qlora_check"
+    exe = out_dir / "emu_qlora_fiber_check"
     r = subprocess.run([cxx, "-fopenmp", "-pthread", *extra_flags, *objs, "-o", str(exe)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking failed:\n{r.stderr[-6000:]}")

@@ -2,7 +2,7 @@
 
 tests/cuda_emu/emu_fiber_runtime.h emulates the CUDA execution model on one OS thread (a fiber per
 CUDA thread; __syncthreads, warp shuffles, and the kernels' inline PTX: mma.sync m16n8k16 f16/bf16,
-ldmatrix(.trans), cp.async with deferred completion). tests/cuda_emu/emu_qlora_check.cpp runs the
+ldmatrix(.trans), cp.async with deferred completion). tests/cuda_emu/emu_qlora_fiber_check.cpp runs the
 decode kernel (M <= 16, split-K), the transposed decode kernel (dx), the FFMA fallback with its split-K
 finish, the tensor-core kernel (fast and scalar paths, both orientations), lora_down, lora_outer and
 the dropout mask over odd shapes, dtypes, nested / plain absmax, adapters in fp32 / x's dtype, bias,
