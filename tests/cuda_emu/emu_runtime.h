@@ -19,6 +19,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -62,9 +63,14 @@ T shfl(T v, int src) {
 // threads per launch dominated the run time).
 class Pool {
  public:
-  static Pool& get(int n) {
-    static Pool pool(n);
-    return pool;
+  static Pool& get(int n) {  // one pool per CTA size (kernels use 128 and 256 threads)
+    static std::mutex mu;
+    static std::vector<std::pair<int, Pool*>> pools;
+    std::lock_guard<std::mutex> lock(mu);
+    for (auto& [size, pool] : pools)
+      if (size == n) return *pool;
+    pools.emplace_back(n, new Pool(n));
+    return *pools.back().second;
   }
   void run(const std::function<void(int)>& job) {
     job_ = &job;
@@ -87,18 +93,20 @@ class Pool {
   const std::function<void(int)>* job_ = nullptr;
 };
 
-// Runs kernel(args...) over the grid: CTAs in sequence, each on the pool's blockDim threads.
+// Runs kernel(args...) over the grid (x, y, z): CTAs in sequence, each on the pool's blockDim threads.
 template <typename... P>
 struct Launch {
   void (*kernel)(P...);
   dim3 grid, block;
   template <typename... A>
   void operator()(A&&... args) const {
+    for (unsigned bz = 0; bz < grid.z; ++bz)
+    for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned b = 0; b < grid.x; ++b) {
       Cta cta(static_cast<int>(block.x));
       const std::function<void(int)> job = [&](int t) {
         threadIdx = make_uint3(t, 0, 0);
-        blockIdx = make_uint3(b, 0, 0);
+        blockIdx = make_uint3(b, by, bz);
         blockDim = block;
         gridDim = grid;
         t_cta = &cta;

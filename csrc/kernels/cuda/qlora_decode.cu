@@ -51,10 +51,11 @@ __device__ __forceinline__ void load8(const float* s, float (&v)[8]) {
 __device__ __forceinline__ void load8(const __half* s, float (&v)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(s);
   const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-  // Bits taken out of the words (widen_element), not a __half2 read of a uint32_t object: that pun
-  // is undefined behaviour, and an optimizer using type-based aliasing may read stale values.
 #pragma unroll
-  for (int i = 0; i < 8; ++i) v[i] = widen_element<__half>(w, i);
+  for (int i = 0; i < 4; ++i) {  // from the bits, no type punning through pointers
+    v[2 * i] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] & 0xFFFFu)));
+    v[2 * i + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w[i] >> 16)));
+  }
 }
 __device__ __forceinline__ void load8(const __nv_bfloat16* s, float (&v)[8]) {
   const uint4 u = *reinterpret_cast<const uint4*>(s);

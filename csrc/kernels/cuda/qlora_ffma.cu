@@ -80,8 +80,8 @@ cudaError_t launch_ffma(const QloraMatmulParams& p, int splits, float* workspace
   // The nested offset lives in device memory: the operand reads it in-kernel (no host sync).
   WeightOperand<kTranspose> b{p.weight, p.k, log2_blocksize(p.weight.blocksize), p.a_dtype};
   QloraSink sink{p, dropout_key(p.dropout.seed), eff > 1 ? workspace : nullptr, n_out};
-  tiled_ffma_kernel<ActOperand, WeightOperand<kTranspose>, QloraSink>
-      <<<tiled_ffma_grid(p.m, n_out, static_cast<int>(eff)), kFfmaThreads, 0, stream>>>(a, b, sink, p.m, n_out, n_in, per);
+  auto kernel = tiled_ffma_kernel<ActOperand, WeightOperand<kTranspose>, QloraSink>;
+  kernel<<<tiled_ffma_grid(p.m, n_out, static_cast<int>(eff)), kFfmaThreads, 0, stream>>>(a, b, sink, p.m, n_out, n_in, per);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || eff == 1) return err;
   return qlora_splitk_finish(p, static_cast<int>(eff), workspace, stream);

@@ -20,6 +20,13 @@
 //   the 8 row addresses of every ldmatrix 8x8 matrix, every cp.async 16 B write of a quarter warp and
 //   the decoded 16 B stores hit 8 distinct bank groups (no conflicts, no padding).
 //
+//   Epilogue: the accumulators go through shared memory (fp32 64 x 68, reusing the rings) so each
+//   thread finishes whole outputs with coalesced stores: + scale·Σ_q s[m,q]·lora_w[o,q] (fp32, per
+//   output, FFMA), ∘ dropout mask in the dx form, + bias, one rounding.
+//   Known cost: the LoRA term is r FFMAs per output; at training sizes with r = 64 that is of the same
+//   order as the K = 4096 main loop on tensor cores (not measured). Candidate: run it as extra MMA
+//   k-steps with s and lora_w split into bf16 hi + lo parts (3 MMAs keep ~fp32 accuracy).
+//
 // Fast path (kFast): a has unit column stride, 16-byte aligned rows and n_in % 8 == 0, and K % 32 == 0
 // with 16-byte aligned packed codes. Otherwise every global access is scalar and bounds-checked
 // (odd K, unaligned views, any strides) with the same tiles. Tails in M, n_out and the reduction are
@@ -42,11 +49,18 @@ constexpr int kSmemBytes = kStages * 2 * kTileElems * 2 + 16 * 4;  // A + W ring
 // Byte offset of (row, 8-element chunk) in a swizzled 64 x 64 16-bit tile.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+#if defined(LORA_OPS_CUDA_EMULATION)
+// tests/cuda_emu/ runs this file's source on the CPU: host models of the PTX helpers below (cp.async,
+// ldmatrix, mma.sync with the documented per-lane fragment layouts), with SmemAddr a host pointer.
+#include "emu_mma_ptx.h"
+#else
+using SmemAddr = uint32_t;  // a shared-memory (state-space) address
+
+__device__ __forceinline__ SmemAddr smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+__device__ __forceinline__ void cp_async16(SmemAddr dst, const void* src, bool valid) {
   // src-size 0 writes 16 zero bytes and reads nothing (tails).
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
@@ -54,12 +68,12 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], SmemAddr addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], SmemAddr addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -81,6 +95,8 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+#endif  // LORA_OPS_CUDA_EMULATION
 
 __device__ __forceinline__ uint16_t load_bits(const __half* p, int64_t i) { return __half_as_ushort(p[i]); }
 __device__ __forceinline__ uint16_t load_bits(const __nv_bfloat16* p, int64_t i) { return __bfloat16_as_ushort(p[i]); }
@@ -188,7 +204,11 @@ struct MmaTile {
 
 template <typename T, bool kTranspose, bool kFast>
 __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulParams p, int log2_bs) {
+#if defined(LORA_OPS_CUDA_EMULATION)
+  __shared__ __align__(16) unsigned char smem[kSmemBytes];  // (emulation: a static buffer)
+#else
   extern __shared__ __align__(16) unsigned char smem[];
+#endif
   unsigned char* a_ring = smem;
   unsigned char* w_ring = smem + kStages * kTileElems * 2;
   float* codebook = reinterpret_cast<float*>(smem + 2 * kStages * kTileElems * 2);
@@ -242,8 +262,8 @@ __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulPa
     cp_async_commit();
 
     const int slot = static_cast<int>(kt % kStages);
-    const uint32_t a_base = smem_u32(a_ring + slot * kTileElems * 2);
-    const uint32_t w_base = smem_u32(w_ring + slot * kTileElems * 2);
+    const SmemAddr a_base = smem_u32(a_ring + slot * kTileElems * 2);
+    const SmemAddr w_base = smem_u32(w_ring + slot * kTileElems * 2);
 #pragma unroll
     for (int kk = 0; kk < BK / 16; ++kk) {
       // A fragments (16 x 16, row-major): lanes 0-15 rows 0-15 at k-chunk 2kk, lanes 16-31 at 2kk+1;
