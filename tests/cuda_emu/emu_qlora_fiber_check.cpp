@@ -7,7 +7,7 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | lora | mask
+// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
@@ -765,6 +765,36 @@ void run_lora() {
   check_outer(true, 600, 8, 72, DType::kBFloat16, DType::kFloat32, 0.5, 3, 1);  // 3 splits of 256 rows
 }
 
+// Degenerate sizes: one chunk / one row / one column, fewer W rows than warps, rank 256.
+void run_edge() {
+  MatmulCase c;
+  c.path = Path::kDecode;
+  c.m = 1; c.n = 1; c.k = 32; c.bs = 32; c.rank = 256; c.bias = 1;
+  check_matmul(c);
+  c.m = 16; c.n = 3; c.dt = DType::kFloat16;
+  check_matmul(c);
+  c.transpose = true; c.m = 4; c.n = 5; c.k = 32; c.drop = 0.5; c.bias = 0; c.splits = 2;
+  check_matmul(c);  // N = 5 rows: most warps of the CTA own no row
+  c.m = 1; c.n = 1;
+  check_matmul(c);
+  for (Path path : {Path::kFfma, Path::kMma}) {
+    for (bool tr : {false, true}) {
+      c = MatmulCase{};
+      c.path = path;
+      c.transpose = tr;
+      c.dt = DType::kBFloat16;
+      c.m = 1; c.n = 1; c.k = 1; c.bs = 32; c.rank = 1; c.bias = tr ? 0 : 2; c.drop = tr ? 0.5 : 0.0;
+      check_matmul(c);
+      c.m = 65; c.n = 65; c.k = 65; c.rank = 256; c.nested = true; c.splits = 2;
+      check_matmul(c);
+    }
+  }
+  check_down(1, 1, 256, DType::kFloat32, true, false, 0.0, 1, 1);
+  check_down(70, 3, 256, DType::kBFloat16, false, true, 0.0, 1, 1);
+  check_outer(true, 1, 256, 1, DType::kFloat16, DType::kFloat16, 0.5, 1, 1);
+  check_outer(false, 3, 1, 256, DType::kBFloat16, DType::kFloat32, 0.0, 1, 1);
+}
+
 void run_mask() {
   check_mask(3, 1000, 0.1, 0);
   check_mask(17, 264, 0.5, (uint64_t(1) << 32) - 1000);  // counters cross a high word
@@ -780,6 +810,7 @@ int main(int argc, char** argv) {
   if (argc > 3) lora_emu::g_policy = std::atoi(argv[3]);
   const auto want = [&](const char* g) { return group == "all" || group == g; };
   if (want("mask")) run_mask();
+  if (want("edge")) run_edge();
   if (want("lora")) run_lora();
   if (want("decode")) run_decode_predicates();
   if (want("decode")) run_decode();
