@@ -1,6 +1,7 @@
 // Helpers for the binding layer: turn validated tensors into the kernels' plain structs.
 // Every message names the op and the argument, so a user sees what to fix.
 #pragma once
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <cstdlib>

@@ -202,6 +202,7 @@ cudaError_t nf4_dequantize(const Nf4DequantizeParams& p, cudaStream_t stream) {
     case DType::kFloat32: return dispatch_nested<float>(args, nested, stream);
     case DType::kFloat16: return dispatch_nested<__half>(args, nested, stream);
     case DType::kBFloat16: return dispatch_nested<__nv_bfloat16>(args, nested, stream);
+    default: break;  // float64 is CPU-only (QLoRA gradcheck path)
   }
   return cudaErrorInvalidValue;
 }

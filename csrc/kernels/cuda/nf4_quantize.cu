@@ -175,6 +175,7 @@ cudaError_t nf4_quantize(const Nf4QuantizeParams& p, cudaStream_t stream) {
     case DType::kFloat32: return dispatch_blocksize<float>(p, stream);
     case DType::kFloat16: return dispatch_blocksize<__half>(p, stream);
     case DType::kBFloat16: return dispatch_blocksize<__nv_bfloat16>(p, stream);
+    default: break;  // float64 is CPU-only (QLoRA gradcheck path)
   }
   return cudaErrorInvalidValue;
 }
