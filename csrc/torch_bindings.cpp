@@ -16,7 +16,32 @@ TORCH_LIBRARY(lora_ops, m) {
       "int blocksize, int[] shape, ScalarType dtype) -> Tensor");
 
   // ---- Fused QLoRA linear -------------------------------------------------------------------------
-  // (schemas of the fused linear family go here)
+  // Kernel seam: csrc/kernels/common/qlora_params.h. x [..., K] fp16/bf16/fp32 (fp64: CPU only); the weight
+  // is NF4 [N = out_features, K] given as (packed, absmax[, absmax2, nested_code, offset], blocksize);
+  // A [r, K], B [N, r] in x's dtype or fp32 (any strides); rng: int64 [2] CPU tensor (seed, offset),
+  // required when dropout_p > 0 (mask: csrc/kernels/common/dropout_rng.h). Autograd lives in
+  // lora_ops/ops/qlora.py and composes the backward from the primitives below.
+  // y [..., N] = x·Wᵀ + scale·s·Bᵀ + bias (x's dtype), s = drop(x)·Aᵀ [M, r] fp32 (saved for backward).
+  m.def(
+      "qlora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? nested_code, Tensor? offset, "
+      "int blocksize, int out_features, Tensor A, Tensor B, Tensor? bias, float scale, float dropout_p, "
+      "Tensor? rng) -> (Tensor y, Tensor s)");
+  // The fused dequant-GEMM with LoRA epilogue. transpose_w=False: a [..., K] -> a·Wᵀ + scale·lora_s·lora_wᵀ + bias
+  // [..., N]; transpose_w=True (dx): a [..., N] -> a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p) [..., K].
+  // lora_s [M, r] fp32, lora_w [n_out, r] (B, or Aᵀ as a view); both absent for no LoRA term.
+  m.def(
+      "qlora_matmul(Tensor a, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? nested_code, Tensor? offset, "
+      "int blocksize, int out_features, int in_features, bool transpose_w, Tensor? lora_s, Tensor? lora_w, "
+      "float scale, Tensor? bias, float dropout_p, Tensor? rng) -> Tensor");
+  // [M, r] fp32 = drop(a)·fᵀ with a [..., l], f [r, l] (A, or Bᵀ as a view); dropout mask of a when p > 0.
+  m.def("lora_down(Tensor a, Tensor f, float dropout_p, Tensor? rng) -> Tensor");
+  // [p, q] out_dtype = scale · leftᵀ·drop(right), left [..., p], right [..., q] (same leading dims):
+  // dA = lora_outer(u, x, ...), dB = lora_outer(dy, s, ...) with dropout_p = 0.
+  m.def(
+      "lora_outer(Tensor left, Tensor right, float scale, float dropout_p, Tensor? rng, ScalarType out_dtype) "
+      "-> Tensor");
+  // bool [rows, cols]: the LoRA dropout keep-mask of x viewed [rows, cols] (tests; kernels never store it).
+  m.def("lora_dropout_mask(int rows, int cols, float dropout_p, Tensor rng) -> Tensor");
 
   // ---- Paged AdamW --------------------------------------------------------------------------------
   // (schemas of the optimizer family go here)

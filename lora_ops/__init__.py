@@ -3,12 +3,16 @@
 Public API (see README.md):
     NF4Weight, quantize_nf4                 NF4 storage (lora_ops.nf4)
     nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
+    QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
 """
 
 from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
 from lora_ops._native import WITH_CUDA
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
+
+from lora_ops.nn import QLoRALinear
+from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
 
 __all__ = [
     "WITH_CUDA",
@@ -17,5 +21,10 @@ __all__ = [
     "nf4_quantize",
     "nf4_double_quantize",
     "nf4_dequantize",
+    "QLoRALinear",
+    "qlora_linear",
+    "qlora_matmul",
+    "lora_dropout_mask",
+    "make_rng",
 ]
 __version__ = "0.1.0"

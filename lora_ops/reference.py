@@ -121,3 +121,114 @@ def nf4_roundtrip_values(w: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     """Convenience: quantize then dequantize (plain absmax), float32, for error statistics."""
     packed, absmax = nf4_quantize(w, blocksize)
     return nf4_dequantize(packed, absmax, blocksize, w.shape, torch.float32)
+
+
+# ==================================================================================================
+# Fused QLoRA linear (issue 3): dropout mask, forward and backward, in float64.
+# Restates csrc/kernels/common/dropout_rng.h and csrc/kernels/common/qlora_params.h.
+# ==================================================================================================
+MIX32_MUL1 = 0x7FEB352D
+MIX32_MUL2 = 0x846CA68B
+DROPOUT_SEED_SALT = 0x85EBCA6B
+DROPOUT_BITS = 24
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
+    """(a * c) mod 2^32 for int64 tensors holding uint32 values, with 16-bit limbs (no int64 overflow)."""
+    lo, hi = a & 0xFFFF, a >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _U32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32: x ^= x>>16; x *= 0x7feb352d; x ^= x>>15; x *= 0x846ca68b; x ^= x>>16 (mod 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, MIX32_MUL1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, MIX32_MUL2)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^24); 0 means no dropout."""
+    return int(p * float(1 << DROPOUT_BITS)) if p > 0 else 0
+
+
+def dropout_keep_scale(p: float) -> float:
+    """float32(1 / (1 - p)) as the kernels use it (1 when dropout is off)."""
+    if dropout_threshold(p) == 0:
+        return 1.0
+    return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
+
+
+def dropout_keep(rows: int, cols: int, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """bool [rows, cols]: keep(i, j) of element (i, j) of x viewed [rows, cols] (see dropout_rng.h)."""
+    thr = dropout_threshold(p)
+    if thr == 0:
+        return torch.ones(rows, cols, dtype=torch.bool)
+    seed = int(seed)
+    t = lambda v: torch.tensor(v, dtype=torch.int64)  # noqa: E731
+    key = _mix32(t(seed & _U32) ^ _mix32(t(((seed >> 32) & _U32) ^ DROPOUT_SEED_SALT)))
+    ctr = int(offset) + torch.arange(rows, dtype=torch.int64)[:, None] * cols + torch.arange(cols, dtype=torch.int64)
+    lo, hi = ctr & _U32, (ctr >> 32) & _U32
+    hi_key = _mix32((hi + key) & _U32)
+    h = _mix32(_mix32(lo ^ key) ^ hi_key)
+    return (h >> (32 - DROPOUT_BITS)) >= thr
+
+
+def lora_dropout(x2d: torch.Tensor, p: float, seed: int, offset: int = 0) -> torch.Tensor:
+    """drop(x) = x ∘ mask · keep_scale for x viewed [M, K] (same dtype as x2d)."""
+    if dropout_threshold(p) == 0:
+        return x2d
+    mask = dropout_keep(x2d.shape[0], x2d.shape[1], p, seed, offset).to(x2d.device)
+    return x2d * mask.to(x2d.dtype) * dropout_keep_scale(p)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 oracle of the fused layer. ``w`` is the dense dequantized weight ``[N, K]`` (use
+    nf4_dequantize(..., dtype=x.dtype) to get the values the kernels use); every operand is widened
+    to float64, so autograd through this function gives the float64 reference gradients.
+
+    Returns (y [..., N] float64, s [M, r] float64) with s = drop(x)·Aᵀ."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k).to(torch.float64)
+    s = lora_dropout(x2, dropout_p, seed, offset) @ A.to(torch.float64).t()
+    y = x2 @ w.to(torch.float64).t() + scale * (s @ B.to(torch.float64).t())
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.reshape(*x.shape[:-1], w.shape[0]), s
+
+
+def qlora_linear_backward(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    w: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    dropout_p: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The closed-form backward in float64 (architecture.md section 2): (dx, dA, dB)."""
+    k, n = x.shape[-1], w.shape[0]
+    d = torch.float64
+    x2, dy2 = x.reshape(-1, k).to(d), dy.reshape(-1, n).to(d)
+    A, B, w = A.to(d), B.to(d), w.to(d)
+    mask = dropout_keep(x2.shape[0], k, dropout_p, seed, offset).to(d) * dropout_keep_scale(dropout_p)
+    xd = x2 * mask
+    u = dy2 @ B
+    dx = dy2 @ w + scale * (u @ A) * mask
+    dA = scale * u.t() @ xd
+    dB = scale * dy2.t() @ (xd @ A.t())
+    return dx.reshape(x.shape), dA, dB

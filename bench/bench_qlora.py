@@ -1,0 +1,314 @@
+"""Benchmark of one fused QLoRA linear layer (lora_ops) against the unfused baselines.
+
+Methods (all with the same LoRA adapter, dropout 0, scale alpha/r):
+    ours        lora_ops.qlora_linear (fused NF4 dequant-GEMM + LoRA epilogue; custom backward)
+    bnb_peft    (a) bitsandbytes matmul_4bit + PEFT's LoRA path: lora_B(lora_A(x.to(A.dtype))) * scale
+    dense       (b) dense matmul on the original-dtype weight + the same LoRA path
+    deq_mm      (c) lora_ops nf4_dequantize to x's dtype + matmul + the same LoRA path
+
+Each row: median time of forward and of forward+backward (x, A, B require grad), achieved GB/s (bytes
+read: packed weight + absmax state + x + A + B, bytes written: y) and TFLOP/s (2·M·N·K + LoRA), the
+share of the ceilings measured in the same run (a large copy, a large matmul), speedups over each
+baseline, and (GPU) the peak memory of a forward+backward.
+
+    python bench/bench_qlora.py --quick --out bench/results/cpu          # CPU: 4096², M 1/16/256, r 16
+    python bench/bench_qlora.py --device cuda --out bench/results/h100   # full sweep on a GPU
+
+Writes <out>/bench_qlora.json and <out>/bench_qlora.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora_ops  # noqa: E402
+from lora_ops.nf4 import NF4Weight, quantize_nf4  # noqa: E402
+from lora_ops.ops.qlora import qlora_linear  # noqa: E402
+
+LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N = out, K = in)
+FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
+
+
+# ---- timing ---------------------------------------------------------------------------------------
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, min_time: float, min_iters: int = 3, warmup: int = 1) -> float:
+    """Median milliseconds of fn(); CUDA events on a GPU, perf_counter on the CPU."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_iters or (time.perf_counter() - start < min_time and len(times) < 200):
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            fn()
+            e1.record()
+            e1.synchronize()
+            times.append(e0.elapsed_time(e1))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_memory(fn, device) -> int | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def ceilings(device, dtype, min_time) -> dict:
+    """Bandwidth of a large copy and throughput of a large matmul, measured now on this device."""
+    n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
+    src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, min_time)
+    size = 8192 if device.type == "cuda" else 1024
+    mdt = dtype if device.type == "cuda" else torch.float32  # CPU bf16 GEMM is not the CPU's ceiling
+    a = torch.randn(size, size, device=device).to(mdt)
+    tm = time_fn(lambda: a @ a, device, min_time)
+    return {"copy_GBps": 2 * n * 4 / t / 1e6, "matmul_TFLOPs": 2 * size**3 / tm / 1e9, "matmul_dtype": str(mdt)}
+
+
+# ---- the methods ------------------------------------------------------------------------------------
+class Layer:
+    """One layer's weights in every form the methods need."""
+
+    def __init__(self, n, k, r, dtype, device, need_bnb):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        w = (torch.randn(n, k, generator=g) * 0.02).to(dtype).to(device)
+        self.n, self.k, self.r, self.dtype, self.device = n, k, r, dtype, device
+        self.scale = 2.0
+        self.A = (torch.randn(r, k, generator=g) / k**0.5).to(device)  # PEFT keeps adapters in fp32
+        self.B = (torch.randn(n, r, generator=g) * 0.01).to(device)
+        self.dense = w
+        self.bnb = None
+        if need_bnb:
+            import bitsandbytes.functional as F
+
+            q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+            self.bnb = (q, qs)
+            self.nf4 = NF4Weight.from_bnb(q, qs)  # same bytes for every method
+        else:
+            self.nf4 = quantize_nf4(w, 64, True)
+        del w
+
+    def lora(self, x, A, B):  # PEFT's path: lora_B(lora_A(dropout(x))) * scaling, in the adapter dtype
+        return ((x.to(A.dtype) @ A.t()) @ B.t()) * self.scale
+
+    def methods(self):
+        out = {"ours": lambda x, A, B: qlora_linear(x, self.nf4, A, B, self.scale)}
+        if self.bnb is not None:
+            import bitsandbytes as bnb
+
+            q, qs = self.bnb
+            out["bnb_peft"] = lambda x, A, B: bnb.matmul_4bit(x, q.t(), quant_state=qs) + self.lora(x, A, B).to(x.dtype)
+        out["dense"] = lambda x, A, B: x @ self.dense.t() + self.lora(x, A, B).to(x.dtype)
+        out["deq_mm"] = lambda x, A, B: (x @ self.nf4.dequantize(x.dtype).t() + self.lora(x, A, B).to(x.dtype))
+        return out
+
+    def bytes_moved(self, m):
+        es = torch.tensor([], dtype=self.dtype).element_size()
+        return self.nf4.nbytes + (m * self.k + m * self.n) * es + (self.A.numel() + self.B.numel()) * 4
+
+    def flops(self, m):
+        return 2 * m * self.n * self.k + 2 * m * self.r * (self.k + self.n)
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except Exception:  # noqa: BLE001 - bitsandbytes is optional
+        have_bnb = False
+    env = environment(device)
+    env["ceilings"] = ceilings(device, dtype, args.min_time)
+    print(json.dumps(env, indent=1), flush=True)
+    rows = []
+    for n, k in args.shapes:
+        for r in args.ranks:
+            layer = Layer(n, k, r, dtype, device, have_bnb)
+            for m in args.ms:
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
+                row = {"N": n, "K": k, "M": m, "r": r, "dtype": args.dtype}
+                for name, fn in layer.methods().items():
+                    row[f"{name}_fwd_ms"] = time_fn(lambda: fn(x, layer.A, layer.B), device, args.min_time)
+                    if not args.no_backward:
+                        xg = x.clone().requires_grad_()
+                        A, B = layer.A.clone().requires_grad_(), layer.B.clone().requires_grad_()
+                        dy = torch.randn(m, n, device=device).to(dtype)
+
+                        def fwd_bwd(fn=fn, xg=xg, A=A, B=B, dy=dy):
+                            xg.grad = A.grad = B.grad = None
+                            fn(xg, A, B).backward(dy)
+
+                        row[f"{name}_fwdbwd_ms"] = time_fn(fwd_bwd, device, args.min_time)
+                        mem = peak_memory(fwd_bwd, device)
+                        if mem is not None:
+                            row[f"{name}_fwdbwd_peak_MiB"] = mem / 2**20
+                t = row["ours_fwd_ms"]
+                row["ours_fwd_GBps"] = layer.bytes_moved(m) / t / 1e6
+                row["ours_fwd_TFLOPs"] = layer.flops(m) / t / 1e9
+                row["ours_fwd_pct_copy_bw"] = 100 * row["ours_fwd_GBps"] / env["ceilings"]["copy_GBps"]
+                row["ours_fwd_pct_matmul"] = 100 * row["ours_fwd_TFLOPs"] / env["ceilings"]["matmul_TFLOPs"]
+                for base in ("bnb_peft", "dense", "deq_mm"):
+                    for ph in ("fwd", "fwdbwd"):
+                        if f"{base}_{ph}_ms" in row and f"ours_{ph}_ms" in row:
+                            row[f"speedup_{ph}_vs_{base}"] = row[f"{base}_{ph}_ms"] / row[f"ours_{ph}_ms"]
+                rows.append(row)
+                print(summary_line(row), flush=True)
+            del layer
+    return {"environment": env, "rows": rows}
+
+
+def summary_line(row) -> str:
+    parts = [f"N={row['N']} K={row['K']} M={row['M']} r={row['r']}"]
+    for name in ("ours", "bnb_peft", "dense", "deq_mm"):
+        if f"{name}_fwd_ms" in row:
+            s = f"{name} {row[f'{name}_fwd_ms']:.2f}"
+            if f"{name}_fwdbwd_ms" in row:
+                s += f"/{row[f'{name}_fwdbwd_ms']:.2f}"
+            parts.append(s)
+    return " | ".join(parts) + " ms (fwd/fwd+bwd)"
+
+
+def environment(device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except Exception:  # noqa: BLE001
+        commit = "unknown"
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "lora_ops_commit": commit,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+    try:
+        import bitsandbytes
+
+        env["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001
+        pass
+    if device.type == "cuda":
+        env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                       capture_output=True, text=True).stdout.strip()
+    return env
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def markdown(result) -> str:
+    env, rows = result["environment"], result["rows"]
+    c = env["ceilings"]
+    lines = [
+        "# QLoRA linear benchmark",
+        "",
+        f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}); threads {env['threads']}; "
+        f"bitsandbytes {env.get('bitsandbytes', 'n/a')}; lora_ops commit {env['lora_ops_commit'][:12]}.",
+        f"Ceilings measured in this run: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_TFLOPs']:.3f} TFLOP/s "
+        f"({c['matmul_dtype']}).",
+        "",
+        "Times are medians in ms (forward / forward+backward). Speedup = baseline time / ours.",
+        "",
+    ]
+    has_mem = any("ours_fwdbwd_peak_MiB" in r for r in rows)
+    head = ["N×K", "M", "r", "ours", "bnb+PEFT (a)", "dense (b)", "deq+mm (c)", "ours GB/s", "ours TFLOP/s",
+            "× vs (a) fwd", "× vs (a) f+b", "× vs (b) f+b", "× vs (c) fwd"]
+    if has_mem:
+        head += ["peak MiB ours", "peak MiB (a)"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def ms(r, name):
+        if f"{name}_fwd_ms" not in r:
+            return "n/a"
+        s = f"{r[f'{name}_fwd_ms']:.2f}"
+        return s + (f" / {r[f'{name}_fwdbwd_ms']:.2f}" if f"{name}_fwdbwd_ms" in r else "")
+
+    def sp(r, key):
+        return f"{r[key]:.2f}" if key in r else "n/a"
+
+    for r in rows:
+        cells = [f"{r['N']}×{r['K']}", str(r["M"]), str(r["r"]), ms(r, "ours"), ms(r, "bnb_peft"), ms(r, "dense"),
+                 ms(r, "deq_mm"), f"{r['ours_fwd_GBps']:.1f}", f"{r['ours_fwd_TFLOPs']:.4f}",
+                 sp(r, "speedup_fwd_vs_bnb_peft"), sp(r, "speedup_fwdbwd_vs_bnb_peft"), sp(r, "speedup_fwdbwd_vs_dense"),
+                 sp(r, "speedup_fwd_vs_deq_mm")]
+        if has_mem:
+            cells += [f"{r.get('ours_fwdbwd_peak_MiB', float('nan')):.0f}",
+                      f"{r.get('bnb_peft_fwdbwd_peak_MiB', float('nan')):.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--quick", action="store_true", help="CPU smoke sweep: 4096x4096, M in 1/16/256, r=16")
+    ap.add_argument("--shapes", default=None, help="comma list of NxK (out x in), e.g. 4096x4096,14336x4096")
+    ap.add_argument("--ms", default=None, help="comma list of M")
+    ap.add_argument("--ranks", default=None, help="comma list of r")
+    ap.add_argument("--min-time", type=float, default=None, help="seconds per measurement (default 1 CPU, 0.3 GPU)")
+    ap.add_argument("--no-backward", action="store_true")
+    ap.add_argument("--out", default="bench/results/latest")
+    a = ap.parse_args(argv)
+    if a.quick:
+        a.shapes, a.ms, a.ranks = a.shapes or "4096x4096", a.ms or "1,16,256", a.ranks or "16"
+    a.shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else LLAMA_SHAPES
+    a.ms = [int(v) for v in a.ms.split(",")] if a.ms else FULL_MS
+    a.ranks = [int(v) for v in a.ranks.split(",")] if a.ranks else [16, 64]
+    if a.min_time is None:
+        a.min_time = 1.0 if a.device == "cpu" else 0.3
+    return a
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    result = run(args)
+    result["args"] = {k: v for k, v in vars(args).items()}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_qlora.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(args.out, "bench_qlora.md"), "w") as f:
+        f.write(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,802 @@
+// CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
+//
+//   small M (forward, M <= gemv_max_m()): per W row, decode the row into an L1 buffer (AVX2: 8 codes per
+//     step via variable shifts + two vpermps table lookups) and dot it with each x row.
+//   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
+//     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
+//     thread-local scratch laid out as 4 micro-panels [kKB][16] (64 KiB, L2-resident), and a 6x16
+//     register-tiled micro-kernel (12 ymm accumulators, FMA) sweeps the M-block over it.
+//
+//        x32 (M-block, fp32)         W panel scratch (per thread)        C tile (per thread)
+//        [kMB x n_in]        x       [kKB x 64] = 4 x [kKB x 16]   ->    [kMB x 64] fp32
+//              ^ 6 rows at a time            ^ 16 columns at a time
+//
+//   The epilogue adds the LoRA term (s · lora_wᵀ, masked in backward) and bias to the fp32 tile and
+//   rounds once to the output dtype. Never a dense W, never an [M, N] fp32 buffer.
+//
+// AVX2/FMA/F16C code lives in functions with __attribute__((target(...))) selected at run time with
+// __builtin_cpu_supports, so the library itself runs on any x86-64 (no -march=native). Setting the
+// environment variable LORA_OPS_NO_AVX2=1 forces the portable path (tests use it).
+#include "cpu/qlora_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include "common/nf4_format.h"
+#include "cpu/float_convert.h"
+#include "cpu/nf4_cpu.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define LORA_OPS_X86 1
+#define LORA_AVX2 __attribute__((target("avx2,fma,f16c")))
+#endif
+
+namespace lora_ops::cpu {
+namespace {
+
+constexpr float kCodebook[16] = {LORA_OPS_NF4_VALUES};
+constexpr int kMR = 6;         // micro-kernel rows (x rows per register tile)
+constexpr int kNR = 16;        // micro-kernel columns (two ymm vectors)
+constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels)
+constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
+constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
+int64_t gemv_max_m() {
+  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(3); }();
+  return v;
+}  // forward uses the row-dot path up to this M
+
+bool detect_avx2() {
+#ifdef LORA_OPS_X86
+  const char* off = std::getenv("LORA_OPS_NO_AVX2");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+const bool kUseAvx2 = detect_avx2();
+
+// ---- element conversion -------------------------------------------------------------------------
+template <typename Acc>
+Acc load_elem(const void* base, DType t, int64_t i) {
+  switch (t) {
+    case DType::kFloat16:
+      return static_cast<Acc>(fp16_to_float(static_cast<const uint16_t*>(base)[i]));
+    case DType::kBFloat16:
+      return static_cast<Acc>(bf16_to_float(static_cast<const uint16_t*>(base)[i]));
+    case DType::kFloat64:
+      return static_cast<Acc>(static_cast<const double*>(base)[i]);
+    default:
+      return static_cast<Acc>(static_cast<const float*>(base)[i]);
+  }
+}
+
+template <typename Acc>
+void store_elem(void* base, DType t, int64_t i, Acc v) {
+  switch (t) {
+    case DType::kFloat16:
+      static_cast<uint16_t*>(base)[i] = float_to_fp16(static_cast<float>(v));
+      break;
+    case DType::kBFloat16:
+      static_cast<uint16_t*>(base)[i] = float_to_bf16(static_cast<float>(v));
+      break;
+    case DType::kFloat64:
+      static_cast<double*>(base)[i] = static_cast<double>(v);
+      break;
+    default:
+      static_cast<float*>(base)[i] = static_cast<float>(v);
+  }
+}
+
+#ifdef LORA_OPS_X86
+LORA_AVX2 void fp16_row_to_float_avx2(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = fp16_to_float(src[i]);
+}
+#endif
+
+// dst[i] = src[offset + i * stride], i < n, widened to Acc.
+template <typename Acc>
+void load_row(const void* src, DType t, int64_t offset, int64_t stride, int64_t n, Acc* dst) {
+  if (stride == 1) {
+    switch (t) {
+      case DType::kFloat32: {
+        const float* s = static_cast<const float*>(src) + offset;
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(s[i]);
+        return;
+      }
+      case DType::kBFloat16: {
+        const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+        for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Acc>(bits_to_float(static_cast<uint32_t>(s[i]) << 16));
+        return;
+      }
+      case DType::kFloat16:
+#ifdef LORA_OPS_X86
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (kUseAvx2) {
+            fp16_row_to_float_avx2(static_cast<const uint16_t*>(src) + offset, n, dst);
+            return;
+          }
+        }
+#endif
+        break;
+      default:
+        break;
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_elem<Acc>(src, t, offset + i * stride);
+}
+
+// The weight value rule (spec section 4): the fp32 product rounded once to the compute dtype.
+inline float round_to_compute(float v, DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return fp16_to_float(float_to_fp16(v));
+    case DType::kBFloat16:
+      return bf16_to_float(float_to_bf16(v));
+    default:
+      return v;  // fp32 and the fp64 path use the exact fp32 product
+  }
+}
+
+// ---- NF4 decode of a run of consecutive (flattened) weight elements into fp32 ------------------
+void decode_segment_portable(const Nf4Weight& w, DType t, int64_t f, int64_t len, float* dst) {
+  const int64_t bs = w.blocksize;
+  const int64_t end = f + len;
+  float tab[16];
+  while (f < end) {
+    const int64_t b = f / bs;
+    const int64_t run_end = std::min(end, (b + 1) * bs);
+    const float amax = nf4_block_absmax(w, b);
+    for (int c = 0; c < 16; ++c) tab[c] = round_to_compute(nf4_decode(kCodebook[c], amax), t);
+    for (; f < run_end; ++f) {
+      const uint8_t byte = w.packed[f >> 1];
+      *dst++ = tab[(f & 1) ? nf4_low(byte) : nf4_high(byte)];
+    }
+  }
+}
+
+#ifdef LORA_OPS_X86
+// Rounds 8 fp32 values to the compute dtype and back (RNE), matching round_to_compute bit for bit.
+LORA_AVX2 inline __m256 round_to_compute_avx2(__m256 v, DType t) {
+  if (t == DType::kBFloat16) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
+    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  if (t == DType::kFloat16) return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return v;
+}
+
+// 8 codes per step: the 4 packed bytes are broadcast to 8 lanes and shifted so lane i holds code i
+// (element 2j = high nibble of byte j: shifts 4,0,12,8,...); vpermps looks codes 0-7 and 8-15 up in
+// two 8-entry tables and bit 3 (moved to the sign bit) selects between them.
+LORA_AVX2 void decode_segment_avx2(const Nf4Weight& w, DType t, int64_t f, int64_t len, float* dst) {
+  const int64_t bs = w.blocksize;
+  const int64_t end = f + len;
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  const __m256 cb_lo = _mm256_loadu_ps(kCodebook);
+  const __m256 cb_hi = _mm256_loadu_ps(kCodebook + 8);
+  alignas(32) float tab[16];
+  while (f < end) {
+    const int64_t b = f / bs;
+    const int64_t run_end = std::min(end, (b + 1) * bs);
+    const __m256 amax = _mm256_set1_ps(nf4_block_absmax(w, b));
+    // One fp32 product per code (exactly nf4_decode), then one rounding to the compute dtype.
+    const __m256 t_lo = round_to_compute_avx2(_mm256_mul_ps(cb_lo, amax), t);
+    const __m256 t_hi = round_to_compute_avx2(_mm256_mul_ps(cb_hi, amax), t);
+    if (f & 1) {  // odd start: the low nibble of a byte, then the run is byte-aligned
+      _mm256_store_ps(tab, t_lo);
+      _mm256_store_ps(tab + 8, t_hi);
+      *dst++ = tab[nf4_low(w.packed[f >> 1])];
+      ++f;
+    }
+    for (; f + 8 <= run_end; f += 8, dst += 8) {
+      uint32_t u;
+      std::memcpy(&u, w.packed + (f >> 1), 4);
+      const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)), shifts), low4);
+      const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx);
+      const __m256 hi = _mm256_permutevar8x32_ps(t_hi, idx);
+      _mm256_storeu_ps(dst, _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+    }
+    if (f < run_end) {
+      _mm256_store_ps(tab, t_lo);
+      _mm256_store_ps(tab + 8, t_hi);
+      for (; f < run_end; ++f) {
+        const uint8_t byte = w.packed[f >> 1];
+        *dst++ = tab[(f & 1) ? nf4_low(byte) : nf4_high(byte)];
+      }
+    }
+  }
+}
+#endif
+
+void decode_segment(const Nf4Weight& w, DType t, int64_t f, int64_t len, float* dst) {
+#ifdef LORA_OPS_X86
+  if (kUseAvx2) return decode_segment_avx2(w, t, f, len, dst);
+#endif
+  decode_segment_portable(w, t, f, len, dst);
+}
+
+// ---- dot product (GEMV path) ------------------------------------------------------------------
+float dot_portable(const float* a, const float* b, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < 8; ++j) s += acc[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+#ifdef LORA_OPS_X86
+LORA_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), _mm256_loadu_ps(b + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), _mm256_loadu_ps(b + i + 24), s3);
+  }
+  for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) r += a[i] * b[i];
+  return r;
+}
+#endif
+
+#ifdef LORA_OPS_X86
+// out[j] = x · w_j for 4 weight rows at once: one x load feeds 4 FMAs; 2-way unrolled so 8 independent
+// accumulator chains cover the FMA latency.
+LORA_AVX2 void dot4_avx2(const float* x, const float* w, int64_t ldw, int64_t n, float* out) {
+  __m256 a[8];
+  for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    for (int j = 0; j < 4; ++j) {
+      a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
+      a[4 + j] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(w + j * ldw + i + 8), a[4 + j]);
+    }
+  }
+  for (; i + 8 <= n; i += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    for (int j = 0; j < 4; ++j) a[j] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(w + j * ldw + i), a[j]);
+  }
+  for (int j = 0; j < 4; ++j) {
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, _mm256_add_ps(a[j], a[4 + j]));
+    float r = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    for (int64_t t = i; t < n; ++t) r += x[t] * w[j * ldw + t];
+    out[j] = r;
+  }
+}
+
+// Transposes an 8x8 fp32 tile: rows src[r * lds .. +8] -> rows dst[c * ldd .. +8].
+LORA_AVX2 inline void transpose8x8_avx2(const float* src, int64_t lds, float* dst, int64_t ldd) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  __m256 u[8];
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(dst + i * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+    _mm256_storeu_ps(dst + (i + 4) * ldd, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+  }
+}
+#endif
+
+float dot(const float* a, const float* b, int64_t n) {
+#ifdef LORA_OPS_X86
+  if (kUseAvx2) return dot_avx2(a, b, n);
+#endif
+  return dot_portable(a, b, n);
+}
+
+// ---- micro-kernel: C[MR x 16] (+)= x[MR x kb] · P[kb x 16] -------------------------------------
+template <int MR>
+void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
+                      bool accumulate) {
+  float acc[MR][kNR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
+  for (int64_t k = 0; k < kb; ++k) {
+    const float* wk = pw + k * kNR;
+    for (int i = 0; i < MR; ++i) {
+      const float xv = x[i * ldx + k];
+      for (int j = 0; j < kNR; ++j) acc[i][j] += xv * wk[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < kNR; ++j) c[i * ldc + j] = acc[i][j];
+}
+
+#ifdef LORA_OPS_X86
+// 12 ymm accumulators (6 rows x 2 vectors), 2 weight loads and 6 broadcasts per k: FMA-bound. The
+// accumulators are named variables (an array of __m256 made gcc spill them to the stack every k).
+#define LORA_UK_ROW(i)                                                                      \
+  if constexpr (MR > i) {                                                                   \
+    const __m256 xv = _mm256_broadcast_ss(x + i * ldx + k);                                 \
+    c##i##0 = _mm256_fmadd_ps(xv, w0, c##i##0);                                             \
+    c##i##1 = _mm256_fmadd_ps(xv, w1, c##i##1);                                             \
+  }
+#define LORA_UK_INIT(i)                                                                     \
+  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                      \
+  if constexpr (MR > i) {                                                                   \
+    if (accumulate) {                                                                       \
+      c##i##0 = _mm256_loadu_ps(c + i * ldc);                                               \
+      c##i##1 = _mm256_loadu_ps(c + i * ldc + 8);                                           \
+    }                                                                                       \
+  }
+#define LORA_UK_STORE(i)                                                                    \
+  if constexpr (MR > i) {                                                                   \
+    _mm256_storeu_ps(c + i * ldc, c##i##0);                                                 \
+    _mm256_storeu_ps(c + i * ldc + 8, c##i##1);                                             \
+  }
+template <int MR>
+LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
+                            bool accumulate) {
+  LORA_UK_INIT(0) LORA_UK_INIT(1) LORA_UK_INIT(2) LORA_UK_INIT(3) LORA_UK_INIT(4) LORA_UK_INIT(5)
+  for (int64_t k = 0; k < kb; ++k) {
+    const __m256 w0 = _mm256_load_ps(pw + k * kNR);
+    const __m256 w1 = _mm256_load_ps(pw + k * kNR + 8);
+    LORA_UK_ROW(0) LORA_UK_ROW(1) LORA_UK_ROW(2) LORA_UK_ROW(3) LORA_UK_ROW(4) LORA_UK_ROW(5)
+  }
+  LORA_UK_STORE(0) LORA_UK_STORE(1) LORA_UK_STORE(2) LORA_UK_STORE(3) LORA_UK_STORE(4) LORA_UK_STORE(5)
+}
+#undef LORA_UK_ROW
+#undef LORA_UK_INIT
+#undef LORA_UK_STORE
+#endif
+
+template <int MR>
+void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc, bool accumulate) {
+#ifdef LORA_OPS_X86
+  if (kUseAvx2) return ukernel_avx2<MR>(x, ldx, pw, kb, c, ldc, accumulate);
+#endif
+  ukernel_portable<MR>(x, ldx, pw, kb, c, ldc, accumulate);
+}
+
+void ukernel_rows(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
+                  bool accumulate) {
+  switch (mr) {
+    case 1: return ukernel<1>(x, ldx, pw, kb, c, ldc, accumulate);
+    case 2: return ukernel<2>(x, ldx, pw, kb, c, ldc, accumulate);
+    case 3: return ukernel<3>(x, ldx, pw, kb, c, ldc, accumulate);
+    case 4: return ukernel<4>(x, ldx, pw, kb, c, ldc, accumulate);
+    case 5: return ukernel<5>(x, ldx, pw, kb, c, ldc, accumulate);
+    default: return ukernel<6>(x, ldx, pw, kb, c, ldc, accumulate);
+  }
+}
+
+// ---- 64-bit aligned scratch ---------------------------------------------------------------------
+struct AlignedBuffer {
+  std::vector<float> storage;
+  float* ptr = nullptr;
+  explicit AlignedBuffer(int64_t n) : storage(static_cast<size_t>(n + 16), 0.0f) {
+    auto addr = reinterpret_cast<uintptr_t>(storage.data());
+    ptr = storage.data() + ((64 - addr % 64) % 64) / sizeof(float);
+  }
+};
+
+#ifdef LORA_OPS_X86
+// fp32 -> bf16 / fp16 with round-to-nearest-even, 8 at a time (bf16: NaN is kept quiet as in
+// float_to_bf16; fp16: F16C vcvtps2ph).
+LORA_AVX2 void store_row_16bit_avx2(uint16_t* out, const float* c, int64_t n, DType t) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(c + i);
+    __m128i h;
+    if (t == DType::kFloat16) {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+      const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+      const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+      r = _mm256_blendv_epi8(r, qnan, nan);
+      // pack the low 16 bits of 8 lanes (values < 2^16, so unsigned saturation is exact)
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), h);
+  }
+  for (; i < n; ++i) out[i] = t == DType::kFloat16 ? float_to_fp16(c[i]) : float_to_bf16(c[i]);
+}
+#endif
+
+// ---- the shared epilogue: LoRA term (masked in backward), bias, single rounding ------------------
+struct Epilogue {
+  const QloraMatmulParams& p;
+  uint32_t key = 0;
+
+  explicit Epilogue(const QloraMatmulParams& params) : p(params) { key = dropout_key(p.dropout.seed); }
+
+  // lw[q * kPanel + t] = lora_w[o0 + t, q] in fp32 (zero beyond ow).
+  void load_lora_panel(int64_t o0, int64_t ow, float* lw) const {
+    for (int64_t q = 0; q < p.rank; ++q)
+      for (int64_t t = 0; t < kPanel; ++t)
+        lw[q * kPanel + t] =
+            t < ow ? load_elem<float>(p.lora_w, p.lora_w_dtype, (o0 + t) * p.lora_w_stride_o + q * p.lora_w_stride_q)
+                   : 0.0f;
+  }
+
+  // Finishes row m (global) of the panel: c[t] holds the fp32 base product for columns o0 + t.
+  void finish_row(int64_t m, int64_t o0, int64_t ow, float* c, const float* lw) const {
+    if (p.rank > 0) {
+      float lr[kPanel];
+      for (int t = 0; t < kPanel; ++t) lr[t] = 0.0f;
+      const float* s = static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride;
+      for (int64_t q = 0; q < p.rank; ++q) {
+        const float sv = s[q];
+        const float* lwq = lw + q * kPanel;
+        for (int t = 0; t < kPanel; ++t) lr[t] += sv * lwq[t];
+      }
+      if (p.dropout.enabled()) apply_mask(m, o0, ow, lr);
+      for (int64_t t = 0; t < ow; ++t) c[t] += p.scale * lr[t];
+    }
+    if (p.bias != nullptr)
+      for (int64_t t = 0; t < ow; ++t) c[t] += load_elem<float>(p.bias, p.bias_dtype, o0 + t);
+    store_row(m, o0, ow, c);
+  }
+
+  void apply_mask(int64_t m, int64_t o0, int64_t ow, float* v) const {
+    const DropoutParams& d = p.dropout;
+    const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o0);
+    for (int64_t t = 0; t < ow; ++t) {
+      const uint64_t ctr = ctr0 + static_cast<uint64_t>(t);
+      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+      v[t] = dropout_keep_hash(h, d.threshold) ? v[t] * d.keep_scale : 0.0f;
+    }
+  }
+
+  void store_row(int64_t m, int64_t o0, int64_t ow, const float* c) const {
+    const int64_t base = m * p.out_row_stride + o0;
+#ifdef LORA_OPS_X86
+    if (kUseAvx2 && p.a_dtype != DType::kFloat32) {
+      store_row_16bit_avx2(static_cast<uint16_t*>(p.out) + base, c, ow, p.a_dtype);
+      return;
+    }
+#endif
+    switch (p.a_dtype) {
+      case DType::kFloat32:
+        std::memcpy(static_cast<float*>(p.out) + base, c, static_cast<size_t>(ow) * sizeof(float));
+        break;
+      case DType::kBFloat16: {
+        uint16_t* o = static_cast<uint16_t*>(p.out) + base;
+        for (int64_t t = 0; t < ow; ++t) o[t] = float_to_bf16(c[t]);
+        break;
+      }
+      default: {
+        uint16_t* o = static_cast<uint16_t*>(p.out) + base;
+        for (int64_t t = 0; t < ow; ++t) o[t] = float_to_fp16(c[t]);
+      }
+    }
+  }
+};
+
+// Forward with few rows: each thread decodes whole W rows (one output column each) into an L1 buffer.
+void matmul_gemv(const QloraMatmulParams& p) {
+  const int64_t K = p.k, N = p.n, M = p.m;
+  std::vector<float> x32(static_cast<size_t>(M * K));
+  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, K, x32.data() + m * K);
+  const Epilogue ep(p);
+  constexpr int64_t kRows = kPanel;  // W rows per task: the epilogue works on 64 columns at a time
+  const int64_t n_tasks = (N + kRows - 1) / kRows;
+#pragma omp parallel
+  {
+    AlignedBuffer wrow(4 * K);
+    std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
+    std::vector<float> c(static_cast<size_t>(M * kPanel));
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t o0 = task * kRows;
+      const int64_t ow = std::min(kRows, N - o0);
+      int64_t t = 0;
+#ifdef LORA_OPS_X86
+      if (kUseAvx2) {
+        for (; t + 4 <= ow; t += 4) {
+          decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr);  // 4 consecutive W rows
+          float d[4];
+          for (int64_t m = 0; m < M; ++m) {
+            dot4_avx2(x32.data() + m * K, wrow.ptr, K, K, d);
+            for (int j = 0; j < 4; ++j) c[m * kPanel + t + j] = d[j];
+          }
+        }
+      }
+#endif
+      for (; t < ow; ++t) {
+        decode_segment(p.weight, p.a_dtype, (o0 + t) * K, K, wrow.ptr);
+        for (int64_t m = 0; m < M; ++m) c[m * kPanel + t] = dot(x32.data() + m * K, wrow.ptr, K);
+      }
+      if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
+      for (int64_t m = 0; m < M; ++m) ep.finish_row(m, o0, ow, c.data() + m * kPanel, lw.data());
+    }
+  }
+}
+
+// Dequantizes the W panel for output columns [o0, o0 + ow) and reduction indices [i0, i0 + kb) into 4
+// micro-panels [kKB][16] (columns beyond ow are zero).
+void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i0, int64_t kb, float* scratch,
+                   float* tmp) {
+  const int64_t K = p.k;
+  const int n_micro = static_cast<int>((ow + kNR - 1) / kNR);
+#ifdef LORA_OPS_X86
+  if (!p.transpose_w && kUseAvx2) {
+    // 8 W rows are decoded into tmp [8][kKB], then 8x8 tiles are transposed into the micro-panel.
+    for (int64_t t0 = 0; t0 < n_micro * kNR; t0 += 8) {
+      for (int64_t rr = 0; rr < 8; ++rr) {
+        float* row = tmp + rr * kKB;
+        if (t0 + rr < ow)
+          decode_segment(p.weight, p.a_dtype, (o0 + t0 + rr) * K + i0, kb, row);
+        else
+          std::fill(row, row + kb, 0.0f);
+      }
+      float* dst = scratch + (t0 / kNR) * kKB * kNR + (t0 % kNR);
+      int64_t kk = 0;
+      for (; kk + 8 <= kb; kk += 8) transpose8x8_avx2(tmp + kk, kKB, dst + kk * kNR, kNR);
+      for (; kk < kb; ++kk)
+        for (int64_t rr = 0; rr < 8; ++rr) dst[kk * kNR + rr] = tmp[rr * kKB + kk];
+    }
+    return;
+  }
+#endif
+  if (!p.transpose_w) {
+    // Output column o is W row o; the reduction runs along that row (contiguous codes): decode the
+    // row segment, then scatter it into column o % 16 of its micro-panel.
+    for (int64_t t = 0; t < n_micro * kNR; ++t) {
+      float* dst = scratch + (t / kNR) * kKB * kNR + (t % kNR);
+      if (t < ow) {
+        decode_segment(p.weight, p.a_dtype, (o0 + t) * K + i0, kb, tmp);
+        for (int64_t kk = 0; kk < kb; ++kk) dst[kk * kNR] = tmp[kk];
+      } else {
+        for (int64_t kk = 0; kk < kb; ++kk) dst[kk * kNR] = 0.0f;
+      }
+    }
+  } else {
+    // Output column o is W column o; reduction index n is W row n, whose codes for [o0, o0 + ow) are
+    // contiguous: decode and copy 16-wide chunks (no transposed copy of W exists anywhere).
+    for (int64_t kk = 0; kk < kb; ++kk) {
+      decode_segment(p.weight, p.a_dtype, (i0 + kk) * K + o0, ow, tmp);
+      for (int64_t t = ow; t < n_micro * kNR; ++t) tmp[t] = 0.0f;
+      for (int j = 0; j < n_micro; ++j)
+        std::memcpy(scratch + j * kKB * kNR + kk * kNR, tmp + j * kNR, kNR * sizeof(float));
+    }
+  }
+}
+
+void matmul_gemm(const QloraMatmulParams& p) {
+  const int64_t n_in = p.transpose_w ? p.n : p.k;
+  const int64_t n_out = p.transpose_w ? p.k : p.n;
+  const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
+  const int64_t mb_max = std::min(kMB, p.m);
+  // Row pitch padded off multiples of 4 KiB so the 6 rows a micro-kernel reads do not alias in L1.
+  const int64_t ldx = ((n_in + 15) / 16) * 16 + 16;
+  std::vector<float> x32(static_cast<size_t>(mb_max * ldx));
+  const Epilogue ep(p);
+  for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
+    const int64_t mb = std::min(kMB, p.m - m0);
+#pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < mb; ++m)
+      load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * ldx);
+#pragma omp parallel
+    {
+      AlignedBuffer scratch(kKB * kPanel);
+      std::vector<float> tmp(static_cast<size_t>(8 * kKB));
+      AlignedBuffer c(mb * kPanel);
+      std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t panel = 0; panel < n_panels; ++panel) {
+        const int64_t o0 = panel * kPanel;
+        const int64_t ow = std::min<int64_t>(kPanel, n_out - o0);
+        const int n_micro = static_cast<int>((ow + kNR - 1) / kNR);
+        for (int64_t i0 = 0; i0 < n_in; i0 += kKB) {
+          const int64_t kb = std::min(kKB, n_in - i0);
+          dequant_panel(p, o0, ow, i0, kb, scratch.ptr, tmp.data());
+          for (int64_t mg = 0; mg < mb; mg += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, mb - mg));
+            for (int j = 0; j < n_micro; ++j)
+              ukernel_rows(mr, x32.data() + mg * ldx + i0, ldx, scratch.ptr + j * kKB * kNR, kb,
+                           c.ptr + mg * kPanel + j * kNR, kPanel, i0 > 0);
+          }
+        }
+        if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
+        for (int64_t m = 0; m < mb; ++m) ep.finish_row(m0 + m, o0, ow, c.ptr + m * kPanel, lw.data());
+      }
+    }
+  }
+}
+
+// ---- float64 path (gradcheck): plain loops, fp64 accumulation, W = exact fp32 products ----------
+void matmul_f64(const QloraMatmulParams& p) {
+  const int64_t K = p.k, N = p.n, M = p.m;
+  const int64_t n_in = p.transpose_w ? N : K;
+  const int64_t n_out = p.transpose_w ? K : N;
+  std::vector<double> acc(static_cast<size_t>(M * n_out), 0.0);
+  std::vector<double> a(static_cast<size_t>(M * n_in));
+  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, n_in, a.data() + m * n_in);
+  std::vector<float> wrow(static_cast<size_t>(K));
+  for (int64_t n = 0; n < N; ++n) {
+    decode_segment_portable(p.weight, DType::kFloat32, n * K, K, wrow.data());
+    for (int64_t m = 0; m < M; ++m) {
+      if (!p.transpose_w) {
+        double s = 0.0;
+        for (int64_t k = 0; k < K; ++k) s += a[m * n_in + k] * static_cast<double>(wrow[k]);
+        acc[m * n_out + n] = s;
+      } else {
+        const double av = a[m * n_in + n];
+        for (int64_t k = 0; k < K; ++k) acc[m * n_out + k] += av * static_cast<double>(wrow[k]);
+      }
+    }
+  }
+  const uint32_t key = dropout_key(p.dropout.seed);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t o = 0; o < n_out; ++o) {
+      double v = acc[m * n_out + o];
+      if (p.rank > 0) {
+        double l = 0.0;
+        const double* s = static_cast<const double*>(p.lora_s) + m * p.lora_s_row_stride;
+        for (int64_t q = 0; q < p.rank; ++q)
+          l += s[q] * load_elem<double>(p.lora_w, p.lora_w_dtype, o * p.lora_w_stride_o + q * p.lora_w_stride_q);
+        if (p.dropout.enabled()) {
+          const uint64_t ctr = p.dropout.offset + static_cast<uint64_t>(m * p.dropout.cols + o);
+          const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+          l = dropout_keep_hash(h, p.dropout.threshold) ? l * static_cast<double>(p.dropout.keep_scale) : 0.0;
+        }
+        v += static_cast<double>(p.scale) * l;
+      }
+      if (p.bias != nullptr) v += load_elem<double>(p.bias, p.bias_dtype, o);
+      static_cast<double*>(p.out)[m * p.out_row_stride + o] = v;
+    }
+}
+
+// Applies the dropout mask of row m (global) to a converted row of length n: v *= keep ? keep_scale : 0.
+template <typename Acc>
+void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v) {
+  const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols);
+  uint32_t hi = static_cast<uint32_t>(ctr0 >> 32);
+  uint32_t hi_key = dropout_hi_key(key, hi);
+  const Acc ks = static_cast<Acc>(d.keep_scale);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint64_t ctr = ctr0 + static_cast<uint64_t>(j);
+    if (static_cast<uint32_t>(ctr >> 32) != hi) {
+      hi = static_cast<uint32_t>(ctr >> 32);
+      hi_key = dropout_hi_key(key, hi);
+    }
+    v[j] = dropout_keep_hash(dropout_hash(key, hi_key, static_cast<uint32_t>(ctr)), d.threshold) ? v[j] * ks : Acc(0);
+  }
+}
+
+template <typename Acc>
+void lora_down_typed(const LoraDownParams& p) {
+  const int64_t r = p.rank, L = p.l;
+  // fT[i][q] = f[q, i]: the reduction becomes an axpy over the rank (vectorizes for any r).
+  std::vector<Acc> ft(static_cast<size_t>(L * r));
+  for (int64_t q = 0; q < r; ++q)
+    for (int64_t i = 0; i < L; ++i) ft[i * r + q] = load_elem<Acc>(p.f, p.f_dtype, q * p.f_stride_q + i * p.f_stride_l);
+  const uint32_t key = dropout_key(p.dropout.seed);
+  const bool parallel = p.m * L * r > (1 << 16);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<Acc> row(static_cast<size_t>(L));
+    std::vector<Acc> acc(static_cast<size_t>(r));
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < p.m; ++m) {
+      load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
+      if (p.dropout.enabled()) mask_row(p.dropout, key, m, L, row.data());
+      std::fill(acc.begin(), acc.end(), Acc(0));
+      for (int64_t i = 0; i < L; ++i) {
+        const Acc v = row[i];
+        const Acc* fi = ft.data() + i * r;
+        for (int64_t q = 0; q < r; ++q) acc[q] += v * fi[q];
+      }
+      Acc* out = static_cast<Acc*>(p.out) + m * p.out_row_stride;
+      for (int64_t q = 0; q < r; ++q) out[q] = acc[q];
+    }
+  }
+}
+
+template <typename Acc>
+void lora_outer_typed(const LoraOuterParams& p) {
+  // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
+  // M are consumed kChunk at a time so each accumulator row is reused from L1.
+  constexpr int64_t kChunk = 8;
+  const int64_t P = p.p, Q = p.q;
+  const uint32_t key = dropout_key(p.dropout.seed);
+  const bool parallel = p.m * P * Q > (1 << 16);
+#pragma omp parallel if (parallel)
+  {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t per = (P + nt - 1) / nt;
+    const int64_t p0 = std::min(P, tid * per), p1 = std::min(P, p0 + per);
+    const int64_t np = p1 - p0;
+    if (np > 0) {
+      std::vector<Acc> acc(static_cast<size_t>(np * Q), Acc(0));
+      std::vector<Acc> left(static_cast<size_t>(kChunk * np));
+      std::vector<Acc> right(static_cast<size_t>(kChunk * Q));
+      for (int64_t m0 = 0; m0 < p.m; m0 += kChunk) {
+        const int64_t mc = std::min(kChunk, p.m - m0);
+        for (int64_t mm = 0; mm < mc; ++mm) {
+          load_row(p.left, p.left_dtype, (m0 + mm) * p.left_row_stride + p0 * p.left_col_stride, p.left_col_stride, np,
+                   left.data() + mm * np);
+          load_row(p.right, p.right_dtype, (m0 + mm) * p.right_row_stride, p.right_col_stride, Q, right.data() + mm * Q);
+          if (p.dropout.enabled()) mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
+        }
+        for (int64_t pp = 0; pp < np; ++pp) {
+          Acc* a = acc.data() + pp * Q;
+          for (int64_t mm = 0; mm < mc; ++mm) {
+            const Acc lv = left[mm * np + pp];
+            const Acc* rr = right.data() + mm * Q;
+            for (int64_t qq = 0; qq < Q; ++qq) a[qq] += lv * rr[qq];
+          }
+        }
+      }
+      const Acc scale = static_cast<Acc>(p.scale);
+      for (int64_t pp = 0; pp < np; ++pp)
+        for (int64_t qq = 0; qq < Q; ++qq) store_elem<Acc>(p.out, p.out_dtype, (p0 + pp) * Q + qq, scale * acc[pp * Q + qq]);
+    }
+  }
+}
+
+}  // namespace
+
+bool qlora_cpu_uses_avx2() { return kUseAvx2; }
+
+void qlora_matmul(const QloraMatmulParams& p) {
+  if (p.m == 0) return;
+  if (p.a_dtype == DType::kFloat64) return matmul_f64(p);
+  if (!p.transpose_w && p.m <= gemv_max_m()) return matmul_gemv(p);
+  matmul_gemm(p);
+}
+
+void lora_down(const LoraDownParams& p) {
+  if (p.m == 0) return;
+  if (p.a_dtype == DType::kFloat64) return lora_down_typed<double>(p);
+  lora_down_typed<float>(p);
+}
+
+void lora_outer(const LoraOuterParams& p) {
+  if (p.out_dtype == DType::kFloat64 || p.left_dtype == DType::kFloat64 || p.right_dtype == DType::kFloat64)
+    return lora_outer_typed<double>(p);
+  lora_outer_typed<float>(p);
+}
+
+void dropout_mask(const DropoutMaskParams& p) {
+  const DropoutParams& d = p.dropout;
+  const uint32_t key = dropout_key(d.seed);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < p.rows; ++i) {
+    const uint64_t ctr0 = d.offset + static_cast<uint64_t>(i) * static_cast<uint64_t>(d.cols);
+    for (int64_t j = 0; j < d.cols; ++j) {
+      const uint64_t ctr = ctr0 + static_cast<uint64_t>(j);
+      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+      p.out[i * d.cols + j] = (!d.enabled() || dropout_keep_hash(h, d.threshold)) ? 1 : 0;
+    }
+  }
+}
+
+}  // namespace lora_ops::cpu

@@ -1,0 +1,192 @@
+"""Fused QLoRA linear ops: wrappers over torch.ops.lora_ops.{qlora_linear, qlora_matmul, lora_down,
+lora_outer, lora_dropout_mask}, their fake kernels, and the autograd of ``qlora_linear``.
+
+Math (x viewed as [M, K], W = dequant(NF4) [N, K], A [r, K], B [N, r], drop(x) = x∘mask/(1-p)):
+
+    forward   s  = drop(x)·Aᵀ                       (float32 [M, r], saved)
+              y  = x·Wᵀ + scale·s·Bᵀ + bias         (x's dtype)
+    backward  u  = dy·B                              lora_down(dy, Bᵀ)            (computed once)
+              dx = dy·W + scale·(u·A)∘mask/(1-p)     qlora_matmul(transpose_w=True)
+              dA = scale·uᵀ·drop(x)                  lora_outer(u, x, dropout on)
+              dB = scale·dyᵀ·s                       lora_outer(dy, s)
+
+Saved for backward: x, s, A, B, the packed weight state and the rng tensor (the dropout mask is
+regenerated from it). No gradient for W, absmax or bias; dA/dB come back in A's/B's own dtype.
+Every backward step is a custom op, so ``torch.compile(fullgraph=True)`` traces forward + backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lora_ops import _native  # noqa: F401  (registers the ops)
+
+_ops = torch.ops.lora_ops
+_ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _rows(shape) -> int:
+    m = 1
+    for d in shape[:-1]:
+        m = m * d
+    return m
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---- fake (meta) kernels -----------------------------------------------------------------------
+@torch.library.register_fake("lora_ops::qlora_linear")
+def _qlora_linear_fake(x, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, A, B, bias, scale,
+                       dropout_p, rng):
+    y = x.new_empty((*x.shape[:-1], out_features))
+    s = x.new_empty((_rows(x.shape), A.shape[0]), dtype=_acc_dtype(x))
+    return y, s
+
+
+@torch.library.register_fake("lora_ops::qlora_matmul")
+def _qlora_matmul_fake(a, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, in_features,
+                       transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng):
+    return a.new_empty((*a.shape[:-1], in_features if transpose_w else out_features))
+
+
+@torch.library.register_fake("lora_ops::lora_down")
+def _lora_down_fake(a, f, dropout_p, rng):
+    return a.new_empty((_rows(a.shape), f.shape[0]), dtype=_acc_dtype(a))
+
+
+@torch.library.register_fake("lora_ops::lora_outer")
+def _lora_outer_fake(left, right, scale, dropout_p, rng, out_dtype):
+    return left.new_empty((left.shape[-1], right.shape[-1]), dtype=out_dtype)
+
+
+@torch.library.register_fake("lora_ops::lora_dropout_mask")
+def _lora_dropout_mask_fake(rows, cols, dropout_p, rng):
+    return torch.empty((rows, cols), dtype=torch.bool, device="cpu")
+
+
+# ---- autograd of qlora_linear ------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, absmax2, nested_code, offset, blocksize, out_features, A, B, bias, scale, dropout_p,
+     rng) = inputs
+    _, s = output
+    ctx.mark_non_differentiable(s)
+    ctx.blocksize = blocksize
+    ctx.out_features = out_features
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+    ctx.save_for_backward(x, s, A, B, packed, absmax, absmax2, nested_code, offset, rng)
+
+
+def _backward(ctx, grad_y, grad_s):
+    x, s, A, B, packed, absmax, absmax2, nested_code, offset, rng = ctx.saved_tensors
+    need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+    dx = dA = dB = None
+    if grad_y is None:
+        return (None,) * 14
+    dy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
+    n, k = ctx.out_features, x.shape[-1]
+    u = _ops.lora_down(dy, B.t(), 0.0, None) if (need_dx or need_dA) else None  # dy·B, once
+    if need_dx:
+        dx = _ops.qlora_matmul(dy, packed, absmax, absmax2, nested_code, offset, ctx.blocksize, n, k, True, u, A.t(),
+                               ctx.scale, None, ctx.dropout_p, rng)
+    if need_dA:
+        dA = _ops.lora_outer(u, x, ctx.scale, ctx.dropout_p, rng, A.dtype)
+    if need_dB:
+        dB = _ops.lora_outer(dy, s, ctx.scale, 0.0, None, B.dtype)
+    return dx, None, None, None, None, None, None, None, dA, dB, None, None, None, None
+
+
+torch.library.register_autograd("lora_ops::qlora_linear", _backward, setup_context=_setup_context)
+
+
+# ---- public wrappers ---------------------------------------------------------------------------
+def make_rng(seed: int | torch.Tensor | None = None, offset: int = 0) -> torch.Tensor:
+    """The op's ``rng`` argument: int64 CPU tensor ``[2] = (seed, offset)``.
+
+    ``seed=None`` draws a seed from torch's default CPU generator (so ``torch.manual_seed`` makes
+    dropout reproducible; traceable by ``torch.compile``)."""
+    if seed is None:
+        s = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        return torch.cat([s, torch.tensor([offset], dtype=torch.int64)])
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() == 2:
+            return seed.to(device="cpu", dtype=torch.int64).reshape(2)
+        return torch.cat([seed.to(device="cpu", dtype=torch.int64).reshape(1), torch.tensor([offset])])
+    return torch.tensor([int(seed), int(offset)], dtype=torch.int64)
+
+
+def qlora_linear(
+    x: torch.Tensor,
+    weight,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y = x·Wᵀ + scale·(drop(x)·Aᵀ)·Bᵀ + bias`` with an NF4 ``weight`` (:class:`lora_ops.NF4Weight`).
+
+    Args:
+        x: ``[..., K]`` float16 / bfloat16 / float32 (float64 on CPU only), any strides.
+        weight: NF4Weight of shape ``[N, K]`` (plain or double-quantized absmax, any blocksize).
+        A: ``[r, K]``, B: ``[N, r]`` (r in 1..256), in x's dtype or float32 (other dtypes are cast to
+            float32 here, differentiably).
+        scale: LoRA scaling (``alpha / r`` or ``alpha / sqrt(r)``).
+        bias: frozen ``[N]`` (x's dtype or float32; cast otherwise), never differentiated.
+        dropout_p: LoRA dropout probability in [0, 1), applied to the LoRA branch only.
+        rng: from :func:`make_rng`; drawn from torch's CPU generator when None and dropout_p > 0.
+
+    Returns ``y [..., N]`` in x's dtype. Differentiable w.r.t. x, A and B.
+    """
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"qlora_linear: x has {x.shape[-1]} features but the weight is [{n}, {k}]")
+    _check_devices("qlora_linear", x, weight=weight.packed, A=A, B=B, bias=bias)
+    A, B = _adapter(A, x), _adapter(B, x)
+    if bias is not None and bias.dtype not in (x.dtype, torch.float32):
+        bias = bias.to(x.dtype)
+    if dropout_p > 0 and rng is None:
+        rng = make_rng()
+    y, _ = _ops.qlora_linear(x, weight.packed, weight.absmax, weight.absmax2, weight.nested_code, weight.offset,
+                             weight.blocksize, n, A, B, bias, float(scale), float(dropout_p), rng)
+    return y
+
+
+def _check_devices(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but x is on {x.device}; move all inputs to one device")
+
+
+def _adapter(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    if t.dtype in (x.dtype, torch.float32) or t.dtype not in _ADAPTER_DTYPES:
+        return t  # unsupported dtypes reach the op, which raises a clear TypeError
+    return t.to(torch.float32)
+
+
+def qlora_matmul(
+    a: torch.Tensor,
+    weight,
+    transpose_w: bool = False,
+    lora_s: torch.Tensor | None = None,
+    lora_w: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused dequant-GEMM: ``a·Wᵀ + scale·lora_s·lora_wᵀ + bias`` (``a [..., K] -> [..., N]``), or with
+    ``transpose_w`` ``a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p)`` (``a [..., N] -> [..., K]``, the dx form).
+    ``lora_s``: float32 ``[M, r]``; ``lora_w``: ``[n_out, r]`` (any strides). Not differentiable."""
+    n, k = weight.shape
+    return _ops.qlora_matmul(a, weight.packed, weight.absmax, weight.absmax2, weight.nested_code, weight.offset,
+                             weight.blocksize, n, k, transpose_w, lora_s, lora_w, float(scale), bias,
+                             float(dropout_p), rng)
+
+
+def lora_dropout_mask(rows: int, cols: int, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:
+    """The keep-mask (bool ``[rows, cols]``, CPU) the kernels use for x viewed as ``[rows, cols]``."""
+    return _ops.lora_dropout_mask(rows, cols, float(dropout_p), rng)
