@@ -44,7 +44,22 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def("lora_dropout_mask(int rows, int cols, float dropout_p, Tensor rng) -> Tensor");
 
   // ---- Paged AdamW --------------------------------------------------------------------------------
-  // (schemas of the optimizer family go here)
+  // Fused multi-tensor AdamW step, in place, torch.optim.AdamW's math (csrc/kernels/common/adamw_params.h).
+  // Per index i: params[i] f32/f16/bf16 contiguous (any shape; usually a 1-D slice of one parameter that
+  // lies in one state page), grads[i] same dtype and numel, exp_avgs[i]/exp_avg_sqs[i] f32 same numel.
+  // hparams: f64 CPU [n, 7], row i = (lr, beta1, beta2, weight_decay, eps, step, maximize) of tensor i,
+  // step counting this update (>= 1). CUDA: one launch per 36 tensors of one dtype, any sizes.
+  m.def(
+      "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor hparams) -> ()");
+  // CUDA unified memory for the `managed` paging backend (CUDA builds only; no tensor inputs, so these
+  // are registered as CompositeExplicitAutograd in csrc/bindings/adamw_cuda.cpp).
+  // A new f32 [numel] tensor in cudaMallocManaged memory, reported as on cuda:device; freed with cudaFree.
+  m.def("managed_empty(int numel, int device) -> Tensor");
+  // 1 if `device` supports concurrent managed access (prefetch + GPU/CPU coherence), else 0.
+  m.def("managed_concurrent_access(int device) -> int");
+  // cudaMemPrefetchAsync of t's bytes on the current stream to cuda:t.device (to_host=False) or the host.
+  m.def("managed_prefetch_(Tensor(a!) t, bool to_host) -> ()");
 }
 
 // Importing lora_ops._C runs the static registrations above; the module itself is empty.

@@ -4,12 +4,15 @@ Public API (see README.md):
     NF4Weight, quantize_nf4                 NF4 storage (lora_ops.nf4)
     nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
     QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
+    PagedAdamW, PagingStats                 AdamW with paged float32 state (lora_ops.optim)
 """
 
 from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
 from lora_ops._native import WITH_CUDA
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
+from lora_ops.ops.adamw import adamw_step_
+from lora_ops.optim import PagedAdamW, PagingStats
 
 from lora_ops.nn import QLoRALinear
 from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
@@ -26,5 +29,8 @@ __all__ = [
     "qlora_matmul",
     "lora_dropout_mask",
     "make_rng",
+    "adamw_step_",
+    "PagedAdamW",
+    "PagingStats",
 ]
 __version__ = "0.1.0"

@@ -232,3 +232,43 @@ def qlora_linear_backward(
     dA = scale * u.t() @ xd
     dB = scale * dy2.t() @ (xd @ A.t())
     return dx.reshape(x.shape), dA, dB
+
+# ==== Paged AdamW (issue 4) ======================================================================
+# torch.optim.AdamW's update (torch/optim/adam.py, _single_tensor_adam, decoupled weight decay)
+# written as separate elementwise ops, each rounding once in float32, with float32 state for any
+# parameter dtype. The fused kernels (csrc/kernels/common/adamw_params.h) follow the same order.
+
+
+def adamw_step_reference(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    weight_decay: float,
+    eps: float,
+    step: float,
+    maximize: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One AdamW step; returns new ``(param, exp_avg, exp_avg_sq)`` without touching the inputs.
+
+    ``param``/``grad``: float32/float16/bfloat16, any shape; ``exp_avg``/``exp_avg_sq``: float32, same
+    shape. ``step`` counts this update (>= 1). The parameter is updated in float32 and rounded once.
+    """
+    g = grad.float()
+    if maximize:
+        g = -g
+    p = param.float() * (1 - lr * weight_decay)
+    w = 1 - beta1
+    diff = g - exp_avg
+    m = exp_avg + w * diff if abs(w) < 0.5 else g - diff * (1 - torch.tensor(w, dtype=torch.float32)).item()
+    v = exp_avg_sq * beta2 + (g * (1 - beta2)) * g
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    # sqrt via float64 is exactly rounded (torch's CPU sqrt may use MKL VML, which is not always).
+    denom = v.double().sqrt().float() / bias_correction2_sqrt + eps
+    p = p + (m * (-(lr / bias_correction1))) / denom
+    return p.to(param.dtype), m, v

@@ -17,8 +17,8 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const at::Tensor& w_in, int64
   const int64_t numel = w.numel();
   const int64_t n_blocks = (numel + blocksize - 1) / blocksize;
   const auto bytes = w.options().dtype(at::kByte);
-  at::Tensor packed = at::empty({(numel + 1) / 2, 1}, bytes);
-  at::Tensor absmax = at::empty({n_blocks}, w.options().dtype(at::kFloat));
+  at::Tensor packed = new_output({(numel + 1) / 2, 1}, bytes);
+  at::Tensor absmax = new_output({n_blocks}, w.options().dtype(at::kFloat));
   Nf4QuantizeParams p;
   p.input = w.data_ptr();
   p.input_dtype = dtype;
@@ -43,8 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const at::
   const int64_t n = a.numel();
   // offset = mean(absmax) in float32, computed by torch like bitsandbytes does, stays on the device.
   at::Tensor offset = a.mean().reshape({1});
-  at::Tensor qabsmax = at::empty({n}, a.options().dtype(at::kByte));
-  at::Tensor absmax2 = at::empty({(n + kNestedBlocksize - 1) / kNestedBlocksize}, a.options());
+  at::Tensor qabsmax = new_output({n}, a.options().dtype(at::kByte));
+  at::Tensor absmax2 = new_output({(n + kNestedBlocksize - 1) / kNestedBlocksize}, a.options());
   Nf4DoubleQuantParams p;
   p.absmax = a.data_ptr<float>();
   p.n_blocks = n;
@@ -66,7 +66,7 @@ at::Tensor nf4_dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
   Nf4DequantizeParams p;
   p.weight = make_nf4_weight(packed, absmax, absmax2, nested_code, off, blocksize, numel, op);
   p.out_dtype = kernel_dtype(dtype, op, "dtype");
-  at::Tensor out = at::empty(shape, packed.options().dtype(dtype));
+  at::Tensor out = new_output(shape, packed.options().dtype(dtype));
   p.out = out.data_ptr();
   be.dequantize(p);
   return out;

@@ -3,6 +3,7 @@
 #pragma once
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <optional>
 #include <string>
 
@@ -84,6 +85,23 @@ inline Nf4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& abs
   w.nested_code = nested_code->data_ptr<float>();
   w.offset = offset->data_ptr<float>();
   return w;
+}
+
+// Tests set LORA_OPS_POISON_OUTPUTS=1 so every freshly allocated output is filled with 0xFF bytes
+// (NaN for floats) before a kernel writes it: an element a kernel forgets to write then fails the
+// comparison instead of passing on memory that a previous identical call left behind.
+inline bool poison_outputs_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("LORA_OPS_POISON_OUTPUTS");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return enabled;
+}
+
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  at::Tensor t = at::empty(shape, options);
+  if (poison_outputs_enabled()) t.view(at::kByte).fill_(0xFF);
+  return t;
 }
 
 inline int64_t shape_numel(at::IntArrayRef shape, const char* op) {

@@ -30,8 +30,18 @@ def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
     )
 
 
+def _check_same_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    """Mixed devices would otherwise dispatch to the fake kernel and fail late or not at all."""
+    for name, t in tensors.items():
+        if t is not None and t.device != ref.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but the weight is on {ref.device}; "
+                               "move all inputs to one device")
+
+
 @torch.library.register_fake("lora_ops::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
+    _check_same_device("nf4_dequantize", packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code,
+                       offset=offset)
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 

@@ -1,0 +1,33 @@
+"""Shared test setup: output poisoning for every kernel, device parametrization, fresh seeds."""
+
+import os
+
+# Must be set before lora_ops._C is loaded: every kernel output starts as 0xFF bytes (NaN), so an
+# element a kernel forgets to write fails the comparison.
+os.environ.setdefault("LORA_OPS_POISON_OUTPUTS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU"))]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Runs a test on the CPU, and again on CUDA when a GPU is present."""
+    return request.param
+
+
+@pytest.fixture
+def rng(request):
+    """A generator seeded freshly per test from the OS; the seed is printed on failure."""
+    seed = int(os.environ.get("LORA_OPS_TEST_SEED", 0)) or int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed} (rerun with LORA_OPS_TEST_SEED={seed})")  # shown by pytest on failure
+    return torch.Generator().manual_seed(seed)
+
+
+def randn(*shape, generator, dtype=torch.float32, device="cpu", scale=1.0):
+    """Non-zero random normal data (never all-zero) made on the CPU for reproducibility."""
+    t = torch.randn(*shape, generator=generator, dtype=torch.float32) * scale
+    return t.to(dtype).to(device)
