@@ -6,7 +6,7 @@ Methods (all with the same LoRA adapter, dropout 0, scale alpha/r):
     dense       (b) dense matmul on the original-dtype weight + the same LoRA path
     deq_mm      (c) lora_ops nf4_dequantize to x's dtype + matmul + the same LoRA path
 
-Each row: median time of forward and of forward+backward (x, A, B require grad), achieved GB/s (bytes
+Each row: median time (methods timed round-robin) of forward and of forward+backward (x, A, B require grad), achieved GB/s (bytes
 read: packed weight + absmax state + x + A + B, bytes written: y) and TFLOP/s (2·M·N·K + LoRA), the
 share of the ceilings measured in the same run (a large copy, a large matmul), speedups over each
 baseline, and (GPU) the peak memory of a forward+backward.
@@ -65,6 +65,32 @@ def time_fn(fn, device, min_time: float, min_iters: int = 3, warmup: int = 1) ->
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
+
+
+def time_interleaved(fns: dict, device, min_time: float, min_iters: int = 3) -> dict:
+    """Median ms per function, measured round-robin (one call of each per round), so that a
+    fluctuating background load on a shared machine hits every method alike."""
+    for fn in fns.values():
+        fn()
+    _sync(device)
+    times: dict = {k: [] for k in fns}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_iters or (time.perf_counter() - start < min_time * len(fns) and rounds < 200):
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                fn()
+                e1.record()
+                e1.synchronize()
+                times[name].append(e0.elapsed_time(e1))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def peak_memory(fn, device) -> int | None:
@@ -136,6 +162,14 @@ class Layer:
         return 2 * m * self.n * self.k + 2 * m * self.r * (self.k + self.n)
 
 
+def save(result, out_dir) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench_qlora.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    with open(os.path.join(out_dir, "bench_qlora.md"), "w") as f:
+        f.write(markdown(result))
+
+
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
@@ -149,25 +183,35 @@ def run(args) -> dict:
     env["ceilings"] = ceilings(device, dtype, args.min_time)
     print(json.dumps(env, indent=1), flush=True)
     rows = []
+    result = {"environment": env, "rows": rows, "args": {k: v for k, v in vars(args).items()}}
     for n, k in args.shapes:
         for r in args.ranks:
             layer = Layer(n, k, r, dtype, device, have_bnb)
             for m in args.ms:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype).to(device)
                 row = {"N": n, "K": k, "M": m, "r": r, "dtype": args.dtype}
-                for name, fn in layer.methods().items():
-                    row[f"{name}_fwd_ms"] = time_fn(lambda: fn(x, layer.A, layer.B), device, args.min_time)
-                    if not args.no_backward:
-                        xg = x.clone().requires_grad_()
-                        A, B = layer.A.clone().requires_grad_(), layer.B.clone().requires_grad_()
-                        dy = torch.randn(m, n, device=device).to(dtype)
+                methods = layer.methods()
+                fwd = {name: (lambda fn=fn: fn(x, layer.A, layer.B)) for name, fn in methods.items()}
+                with torch.no_grad():
+                    for name, t in time_interleaved(fwd, device, args.min_time).items():
+                        row[f"{name}_fwd_ms"] = t
+                if not args.no_backward:
+                    xg = x.clone().requires_grad_()
+                    A, B = layer.A.clone().requires_grad_(), layer.B.clone().requires_grad_()
+                    dy = torch.randn(m, n, device=device).to(dtype)
 
-                        def fwd_bwd(fn=fn, xg=xg, A=A, B=B, dy=dy):
+                    def make_fwd_bwd(fn):
+                        def fwd_bwd():
                             xg.grad = A.grad = B.grad = None
                             fn(xg, A, B).backward(dy)
 
-                        row[f"{name}_fwdbwd_ms"] = time_fn(fwd_bwd, device, args.min_time)
-                        mem = peak_memory(fwd_bwd, device)
+                        return fwd_bwd
+
+                    fb = {name: make_fwd_bwd(fn) for name, fn in methods.items()}
+                    for name, t in time_interleaved(fb, device, args.min_time).items():
+                        row[f"{name}_fwdbwd_ms"] = t
+                    for name, f in fb.items():
+                        mem = peak_memory(f, device)
                         if mem is not None:
                             row[f"{name}_fwdbwd_peak_MiB"] = mem / 2**20
                 t = row["ours_fwd_ms"]
@@ -181,8 +225,9 @@ def run(args) -> dict:
                             row[f"speedup_{ph}_vs_{base}"] = row[f"{base}_{ph}_ms"] / row[f"ours_{ph}_ms"]
                 rows.append(row)
                 print(summary_line(row), flush=True)
+                save(result, args.out)  # partial results survive an interrupted sweep
             del layer
-    return {"environment": env, "rows": rows}
+    return result
 
 
 def summary_line(row) -> str:
@@ -301,12 +346,7 @@ def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
     result = run(args)
-    result["args"] = {k: v for k, v in vars(args).items()}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "bench_qlora.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(os.path.join(args.out, "bench_qlora.md"), "w") as f:
-        f.write(markdown(result))
+    save(result, args.out)
     print(markdown(result))
 
 

@@ -41,6 +41,20 @@ from lora_ops.ops import qlora as qlora_ops
 _BASE_KEYS = ("packed", "absmax", "absmax2", "nested_code", "offset")
 
 
+def _zero_nf4(n: int, k: int, blocksize: int, double_quant: bool, dtype: torch.dtype, device) -> NF4Weight:
+    """An all-zero [n, k] NF4Weight built directly (every code 7 = exact zero), without quantizing."""
+    from lora_ops import reference
+
+    numel = n * k
+    nb = -(-numel // blocksize)
+    packed = torch.full(((numel + 1) // 2, 1), 0x77, dtype=torch.uint8, device=device)
+    if not double_quant:
+        return NF4Weight(packed, torch.zeros(nb, device=device), blocksize, (n, k), dtype)
+    qabsmax = torch.full((nb,), 127, dtype=torch.uint8, device=device)  # index of 0.0 in the dynamic map
+    return NF4Weight(packed, qabsmax, blocksize, (n, k), dtype, torch.zeros(-(-nb // 256), device=device),
+                     reference.dynamic_map().to(device), torch.zeros((), device=device))
+
+
 class QLoRALinear(nn.Module):
     """``y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W frozen in NF4 and A, B trainable.
 
@@ -76,9 +90,8 @@ class QLoRALinear(nn.Module):
         self.blocksize, self.base_dtype = blocksize, base_dtype
         self.merged = False
         self._unmerged_base: NF4Weight | None = None
-        # A placeholder base (all-zero weight) until from_* or load_state_dict fills it.
-        zero = torch.zeros(out_features, in_features, dtype=base_dtype, device=device)
-        self._set_base(quantize_nf4(zero, blocksize, double_quant))
+        # A placeholder base (exact zeros) until from_* or load_state_dict fills it.
+        self._set_base(_zero_nf4(out_features, in_features, blocksize, double_quant, base_dtype, device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=base_dtype, device=device) if bias else None)
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=adapter_dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=adapter_dtype)
@@ -161,6 +174,17 @@ class QLoRALinear(nn.Module):
         layer.lora_A.weight = a
         layer.lora_B.weight = b
         return layer
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not cast the quantization state (absmax & co. are float32 by
+        # format): keep their dtype, follow only the device change.
+        saved = {f"weight_{k}": self._buffers.get(f"weight_{k}") for k in _BASE_KEYS}
+        super()._apply(fn, recurse)
+        for name, orig in saved.items():
+            new = self._buffers.get(name)
+            if orig is not None and new is not None and new.dtype != orig.dtype:
+                self._buffers[name] = orig.to(new.device)
+        return self
 
     # ---- views ---------------------------------------------------------------------------------------
     @property

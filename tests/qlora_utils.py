@@ -18,9 +18,10 @@ MEAN_REL = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3, torc
 
 
 def make_problem(m_shape, n, k, r, dtype, device, adapter_dtype=torch.float32, blocksize=64, double_quant=True,
-                 bias=True, seed=0):
-    """Random layer: NF4 weight [n, k], x [*m_shape, k], A [r, k], B [n, r] (B non-zero), bias [n]."""
-    g = torch.Generator().manual_seed(seed)
+                 bias=True, seed=0, generator=None):
+    """Random layer: NF4 weight [n, k], x [*m_shape, k], A [r, k], B [n, r] (B non-zero), bias [n].
+    Drawn from ``generator`` (tests pass the fresh per-test ``rng`` fixture) or from ``seed``."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     w = torch.randn(n, k, generator=g) * 0.5
     wq = quantize_nf4(w, blocksize, double_quant).to(device)
     x = torch.randn(*m_shape, k, generator=g).to(dtype).to(device)

@@ -38,9 +38,9 @@ def _run_ours(x, wq, A, B, scale, bias, p, rng):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"M{c[0]}-N{c[1]}-K{c[2]}-r{c[3]}-{c[4]}-{c[5]}-bs{c[6]}-p{c[8]}")
-def test_forward_and_grads_match_reference(device, case):
+def test_forward_and_grads_match_reference(device, case, rng):
     m_shape, n, k, r, dtype, adt, bs, dq, p = case
-    wq, x, A, B, bias = make_problem(m_shape, n, k, r, dtype, device, adt, bs, dq, seed=n + k)
+    wq, x, A, B, bias = make_problem(m_shape, n, k, r, dtype, device, adt, bs, dq, generator=rng)
     scale, seed, offset = 0.75, 1234 + k, 17
     rng = make_rng(seed, offset)
     w = dense_weight(wq, dtype)
@@ -72,9 +72,9 @@ def test_forward_and_grads_match_reference(device, case):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_closed_form_backward_matches_autograd_of_reference(device):
+def test_closed_form_backward_matches_autograd_of_reference(device, rng):
     # The closed-form reference backward (used by the CUDA helper's tests) agrees with autograd.
-    wq, x, A, B, _ = make_problem((9,), 40, 72, 4, fp32, "cpu", seed=3)
+    wq, x, A, B, _ = make_problem((9,), 40, 72, 4, fp32, "cpu", generator=rng)
     w = dense_weight(wq, fp32)
     x64, A64, B64 = (t.double().requires_grad_() for t in (x, A, B))
     y, _ = reference.qlora_linear(x64, w, A64, B64, 0.5, None, 0.25, 99, 3)
@@ -88,18 +88,19 @@ def test_closed_form_backward_matches_autograd_of_reference(device):
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_gradcheck_float64_cpu(dropout_p, double_quant):
+def test_gradcheck_float64_cpu(dropout_p, double_quant, rng):
     # The CPU kernels have a float64 path (fp64 accumulation, W = exact fp32 decode products), so
     # gradcheck runs on the real ops, backward included.
-    wq, x, A, B, bias = make_problem((2, 3), 11, 40, 3, torch.float64, "cpu", torch.float64, 32, double_quant)
+    wq, x, A, B, bias = make_problem((2, 3), 11, 40, 3, torch.float64, "cpu", torch.float64, 32, double_quant,
+                                     generator=rng)
     rng = make_rng(7, 0)
     x, A, B = (t.requires_grad_() for t in (x, A, B))
     assert torch.autograd.gradcheck(lambda x, A, B: qlora_linear(x, wq, A, B, 0.6, bias, dropout_p, rng), (x, A, B))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_noncontiguous_and_3d_x_give_identical_results(device):
-    wq, x, A, B, bias = make_problem((6, 2), 48, 80, 8, bf16, device, seed=11)
+def test_noncontiguous_and_3d_x_give_identical_results(device, rng):
+    wq, x, A, B, bias = make_problem((6, 2), 48, 80, 8, bf16, device, generator=rng)
     base = torch.randn(6, 2, 160, generator=torch.Generator().manual_seed(2)).to(bf16).to(device)
     strided = base[..., ::2]  # column stride 2
     permuted = base[..., :80].permute(1, 0, 2)  # rows not in memory order
@@ -111,9 +112,9 @@ def test_noncontiguous_and_3d_x_give_identical_results(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_matmul_transposed_is_dy_times_w(device):
+def test_matmul_transposed_is_dy_times_w(device, rng):
     # The dx kernel (same family, W never transposed in memory) with and without the LoRA term.
-    wq, _, A, B, _ = make_problem((1,), 90, 150, 8, fp32, device, seed=4)
+    wq, _, A, B, _ = make_problem((1,), 90, 150, 8, fp32, device, generator=rng)
     dy = torch.randn(13, 90).to(device)
     w = dense_weight(wq, fp32).double()
     out = qlora_matmul(dy, wq, transpose_w=True)
@@ -156,8 +157,8 @@ def test_dropout_offset_shifts_the_counter():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_dropout_same_mask_in_forward_and_backward(device):
-    wq, x, A, B, _ = make_problem((8,), 32, 64, 4, fp32, device, seed=8, bias=False)
+def test_dropout_same_mask_in_forward_and_backward(device, rng):
+    wq, x, A, B, _ = make_problem((8,), 32, 64, 4, fp32, device, generator=rng, bias=False)
     p, rng = 0.5, make_rng(31337, 9)
     mask = lora_dropout_mask(8, 64, p, rng).to(device)
     keep_scale = reference.dropout_keep_scale(p)
@@ -220,8 +221,8 @@ torch.save(qlora_linear(x, wq, A, B, 0.5, b), sys.argv[1])
 
 
 # ---- opcheck and torch.compile ---------------------------------------------------------------------
-def _op_samples(device):
-    wq, x, A, B, bias = make_problem((3, 5), 40, 72, 4, bf16, device, seed=21)
+def _op_samples(device, rng):
+    wq, x, A, B, bias = make_problem((3, 5), 40, 72, 4, bf16, device, generator=rng)
     wt = (wq.packed, wq.absmax, wq.absmax2, wq.nested_code, wq.offset, wq.blocksize)
     rng = make_rng(77, 1)
     xg = x.clone().requires_grad_()
@@ -241,15 +242,15 @@ def _op_samples(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck(device):
-    for op, args in _op_samples(device):
+def test_opcheck(device, rng):
+    for op, args in _op_samples(device, rng):
         torch.library.opcheck(op, args)
     torch.library.opcheck(ops.lora_dropout_mask, (5, 7, 0.3, make_rng(1)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_fullgraph_forward_backward_matches_eager(device):
-    wq, x, A, B, bias = make_problem((4, 6), 48, 96, 8, fp32, device, seed=30)
+def test_compile_fullgraph_forward_backward_matches_eager(device, rng):
+    wq, x, A, B, bias = make_problem((4, 6), 48, 96, 8, fp32, device, generator=rng)
     rng = make_rng(4321, 0)
 
     def step(x, A, B):
@@ -269,8 +270,8 @@ def test_compile_fullgraph_forward_backward_matches_eager(device):
 
 
 # ---- bad input ---------------------------------------------------------------------------------------
-def test_bad_inputs_raise_clear_errors():
-    wq, x, A, B, bias = make_problem((4,), 32, 64, 4, bf16, "cpu", seed=40)
+def test_bad_inputs_raise_clear_errors(rng):
+    wq, x, A, B, bias = make_problem((4,), 32, 64, 4, bf16, "cpu", generator=rng)
     wt = (wq.packed, wq.absmax, wq.absmax2, wq.nested_code, wq.offset, wq.blocksize)
     with pytest.raises(ValueError, match="features"):
         qlora_linear(torch.randn(4, 60).to(bf16), wq, A, B, 1.0)

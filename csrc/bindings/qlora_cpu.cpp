@@ -3,6 +3,7 @@
 #include <torch/library.h>
 
 #include "bindings/qlora_ops.h"
+#include "bindings/tensor_checks.h"
 #include "cpu/qlora_cpu.h"
 
 namespace lora_ops {
@@ -49,7 +50,7 @@ at::Tensor dropout_mask(int64_t rows, int64_t cols, double p, const at::Tensor& 
   DropoutMaskParams mp;
   mp.rows = rows;
   mp.dropout = make_dropout(p, rng, cols, op);
-  at::Tensor out = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  at::Tensor out = new_output({rows, cols}, at::TensorOptions().dtype(at::kBool));
   mp.out = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
   cpu::dropout_mask(mp);
   return out;

@@ -114,8 +114,8 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_op(
   const at::Tensor x2 = rows_view(x, K);
   const int64_t M = x2.size(0);
   const auto acc_type = xt == DType::kFloat64 ? at::kDouble : at::kFloat;
-  at::Tensor y = at::empty(out_shape(x, N), x.options());
-  at::Tensor s = at::empty({M, r}, x.options().dtype(acc_type));
+  at::Tensor y = new_output(out_shape(x, N), x.options());
+  at::Tensor s = new_output({M, r}, x.options().dtype(acc_type));
   if (M == 0) return {y, s};
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
 
@@ -214,7 +214,7 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
   TORCH_CHECK_VALUE(!mp.dropout.enabled() || transpose_w, op,
                     ": dropout applies to the LoRA term only in the transposed (dx) form; the forward applies it "
                     "when computing lora_s");
-  at::Tensor out = at::empty(out_shape(a, n_out), a.options());
+  at::Tensor out = new_output(out_shape(a, n_out), a.options());
   if (M == 0) return out;
   mp.n = N;
   mp.k = K;
@@ -246,7 +246,7 @@ at::Tensor lora_down_op(const at::Tensor& a, const at::Tensor& f, double dropout
   dp.dropout = make_dropout(dropout_p, rng, L, op);
   const at::Tensor a2 = rows_view(a, L);
   const int64_t M = a2.size(0);
-  at::Tensor out = at::empty({M, r}, a.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
+  at::Tensor out = new_output({M, r}, a.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
   if (M == 0) return out;
   dp.m = M;
   dp.l = L;
@@ -279,7 +279,7 @@ at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double
                     left.sizes(), " and ", right.sizes());
   LoraOuterParams op_;
   op_.dropout = make_dropout(dropout_p, rng, Q, op);
-  at::Tensor out = at::empty({P, Q}, left.options().dtype(out_dtype));
+  at::Tensor out = new_output({P, Q}, left.options().dtype(out_dtype));
   if (P == 0 || Q == 0) return out;
   op_.m = l2.size(0);
   op_.p = P;

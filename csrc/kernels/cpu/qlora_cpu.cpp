@@ -1,7 +1,9 @@
 // CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
 //
-//   small M (forward, M <= gemv_max_m()): per W row, decode the row into an L1 buffer (AVX2: 8 codes per
-//     step via variable shifts + two vpermps table lookups) and dot it with each x row.
+//   small M (forward, M <= gemv_max_m() = 16): per 4 W rows, decode them into an L1 buffer (AVX2: 8 codes
+//     per step via variable shifts + two vpermps table lookups) and dot them with each x row.
+//   small M (dx, M <= axpy_max_m() = 16): threads own column ranges of W, decode each W row segment once
+//     and axpy it into every row's fp32 accumulator.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
 //     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
 //     thread-local scratch laid out as 4 micro-panels [kKB][16] (64 KiB, L2-resident), and a 6x16
@@ -47,7 +49,7 @@ constexpr int kPanel = 64;     // output columns per thread task (4 micro-panels
 constexpr int64_t kKB = 256;   // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256;   // rows of x converted to fp32 at a time (bounds every buffer)
 int64_t gemv_max_m() {
-  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(3); }();
+  static const int64_t v = [] { const char* e = std::getenv("LORA_OPS_GEMV_MAX_M"); return e ? std::atoll(e) : int64_t(16); }();
   return v;
 }  // forward uses the row-dot path up to this M
 
@@ -539,6 +541,68 @@ void matmul_gemv(const QloraMatmulParams& p) {
   }
 }
 
+// dx with few rows: out[m, k] = Σ_n a[m, n] · W[n, k]. Threads own column ranges of W (kAxpyCols wide)
+// and stream every W row segment once, decoding it into an L1 buffer and adding a[m, n] times it to
+// each row's fp32 accumulator (an axpy; no transposition of W, long contiguous decode runs).
+constexpr int64_t kAxpyCols = 512;
+int64_t axpy_max_m() {
+  static const int64_t v = [] {
+    const char* e = std::getenv("LORA_OPS_AXPY_MAX_M");
+    return e ? std::atoll(e) : int64_t(16);
+  }();
+  return v;
+}
+
+void axpy_portable(float a, const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+}
+#ifdef LORA_OPS_X86
+LORA_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+#endif
+void axpy(float a, const float* x, float* y, int64_t n) {
+#ifdef LORA_OPS_X86
+  if (kUseAvx2) return axpy_avx2(a, x, y, n);
+#endif
+  axpy_portable(a, x, y, n);
+}
+
+void matmul_axpy_transposed(const QloraMatmulParams& p) {
+  const int64_t K = p.k, N = p.n, M = p.m;
+  std::vector<float> a32(static_cast<size_t>(M * N));
+  for (int64_t m = 0; m < M; ++m) load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, N, a32.data() + m * N);
+  const Epilogue ep(p);
+  const int64_t n_tasks = (K + kAxpyCols - 1) / kAxpyCols;
+#pragma omp parallel
+  {
+    AlignedBuffer wrow(kAxpyCols);
+    std::vector<float> acc(static_cast<size_t>(M * kAxpyCols));
+    std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < n_tasks; ++task) {
+      const int64_t k0 = task * kAxpyCols;
+      const int64_t kw = std::min(kAxpyCols, K - k0);
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t n = 0; n < N; ++n) {
+        decode_segment(p.weight, p.a_dtype, n * K + k0, kw, wrow.ptr);
+        for (int64_t m = 0; m < M; ++m) {
+          const float av = a32[m * N + n];
+          if (av != 0.0f) axpy(av, wrow.ptr, acc.data() + m * kAxpyCols, kw);
+        }
+      }
+      for (int64_t o0 = k0; o0 < k0 + kw; o0 += kPanel) {
+        const int64_t ow = std::min<int64_t>(kPanel, k0 + kw - o0);
+        if (p.rank > 0) ep.load_lora_panel(o0, ow, lw.data());
+        for (int64_t m = 0; m < M; ++m) ep.finish_row(m, o0, ow, acc.data() + m * kAxpyCols + (o0 - k0), lw.data());
+      }
+    }
+  }
+}
+
 // Dequantizes the W panel for output columns [o0, o0 + ow) and reduction indices [i0, i0 + kb) into 4
 // micro-panels [kKB][16] (columns beyond ow are zero).
 void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i0, int64_t kb, float* scratch,
@@ -770,6 +834,7 @@ void qlora_matmul(const QloraMatmulParams& p) {
   if (p.m == 0) return;
   if (p.a_dtype == DType::kFloat64) return matmul_f64(p);
   if (!p.transpose_w && p.m <= gemv_max_m()) return matmul_gemv(p);
+  if (p.transpose_w && p.m <= axpy_max_m()) return matmul_axpy_transposed(p);
   matmul_gemm(p);
 }
 
