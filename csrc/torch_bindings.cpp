@@ -52,6 +52,13 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def(
       "adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor hparams) -> ()");
+  // The same update in page-table form (what PagedAdamW calls: no per-piece tensor views in Python).
+  // pages: f32 [n_slots, 2, page_elems] (row 0 exp_avg, row 1 exp_avg_sq) on the params' device.
+  // pieces: i64 CPU [m, 5] rows (param i, begin, end, slot, offset): elements [begin, end) of flattened
+  // params[i] have their state at pages[slot, :, offset : offset + end - begin]. hparams: one row per param.
+  m.def(
+      "adamw_step_pages_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) pages, Tensor pieces, Tensor hparams) "
+      "-> ()");
   // CUDA unified memory for the `managed` paging backend (CUDA builds only; no tensor inputs, so these
   // are registered as CompositeExplicitAutograd in csrc/bindings/adamw_cuda.cpp).
   // A new f32 [numel] tensor in cudaMallocManaged memory, reported as on cuda:device; freed with cudaFree.

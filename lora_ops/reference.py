@@ -80,10 +80,15 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     return packed.reshape(-1, 1), absmax
 
 
-def nf4_double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Section 5. Returns (qabsmax uint8 [nb], absmax2 float32 [ceil(nb/256)], offset float32 [])."""
+def nf4_double_quantize(
+    absmax: torch.Tensor, offset: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Section 5. Returns (qabsmax uint8 [nb], absmax2 float32 [ceil(nb/256)], offset float32 []).
+
+    ``offset`` defaults to torch's float32 mean of absmax on the CPU; pass the one a device computed
+    (a CUDA mean may differ from the CPU's in the last bit) to check the rest of the encoding."""
     absmax = absmax.to(torch.float32).cpu()
-    offset = absmax.mean()
+    offset = absmax.mean() if offset is None else offset.reshape(()).to(torch.float32).cpu()
     a = _blocks(absmax - offset, NESTED_BLOCKSIZE)
     absmax2 = a.abs().amax(dim=1)
     recip = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))

@@ -35,8 +35,10 @@ def test_double_quantize_matches_reference(device, rng, shape):
     _, absmax = lora_ops.nf4_quantize(w, 64)
     code = R.dynamic_map().to(device)
     q, absmax2, offset = lora_ops.nf4_double_quantize(absmax, code)
-    rq, rabsmax2, roffset = R.nf4_double_quantize(absmax.cpu())
-    assert torch.equal(offset.cpu(), roffset)
+    # offset is torch's float32 mean on the op's device (a CUDA mean may differ from the CPU's in
+    # the last bit); everything after it must match the reference exactly.
+    assert torch.equal(offset, absmax.mean())
+    rq, rabsmax2, _ = R.nf4_double_quantize(absmax.cpu(), offset)
     assert torch.equal(absmax2.cpu(), rabsmax2)
     assert torch.equal(q.cpu(), rq)
 

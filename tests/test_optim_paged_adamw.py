@@ -15,7 +15,7 @@ from lora_ops.optim import PagedAdamW
 # LoRA-like tensors (A [r, K], B [N, r]) plus odd sizes, so tensors share pages and span them.
 SHAPES = [(8, 40), (40, 8), (8, 33), (33, 8), (57,), (3, 5), (130,)]
 PAGE = 64  # elements per page in tests: the state above spans ~20 pages
-TOL = dict(atol=1e-6, rtol=1e-5)  # fp32 params vs torch.optim.AdamW
+TOL = {"atol": 1e-6, "rtol": 1e-5}  # fp32 params vs torch.optim.AdamW
 
 
 def make_params(rng, device, dtype=torch.float32):
@@ -70,9 +70,9 @@ def assert_state_close(ours, theirs, params_a, params_b, exact=False):
 
 
 PAGINGS = {
-    "resident": dict(paging="none"),
-    "explicit_tiny": dict(paging="explicit", page_size=PAGE, state_budget_bytes=2 * 8 * PAGE),
-    "explicit_3": dict(paging="explicit", page_size=PAGE, state_budget_bytes=3 * 8 * PAGE),
+    "resident": {"paging": "none"},
+    "explicit_tiny": {"paging": "explicit", "page_size": PAGE, "state_budget_bytes": 2 * 8 * PAGE},
+    "explicit_3": {"paging": "explicit", "page_size": PAGE, "state_budget_bytes": 3 * 8 * PAGE},
 }
 
 
@@ -80,7 +80,7 @@ PAGINGS = {
 def test_matches_torch_adamw(device, rng, paging):
     params = make_params(rng, device)
     ref_params = clone_params(params)
-    skip = lambda s: (1,) if s % 5 == 2 else ()  # noqa: E731  (a param without grad now and then)
+    skip = lambda s: (1,) if s % 5 == 2 else ()
     ours = run(PagedAdamW(two_groups(params), **PAGINGS[paging]), params, 25, seed=1, skip_fn=skip)
     theirs = run(torch.optim.AdamW(two_groups(ref_params)), ref_params, 25, seed=1, skip_fn=skip)
     assert_state_close(ours, theirs, params, ref_params)
@@ -92,7 +92,7 @@ def test_matches_torch_adamw(device, rng, paging):
 def test_explicit_paging_bitwise_equals_resident(device, rng, budget_pages):
     params = make_params(rng, device)
     res_params = clone_params(params)
-    skip = lambda s: (0, 5) if s % 3 == 1 else ()  # noqa: E731
+    skip = lambda s: (0, 5) if s % 3 == 1 else ()
     paged = PagedAdamW(two_groups(params), page_size=PAGE, state_budget_bytes=budget_pages * 8 * PAGE)
     resident = PagedAdamW(two_groups(res_params), page_size=PAGE, paging="none")
     run(paged, params, 21, seed=2, skip_fn=skip)
@@ -108,7 +108,11 @@ def test_paging_stats_cyclic_pattern(device, rng):
     run(opt, params, 1, seed=3)
     st = opt.paging_stats
     n, slots, page_bytes = st.pages_total, 4, 8 * PAGE
-    assert st.backend == "explicit" and st.budget_bytes == slots * page_bytes and st.state_bytes == n * page_bytes
+    assert (
+        st.backend == "explicit"
+        and st.budget_bytes == slots * page_bytes
+        and st.state_bytes == n * page_bytes
+    )
     assert (st.pages_updated, st.pages_in, st.pages_out, st.pages_resident) == (n, n, n - slots, slots)
     run(opt, params, 3, seed=3, start=1)
     st = opt.paging_stats  # resident pages go first, so only the others move: n - slots each way
@@ -117,8 +121,10 @@ def test_paging_stats_cyclic_pattern(device, rng):
     assert opt.paging_totals.pages_in == n + 3 * (n - slots)
 
 
-@pytest.mark.parametrize(("src", "dst"), [("explicit_tiny", "resident"), ("resident", "explicit_3"),
-                                          ("explicit_3", "explicit_tiny")])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [("explicit_tiny", "resident"), ("resident", "explicit_3"), ("explicit_3", "explicit_tiny")],
+)
 def test_state_dict_resume_across_backends(device, rng, src, dst):
     params = make_params(rng, device)
     opt = run(PagedAdamW(two_groups(params), **PAGINGS[src]), params, 10, seed=4)
@@ -166,7 +172,7 @@ def test_state_dict_into_and_out_of_torch_adamw(device, rng):
 def test_params_without_grads_are_skipped(device, rng):
     params = make_params(rng, device)
     frozen_before = params[2].detach().clone()
-    skip = lambda s: (2,) + ((3,) if s < 2 else ())  # noqa: E731  (2 never has a grad, 3 not at first)
+    skip = lambda s: (2,) + ((3,) if s < 2 else ())
     opt = run(PagedAdamW(params, **PAGINGS["explicit_tiny"]), params, 5, seed=7, skip_fn=skip)
     assert torch.equal(params[2].detach(), frozen_before)
     sd = opt.state_dict()["state"]
@@ -187,8 +193,17 @@ def test_low_precision_params_fp32_state(device, rng, dtype):
         opt.step()
         for i, g in enumerate(grads):
             ref_p[i], ref_m[i], ref_v[i] = reference.adamw_step_reference(
-                ref_p[i], g.cpu(), ref_m[i], ref_v[i], lr=1e-2, beta1=0.9, beta2=0.999, weight_decay=0.05,
-                eps=1e-8, step=s + 1)
+                ref_p[i],
+                g.cpu(),
+                ref_m[i],
+                ref_v[i],
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.999,
+                weight_decay=0.05,
+                eps=1e-8,
+                step=s + 1,
+            )
     sd = opt.state_dict()["state"]
     for i, p in enumerate(params):
         assert p.dtype == dtype and sd[i]["exp_avg"].dtype == torch.float32
@@ -235,11 +250,13 @@ def test_lr_scheduler_and_closure(device, rng):
     target = [randn(*p.shape, generator=rng, device=device) for p in params]
     for _ in range(20):
         for opt, ps in ((ours, params), (theirs, ref_params)):
+
             def closure(ps=ps, opt=opt):
                 opt.zero_grad()
                 loss = sum(((p - t) ** 2).sum() for p, t in zip(ps, target))
                 loss.backward()
                 return loss
+
             loss = opt.step(closure)
             assert torch.is_tensor(loss) and loss.item() > 0
         sched_a.step()
@@ -320,10 +337,34 @@ def test_explicit_paging_random_subsets_bitwise(device, rng, budget_pages):
     params = make_params(rng, device)
     res_params = clone_params(params)
     pick = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    subsets = [tuple(i for i in range(len(SHAPES)) if torch.rand(1, generator=pick).item() < 0.5) for _ in range(30)]
+    subsets = [
+        tuple(i for i in range(len(SHAPES)) if torch.rand(1, generator=pick).item() < 0.5) for _ in range(30)
+    ]
     paged = PagedAdamW(two_groups(params), page_size=PAGE, state_budget_bytes=budget_pages * 8 * PAGE)
     resident = PagedAdamW(two_groups(res_params), page_size=PAGE, paging="none")
     run(paged, params, 30, seed=15, skip_fn=lambda s: subsets[s])
     run(resident, res_params, 30, seed=15, skip_fn=lambda s: subsets[s])
     assert paged.paging_stats.pages_resident <= budget_pages
     assert_state_close(paged, resident, params, res_params, exact=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("paging", ["explicit_tiny", "resident", "managed"])
+def test_cuda_step_never_synchronizes(rng, paging):
+    """After the first step (which sizes the pool from free memory), a step issues no device sync."""
+    params = make_params(rng, "cuda")
+    kw = {"paging": "managed", "page_size": PAGE} if paging == "managed" else PAGINGS[paging]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # managed may fall back on this GPU
+        opt = run(PagedAdamW(params, **kw), params, 1, seed=16)
+    grads = [grads_for(params, s, seed=16) for s in range(1, 4)]  # host->device copies may sync: before
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()

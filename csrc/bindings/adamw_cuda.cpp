@@ -16,14 +16,19 @@ void check_cuda(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA error ", cudaGetErrorName(err), ": ", cudaGetErrorString(err));
 }
 
+void launch(const AdamwStepParams& p, const at::Tensor& ref) {
+  const c10::cuda::CUDAGuard guard(ref.device());
+  check_cuda(cuda::adamw_step(p, c10::cuda::getCurrentCUDAStream(ref.device().index()).stream()), "adamw_step_");
+}
+
 void step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
           const at::Tensor& hparams) {
-  adamw_step_op(params, grads, exp_avgs, exp_avg_sqs, hparams, c10::DeviceType::CUDA,
-                [](const AdamwStepParams& p, const at::Tensor& ref) {
-                  const c10::cuda::CUDAGuard guard(ref.device());
-                  check_cuda(cuda::adamw_step(p, c10::cuda::getCurrentCUDAStream(ref.device().index()).stream()),
-                             "adamw_step_");
-                });
+  adamw_step_op(params, grads, exp_avgs, exp_avg_sqs, hparams, c10::DeviceType::CUDA, &launch);
+}
+
+void step_pages(at::TensorList params, at::TensorList grads, at::Tensor& pages, const at::Tensor& pieces,
+                const at::Tensor& hparams) {
+  adamw_step_pages_op(params, grads, pages, pieces, hparams, c10::DeviceType::CUDA, &launch);
 }
 
 at::Tensor managed_empty(int64_t numel, int64_t device) {
@@ -54,10 +59,11 @@ void managed_prefetch(at::Tensor& t, bool to_host) {
              "managed_prefetch_");
 }
 
-}  // namespace
+} // namespace
 
 TORCH_LIBRARY_IMPL(lora_ops, CUDA, m) {
   m.impl("adamw_step_", &step);
+  m.impl("adamw_step_pages_", &step_pages);
   m.impl("managed_prefetch_", &managed_prefetch);
 }
 
@@ -67,4 +73,4 @@ TORCH_LIBRARY_IMPL(lora_ops, CompositeExplicitAutograd, m) {
   m.impl("managed_concurrent_access", &managed_concurrent_access);
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

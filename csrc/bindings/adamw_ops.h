@@ -16,8 +16,16 @@ using AdamwKernel = void (*)(const AdamwStepParams& p, const at::Tensor& device_
 // Validates the lists (same length; per index: same numel; params/grads same float dtype; states
 // float32; all contiguous, strided, on one device of type `device_type`), folds each hparams row
 // as torch.optim.AdamW does (in float64, then rounded to float32 once) and calls `kernel`.
-void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                   at::TensorList exp_avg_sqs, const at::Tensor& hparams, c10::DeviceType device_type,
-                   AdamwKernel kernel);
+void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                   const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel);
 
-}  // namespace lora_ops
+// Columns of the int64 `pieces` table of adamw_step_pages_: param index, begin, end (elements of the
+// flattened param), slot (first index of `pages`), offset (element offset inside the slot's page).
+constexpr int64_t kAdamwPieceCols = 5;
+
+// The page-table form: pieces of params whose state lies in `pages` [n_slots, 2, page_elems] float32
+// (row 0 exp_avg, row 1 exp_avg_sq). Every piece is bounds-checked; hparams has one row per param.
+void adamw_step_pages_op(at::TensorList params, at::TensorList grads, const at::Tensor& pages, const at::Tensor& pieces,
+                         const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel);
+
+} // namespace lora_ops

@@ -20,9 +20,21 @@ def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, hparams) -> None:
     return None
 
 
+@torch.library.register_fake("lora_ops::adamw_step_pages_")
+def _adamw_step_pages_fake(params, grads, pages, pieces, hparams) -> None:
+    return None
+
+
 @torch.library.register_fake("lora_ops::managed_prefetch_")
 def _managed_prefetch_fake(t, to_host) -> None:
     return None
+
+
+def _raise_if_sparse(op: str, grads: list[torch.Tensor]) -> None:
+    # A sparse gradient makes the dispatcher look for a Sparse kernel; say what is actually wrong.
+    for i, g in enumerate(grads):
+        if g.layout != torch.strided:
+            raise TypeError(f"{op}: grads[{i}] is {g.layout}; sparse gradients are not supported")
 
 
 def adamw_step_(
@@ -41,17 +53,49 @@ def adamw_step_(
     are read, updated in float32 and rounded once (round-to-nearest-even).
     """
     grads = list(grads)
+    try:
+        _ops.adamw_step_(list(params), grads, list(exp_avgs), list(exp_avg_sqs), hparams)
+    except NotImplementedError:
+        _raise_if_sparse("adamw_step_", grads)
+        raise
+
+
+def adamw_step_pages_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    pages: torch.Tensor,
+    pieces: torch.Tensor,
+    hparams: torch.Tensor,
+) -> None:
+    """The AdamW update of pieces of parameters whose float32 state lives in page slots.
+
+    ``pages``: float32 ``[n_slots, 2, page_elems]`` on the params' device (row 0 exp_avg, row 1
+    exp_avg_sq). ``pieces``: int64 CPU ``[m, 5]``, rows ``(i, begin, end, slot, offset)``: elements
+    ``[begin, end)`` of ``params[i].view(-1)`` use ``pages[slot, :, offset : offset + end - begin]``.
+    ``hparams``: float64 CPU ``[len(params), 7]`` as in :func:`adamw_step_`. Every piece is bounds-checked.
+    """
+    grads = list(grads)
     for i, g in enumerate(grads):
-        if g.layout != torch.strided:  # caught here: the dispatcher would report a missing Sparse kernel
-            raise TypeError(f"adamw_step_: grads[{i}] is {g.layout}; sparse gradients are not supported")
-    _ops.adamw_step_(list(params), grads, list(exp_avgs), list(exp_avg_sqs), hparams)
+        if g.layout != torch.strided:
+            raise TypeError(
+                f"adamw_step_pages_: grads[{i}] is {g.layout}; sparse gradients are not supported"
+            )
+    _ops.adamw_step_pages_(list(params), grads, pages, pieces, hparams)
 
 
 def hparams_row(
     lr: float, beta1: float, beta2: float, weight_decay: float, eps: float, step: float, maximize: bool
 ) -> list[float]:
     """One row of the ``hparams`` table (plain Python floats, in :data:`HPARAM_COLUMNS` order)."""
-    return [float(lr), float(beta1), float(beta2), float(weight_decay), float(eps), float(step), float(maximize)]
+    return [
+        float(lr),
+        float(beta1),
+        float(beta2),
+        float(weight_decay),
+        float(eps),
+        float(step),
+        float(maximize),
+    ]
 
 
 def managed_empty(numel: int, device: int) -> torch.Tensor:

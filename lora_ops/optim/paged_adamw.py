@@ -39,6 +39,8 @@ class _Layout:
         self.end = 0
         # page -> [(param i, begin in param, end in param, offset in page)]
         self.pieces: list[list[tuple[int, int, int, int]]] = []
+        self._table: torch.Tensor | None = None
+        self._page_rows: list[int] = []
 
     def add(self, p: torch.Tensor) -> None:
         i = len(self.params)
@@ -56,15 +58,29 @@ class _Layout:
             n = min(pe - in_page, self.end - pos)
             self.pieces[page].append((i, pos - start, pos - start + n, in_page))
             pos += n
+        self._table = None
 
     @property
     def n_pages(self) -> int:
         return len(self.pieces)
 
+    def table(self) -> tuple[torch.Tensor, list[int]]:
+        """All pieces as int64 ``[n, 5]`` rows (param i, begin, end, page, offset), sorted by page, and
+        the first row of each page (``rows[page] : rows[page + 1]``)."""
+        if self._table is None:
+            rows, starts = [], [0]
+            for page, pieces in enumerate(self.pieces):
+                rows += [(i, b, e, page, off) for i, b, e, off in pieces]
+                starts.append(len(rows))
+            self._table = torch.tensor(rows, dtype=torch.int64).view(-1, 5)
+            self._page_rows = starts
+        return self._table, self._page_rows
+
     def pages_of(self, i: int) -> range:
-        first = self.offset[i] // self.page_elems
-        last = (self.offset[i] + max(self.params[i].numel(), 1) - 1) // self.page_elems
-        return range(first, last + 1)
+        n = self.params[i].numel()
+        if n == 0:
+            return range(0)
+        return range(self.offset[i] // self.page_elems, (self.offset[i] + n - 1) // self.page_elems + 1)
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -78,7 +94,8 @@ class PagedAdamW(torch.optim.Optimizer):
         paging: ``"explicit"`` (default) a budgeted device page pool with a pinned host backing store;
             ``"managed"`` CUDA unified memory with prefetch (falls back to ``"explicit"`` with a warning
             where the GPU lacks concurrent managed access or the state exceeds free GPU memory);
-            ``"none"`` all state resident on the device.
+            ``"none"`` all state resident on the device. With ``"explicit"`` and a budget that holds the
+            whole state, nothing pages and the step is the resident one (``paging_backend == "resident"``).
         state_budget_bytes: device bytes for state pages (explicit). Default: on CUDA the free memory
             less a headroom of max(1 GiB, 10% of the device); on CPU the whole state (no paging).
         page_size: elements per page (each page holds both moments: ``8 * page_size`` bytes).
@@ -105,16 +122,27 @@ class PagedAdamW(torch.optim.Optimizer):
         if paging not in _PAGING:
             raise ValueError(f"PagedAdamW: paging must be one of {_PAGING}, got {paging!r}")
         if page_size <= 0 or page_size % _ALIGN:
-            raise ValueError(f"PagedAdamW: page_size must be a positive multiple of {_ALIGN}, got {page_size}")
+            raise ValueError(
+                f"PagedAdamW: page_size must be a positive multiple of {_ALIGN}, got {page_size}"
+            )
         if state_budget_bytes is not None and state_budget_bytes <= 0:
             raise ValueError(f"PagedAdamW: state_budget_bytes must be positive, got {state_budget_bytes}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+        }
         self._paging = paging
         self._budget = state_budget_bytes
         self._page_elems = page_size
         self._layout = _Layout(page_size)
         self._store: PageStore | None = None
         self._device: torch.device | None = None
+        self._steps = torch.zeros(0, dtype=torch.float32)  # step of every layout param (float32, as torch)
+        self._pages_cache: tuple[tuple[int, ...], list[int]] | None = None
         self.paging_stats: PagingStats | None = None
         self.paging_totals: PagingStats | None = None
         super().__init__(params, defaults)
@@ -156,10 +184,16 @@ class PagedAdamW(torch.optim.Optimizer):
     # -- the page store ---------------------------------------------------------------------------
     def _ensure_store(self) -> PageStore:
         """Assigns state space to parameters not seen yet and (re)builds the store to cover them."""
+        if self._store is not None and sum(len(g["params"]) for g in self.param_groups) == len(
+            self._layout.params
+        ):
+            return self._store
         all_params = [p for g in self.param_groups for p in g["params"]]
         devices = {p.device for p in all_params}
         if len(devices) != 1:
-            raise ValueError(f"PagedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}")
+            raise ValueError(
+                f"PagedAdamW: all parameters must be on one device, got {sorted(map(str, devices))}"
+            )
         self._device = next(iter(devices))
         new = [p for p in all_params if id(p) not in self._layout.index]
         if not new and self._store is not None:
@@ -167,12 +201,25 @@ class PagedAdamW(torch.optim.Optimizer):
         old = self._store.read_all() if self._store is not None else None
         for p in new:
             self._layout.add(p)
+        self._link_steps()
         self._store = self._make_store(self._layout.n_pages)
         if old is not None:
             full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
             full[: old.shape[0]] = old
             self._store.write_all(full)
         return self._store
+
+    def _link_steps(self) -> None:
+        """Sizes the step buffer to the layout and makes every state's "step" a 0-dim view of it, so one
+        indexed add counts all parameters' steps (state_dict() hands out copies, as float32 scalars)."""
+        params = self._layout.params
+        steps = torch.zeros(len(params), dtype=torch.float32)
+        for i, p in enumerate(params):
+            st = self.state.get(p)
+            if st is not None and "step" in st:
+                steps[i] = float(st["step"])
+                st["step"] = steps[i]
+        self._steps = steps
 
     def _make_store(self, n_pages: int) -> PageStore:
         device, pe = self._device, self._page_elems
@@ -182,7 +229,9 @@ class PagedAdamW(torch.optim.Optimizer):
             reason = self._managed_unavailable(n_pages * page_bytes)
             if reason is None:
                 return ManagedStore(n_pages, pe, device)
-            warnings.warn(f"PagedAdamW: paging='managed' unavailable ({reason}); using 'explicit'", stacklevel=3)
+            warnings.warn(
+                f"PagedAdamW: paging='managed' unavailable ({reason}); using 'explicit'", stacklevel=3
+            )
             paging = "explicit"
         if paging == "none":
             return ResidentStore(n_pages, pe, device)
@@ -231,8 +280,10 @@ class PagedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        active: dict[int, tuple[torch.Tensor, torch.Tensor, int]] = {}  # layout i -> (param, grad, row)
-        rows: list[list[float]] = []
+        active_idx: list[int] = []  # layout index of each parameter updated in this step
+        active_params: list[torch.Tensor] = []
+        active_grads: list[torch.Tensor] = []
+        group_rows: list[tuple[list[float], int]] = []  # (hparams row without step, n params)
         store = None
         for group in self.param_groups:
             with_grad = [p for p in group["params"] if p.grad is not None]
@@ -240,55 +291,82 @@ class PagedAdamW(torch.optim.Optimizer):
                 continue
             for p in with_grad:
                 g = p.grad
-                if g.is_sparse or g.layout != torch.strided:
-                    raise RuntimeError("PagedAdamW does not support sparse gradients")
-                if g.is_complex():
-                    raise TypeError("PagedAdamW: complex gradients are not supported")
-                if g.dtype != p.dtype:
-                    raise TypeError(f"PagedAdamW: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}")
+                if g.layout != torch.strided or g.dtype != p.dtype:
+                    if g.layout != torch.strided:
+                        raise RuntimeError("PagedAdamW does not support sparse gradients")
+                    if g.is_complex():
+                        raise TypeError("PagedAdamW: complex gradients are not supported")
+                    raise TypeError(
+                        f"PagedAdamW: gradient dtype {g.dtype} differs from parameter dtype {p.dtype}"
+                    )
             if store is None:
                 store = self._ensure_store()
-            steps = []
+            index = self._layout.index
             for p in with_grad:
+                i = index[id(p)]
                 st = self.state[p]
                 if "step" not in st:
-                    st["step"] = torch.tensor(0.0, dtype=torch.float32)
-                steps.append(st["step"])
-            torch._foreach_add_(steps, 1.0)
-            step_values = torch.stack(steps).tolist()
+                    st["step"] = self._steps[i]  # a view: counted in bulk below
+                active_idx.append(i)
+                active_params.append(p)
+                g = p.grad
+                active_grads.append(g if g.is_contiguous() else g.contiguous())
             beta1, beta2 = group["betas"]
-            lr = float(group["lr"])
-            for p, step_value in zip(with_grad, step_values):
-                i = self._layout.index[id(p)]
-                rows.append(
-                    adamw_ops.hparams_row(
-                        lr, beta1, beta2, group["weight_decay"], group["eps"], step_value, group["maximize"]
-                    )
-                )
-                active[i] = (p, p.grad.contiguous(), len(rows) - 1)
-        if not active:
+            row = adamw_ops.hparams_row(
+                float(group["lr"]), beta1, beta2, group["weight_decay"], group["eps"], 0.0, group["maximize"]
+            )
+            group_rows.append((row, len(with_grad)))
+        if not active_params:
             return loss
 
-        layout = self._layout
-        pages = sorted({pg for i in active for pg in layout.pages_of(i)})
+        # torch counts each parameter's step in a float32 tensor; ours are views of one buffer.
+        idx_t = torch.tensor(active_idx, dtype=torch.int64)
+        self._steps[idx_t] += 1
+        hparams = torch.cat([torch.tensor(r, dtype=torch.float64).expand(n, 7) for r, n in group_rows])
+        hparams[:, 5] = self._steps[idx_t]
 
-        def update(batch) -> None:
-            ps, gs, ms, vs, idx = [], [], [], [], []
-            for page, m_page, v_page in batch:
+        layout = self._layout
+        table, _ = layout.table()
+        # position[layout index] = index into the active lists, -1 for parameters without a gradient.
+        position = torch.full((len(layout.params),), -1, dtype=torch.int64)
+        position[idx_t] = torch.arange(len(active_idx))
+        key = tuple(active_idx)
+        if self._pages_cache is None or self._pages_cache[0] != key:  # usually the same set every step
+            self._pages_cache = (key, sorted({pg for i in active_idx for pg in layout.pages_of(i)}))
+        pages = self._pages_cache[1]
+
+        position_list = position.tolist()
+        step_pages = torch.ops.lora_ops.adamw_step_pages_  # direct: this runs once per page
+
+        def update(buffer: torch.Tensor, batch) -> None:
+            if len(batch) == 1:  # one page (explicit pager): pass only the few params it holds
+                page, slot = batch[0]
+                local: dict[int, int] = {}
+                ps, gs, rows = [], [], []
                 for i, b, e, off in layout.pieces[page]:
-                    entry = active.get(i)
-                    if entry is None:
+                    a = position_list[i]
+                    if a < 0:
                         continue
-                    p, g, row = entry
-                    whole = b == 0 and e == p.numel()
-                    ps.append(p if whole else p.view(-1)[b:e])
-                    gs.append(g if whole else g.view(-1)[b:e])
-                    ms.append(m_page[off : off + e - b])
-                    vs.append(v_page[off : off + e - b])
-                    idx.append(row)
-            if ps:
-                hp = torch.tensor([rows[r] for r in idx], dtype=torch.float64)
-                adamw_ops.adamw_step_(ps, gs, ms, vs, hp)
+                    li = local.get(a)
+                    if li is None:
+                        li = local[a] = len(ps)
+                        ps.append(active_params[a])
+                        gs.append(active_grads[a])
+                    rows.append((li, b, e, slot, off))
+                if rows:
+                    hp = hparams[torch.tensor(list(local), dtype=torch.int64)]
+                    step_pages(ps, gs, buffer, torch.tensor(rows, dtype=torch.int64), hp)
+                return
+            # Many pages at once (resident / managed): map every row's page to its slot, one launch.
+            slot_of_page = torch.full((layout.n_pages,), -1, dtype=torch.int64)
+            batch_t = torch.tensor(batch, dtype=torch.int64)
+            slot_of_page[batch_t[:, 0]] = batch_t[:, 1]
+            pieces = table.clone()
+            pieces[:, 0] = position[pieces[:, 0]]
+            pieces[:, 3] = slot_of_page[pieces[:, 3]]
+            pieces = pieces[(pieces[:, 0] >= 0) & (pieces[:, 3] >= 0)]
+            if pieces.shape[0]:
+                step_pages(active_params, active_grads, buffer, pieces, hparams)
 
         stats = store.run_step(pages, update)
         self.paging_stats = stats
@@ -347,9 +425,11 @@ class PagedAdamW(torch.optim.Optimizer):
             st = self.state.get(p)
             if st and "step" in st:  # torch keeps step on the device when fused/capturable
                 st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().to("cpu").clone()
+        self._pages_cache = None
         if not params:
             return
         store = self._ensure_store()
+        self._link_steps()
         full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
         for k, mom in moments.items():
             p = id_to_param.get(k)
@@ -362,7 +442,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 src = mom[name].detach().to("cpu", torch.float32).reshape(-1)
                 if src.numel() != p.numel():
                     raise ValueError(
-                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, the parameter {p.numel()}"
+                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, "
+                        f"the parameter {p.numel()}"
                     )
                 self._scatter(full, i, row, src)
         store.write_all(full)
@@ -376,4 +457,3 @@ class PagedAdamW(torch.optim.Optimizer):
             n = min(pe - in_page, src.numel() - pos)
             full[page, row, in_page : in_page + n] = src[pos : pos + n]
             pos += n
-

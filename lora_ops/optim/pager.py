@@ -7,8 +7,9 @@ A page holds ``page_elems`` elements of both moments, stored as ``[2, page_elems
 * :class:`ResidentStore`  every page on the device, one kernel launch per step (the budget covers
   the whole state).
 * :class:`ExplicitPager`  a device pool of ``n_slots < n_pages`` slots under a byte budget, a (pinned)
-  host backing store, LRU residency, copies on a side stream overlapped with updates. On CPU the same
-  code runs with a CPU "device" pool and synchronous copies, so CI tests the paging logic.
+  host backing store, LRU residency, loads and write-backs on two side streams overlapped with
+  updates. On CPU the same code runs with a CPU "device" pool and synchronous copies, so CI tests the
+  paging logic (and tests/test_optim_pager_streams.py replays its stream ordering on simulated streams).
 * :class:`ManagedStore`   CUDA unified memory, prefetched to the GPU before each update; the driver
   pages it out under memory pressure (what bitsandbytes' paged optimizers do).
 """
@@ -21,10 +22,11 @@ from dataclasses import dataclass
 
 import torch
 
-PageBatch = list[tuple[int, torch.Tensor, torch.Tensor]]
-"""Pages ready for an update: (page index, exp_avg view [page_elems], exp_avg_sq view [page_elems])."""
+PageBatch = list[tuple[int, int]]
+"""Pages ready for an update, as (page index, slot): the page's state is ``buffer[slot]`` of the
+``[n_slots, 2, page_elems]`` buffer passed with the batch (row 0 exp_avg, row 1 exp_avg_sq)."""
 
-UpdateFn = Callable[[PageBatch], None]
+UpdateFn = Callable[[torch.Tensor, PageBatch], None]
 
 
 @dataclass
@@ -100,7 +102,7 @@ class ResidentStore(PageStore):
         self.pages = torch.zeros((n_pages, 2, page_elems), dtype=torch.float32, device=device)
 
     def run_step(self, pages: Sequence[int], update: UpdateFn) -> PagingStats:
-        update([(pg, self.pages[pg, 0], self.pages[pg, 1]) for pg in pages])
+        update(self.pages, [(pg, pg) for pg in pages])
         n = self.n_pages
         return self._stats(pages_updated=len(pages), pages_resident=n, budget_bytes=n * self.page_bytes)
 
@@ -111,58 +113,81 @@ class ResidentStore(PageStore):
         self.pages.copy_(pages)
 
 
+STREAMS = ("compute", "h2d", "d2h")
+"""The explicit pager's streams: updates on the current (compute) stream, loads on an H2D side
+stream, write-backs on a D2H side stream (PCIe is full duplex: the two directions overlap)."""
+
+
 class _CudaSync:
-    """Side stream and events of the explicit pager on a CUDA device."""
+    """Streams and events of the explicit pager on a CUDA device; only events order the streams,
+    and the host never waits during a step."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.copy_stream = torch.cuda.Stream(device=device)
+        self.side = {"h2d": torch.cuda.Stream(device=device), "d2h": torch.cuda.Stream(device=device)}
+        for st in self.side.values():
+            st.wait_stream(torch.cuda.current_stream(device))
 
-    def compute_stream(self):
-        return torch.cuda.current_stream(self.device)
+    def _stream(self, name: str):
+        return torch.cuda.current_stream(self.device) if name == "compute" else self.side[name]
 
     def new_event(self):
         return torch.cuda.Event()
 
-    def copy_context(self):
-        return torch.cuda.stream(self.copy_stream)
+    def keep_alive(self, t: torch.Tensor) -> None:
+        # `t` is used on the side streams: the caching allocator must not reuse it before they are done.
+        for st in self.side.values():
+            t.record_stream(st)
+
+    def copy(self, stream: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+        with torch.cuda.stream(self.side[stream]):
+            dst.copy_(src, non_blocking=True)
+
+    def compute(self, fn: Callable[[], None]) -> None:
+        fn()  # kernels are asynchronous already: they go to the current stream
+
+    def wait(self, stream: str, event) -> None:
+        self._stream(stream).wait_event(event)
+
+    def record(self, stream: str, event) -> None:
+        event.record(self._stream(stream))
+
+    def wait_stream(self, stream: str, other: str) -> None:
+        self._stream(stream).wait_stream(self._stream(other))
+
+    def synchronize(self) -> None:
+        # Host-side readers of the host store need the side streams done; reads of device tensors
+        # (synchronous copies to the CPU on the current stream) order themselves after the updates.
+        for st in self.side.values():
+            st.synchronize()
 
 
 class _NullSync:
-    """CPU stand-in: copies are synchronous, so streams and events are no-ops."""
-
-    class _Event:
-        def record(self, stream=None) -> None:
-            pass
-
-    class _Stream:
-        def wait_event(self, event) -> None:
-            pass
-
-        def wait_stream(self, stream) -> None:
-            pass
-
-        def synchronize(self) -> None:
-            pass
-
-    class _Ctx:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc) -> None:
-            return None
-
-    def __init__(self):
-        self.copy_stream = self._Stream()
-
-    def compute_stream(self):
-        return self._Stream()
+    """CPU stand-in: copies and updates run at once, in program order, so ordering is a no-op."""
 
     def new_event(self):
-        return self._Event()
+        return None
 
-    def copy_context(self):
-        return self._Ctx()
+    def keep_alive(self, t: torch.Tensor) -> None:
+        pass
+
+    def copy(self, stream: str, dst: torch.Tensor, src: torch.Tensor) -> None:
+        dst.copy_(src)
+
+    def compute(self, fn: Callable[[], None]) -> None:
+        fn()
+
+    def wait(self, stream: str, event) -> None:
+        pass
+
+    def record(self, stream: str, event) -> None:
+        pass
+
+    def wait_stream(self, stream: str, other: str) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
 
 
 class ExplicitPager(PageStore):
@@ -170,10 +195,11 @@ class ExplicitPager(PageStore):
     store holding every page; LRU residency.
 
     One step, for the needed pages: pages already resident are updated first (no copy), then the
-    missing ones are streamed in. Loads are issued ``lookahead`` pages ahead on the copy stream, so
-    the H2D copy of page k+1 (and the D2H write-back of the page it evicts) overlaps the update of
-    page k (double buffering). Ordering is by events only: a slot is overwritten after the event
-    recorded behind its last update; an update waits for the event behind its slot's load. The host
+    missing ones are streamed in. Loads are issued ``lookahead`` pages ahead, so the H2D copy of page
+    k+1 and the D2H write-back of the page it evicts overlap the update of page k (double buffering);
+    loads and write-backs use separate streams, so the two PCIe directions overlap too. Ordering is by
+    events only: a slot is written back after the event recorded behind its last update and
+    overwritten after its write-back; an update waits for the event behind its slot's load. The host
     never waits during a step. Pages left resident at the end of a step are the last ones updated,
     and they go first in the next step, so a cyclic access pattern moves only
     ``n_needed - n_slots`` pages each way per step.
@@ -186,24 +212,25 @@ class ExplicitPager(PageStore):
         if n_slots < 2:
             raise ValueError(
                 f"PagedAdamW: the state budget holds {n_slots} page(s); the explicit pager needs at least 2 "
-                f"(double buffering). Raise state_budget_bytes to >= {2 * self.page_bytes} or lower page_size."
+                f"(double buffering). Raise state_budget_bytes to >= {2 * self.page_bytes} or lower "
+                "page_size."
             )
         self.n_slots = min(n_slots, n_pages)
         self.lookahead = max(1, min(lookahead, self.n_slots - 1))
         is_cuda = device.type == "cuda"
-        self.sync = _CudaSync(device) if is_cuda else _NullSync()
         self.pool = torch.zeros((self.n_slots, 2, page_elems), dtype=torch.float32, device=device)
         self.host = torch.zeros((n_pages, 2, page_elems), dtype=torch.float32, pin_memory=is_cuda)
-        if is_cuda:
-            # The pool is used on the copy stream too: the caching allocator must not reuse it early.
-            self.pool.record_stream(self.sync.copy_stream)
-            self.sync.copy_stream.wait_stream(self.sync.compute_stream())
+        self.sync = (
+            _CudaSync(device) if is_cuda else _NullSync()
+        )  # created after the pool: it orders after it
+        self.sync.keep_alive(self.pool)
         self.slot_page: list[int | None] = [None] * self.n_slots
         self.page_slot: dict[int, int] = {}
         self.slot_dirty = [False] * self.n_slots
         self.lru: OrderedDict[int, None] = OrderedDict((s, None) for s in range(self.n_slots))  # oldest first
         self.slot_done = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last update
         self.slot_ready = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last load
+        self.slot_saved = [self.sync.new_event() for _ in range(self.n_slots)]  # behind the last write-back
         self.slot_done_recorded = [False] * self.n_slots
 
     # -- residency -------------------------------------------------------------------------------
@@ -217,20 +244,23 @@ class ExplicitPager(PageStore):
         return None
 
     def _load(self, page: int, slot: int, stats: PagingStats) -> None:
-        """Enqueues on the copy stream: write-back of the slot's dirty page, then the load of ``page``."""
-        copy = self.sync.copy_stream
+        """Enqueues the write-back of the slot's dirty page (D2H stream), then the load of ``page``
+        into the slot (H2D stream), each after what must precede it."""
+        sync = self.sync
         old = self.slot_page[slot]
-        with self.sync.copy_context():
-            if self.slot_done_recorded[slot]:
-                copy.wait_event(self.slot_done[slot])
-            if old is not None:
-                if self.slot_dirty[slot]:
-                    self.host[old].copy_(self.pool[slot], non_blocking=True)
-                    stats.pages_out += 1
-                    stats.bytes_out += self.page_bytes
-                del self.page_slot[old]
-            self.pool[slot].copy_(self.host[page], non_blocking=True)
-            self.slot_ready[slot].record(copy)
+        if self.slot_done_recorded[slot]:  # the slot's last update must be finished
+            sync.wait("d2h", self.slot_done[slot])
+            sync.wait("h2d", self.slot_done[slot])
+        if old is not None:
+            if self.slot_dirty[slot]:
+                sync.copy("d2h", self.host[old], self.pool[slot])
+                sync.record("d2h", self.slot_saved[slot])
+                sync.wait("h2d", self.slot_saved[slot])  # read the slot before overwriting it
+                stats.pages_out += 1
+                stats.bytes_out += self.page_bytes
+            del self.page_slot[old]
+        sync.copy("h2d", self.pool[slot], self.host[page])
+        sync.record("h2d", self.slot_ready[slot])
         stats.pages_in += 1
         stats.bytes_in += self.page_bytes
         self.slot_page[slot] = page
@@ -240,10 +270,15 @@ class ExplicitPager(PageStore):
     # -- one step --------------------------------------------------------------------------------
     def run_step(self, pages: Sequence[int], update: UpdateFn) -> PagingStats:
         stats = self._stats(budget_bytes=self.n_slots * self.page_bytes)
-        compute = self.sync.compute_stream()
-        # Loads may start once everything queued before this step (e.g. a state load) is done.
-        self.sync.copy_stream.wait_stream(compute)
-        order = [pg for pg in pages if pg in self.page_slot] + [pg for pg in pages if pg not in self.page_slot]
+        sync = self.sync
+        # Copies may start once everything queued before this step (e.g. a state load) is done, and a
+        # load of a page must follow the write-back (previous steps, other stream) that saved it.
+        sync.wait_stream("d2h", "compute")
+        sync.wait_stream("h2d", "compute")
+        sync.wait_stream("h2d", "d2h")
+        order = [pg for pg in pages if pg in self.page_slot] + [
+            pg for pg in pages if pg not in self.page_slot
+        ]
         position = {pg: i for i, pg in enumerate(order)}
         loaded_now: set[int] = set()
         for k, page in enumerate(order):
@@ -256,11 +291,13 @@ class ExplicitPager(PageStore):
                     break  # every slot holds a page still to update: load it later
                 self._load(ahead, slot, stats)
                 loaded_now.add(ahead)
-            slot = self.page_slot[page]  # present: the first entry above is `page` itself
+            # `page` is resident now: when its load was tried, at most `lookahead` < n_slots slots held
+            # pages still to come (loaded ahead), so a victim existed.
+            slot = self.page_slot[page]
             if page in loaded_now:
-                compute.wait_event(self.slot_ready[slot])
-            update([(page, self.pool[slot, 0], self.pool[slot, 1])])
-            self.slot_done[slot].record(compute)
+                sync.wait("compute", self.slot_ready[slot])
+            sync.compute(lambda page=page, slot=slot: update(self.pool, [(page, slot)]))
+            sync.record("compute", self.slot_done[slot])
             self.slot_done_recorded[slot] = True
             self.slot_dirty[slot] = True
             self.lru.move_to_end(slot)
@@ -270,7 +307,7 @@ class ExplicitPager(PageStore):
 
     # -- whole-state access (state_dict / load_state_dict; these may synchronize) ----------------
     def read_all(self) -> torch.Tensor:
-        self.sync.copy_stream.synchronize()  # host pages written by pending write-backs
+        self.sync.synchronize()  # host pages written by pending write-backs
         out = self.host.clone()
         for s, pg in enumerate(self.slot_page):
             if pg is not None:
@@ -278,14 +315,15 @@ class ExplicitPager(PageStore):
         return out
 
     def write_all(self, pages: torch.Tensor) -> None:
-        self.sync.copy_stream.synchronize()  # pending loads may still read the host store
+        self.sync.synchronize()  # pending loads may still read the host store
         self.host.copy_(pages)
         for s, pg in enumerate(self.slot_page):
             if pg is not None:
-                self.pool[s].copy_(pages[pg], non_blocking=True)
+                self.sync.compute(lambda s=s, pg=pg: self.pool[s].copy_(pages[pg], non_blocking=True))
                 self.slot_dirty[s] = False  # host and slot agree
-        # Loads of the next step must see the slot writes above (issued on the compute stream).
-        self.sync.copy_stream.wait_stream(self.sync.compute_stream())
+        # Copies of the next step must see the slot writes above (issued on the compute stream).
+        self.sync.wait_stream("d2h", "compute")
+        self.sync.wait_stream("h2d", "compute")
 
 
 class ManagedStore(PageStore):
@@ -312,7 +350,7 @@ class ManagedStore(PageStore):
             if i + 1 == len(pages) or pages[i + 1] != pg + 1:
                 self._ops.managed_prefetch_(self.pages[run_start : pg + 1], False)
                 run_start = None
-        update([(pg, self.pages[pg, 0], self.pages[pg, 1]) for pg in pages])
+        update(self.pages, [(pg, pg) for pg in pages])
         return self._stats(
             pages_updated=len(pages),
             pages_in=len(pages),

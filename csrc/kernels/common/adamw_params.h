@@ -29,25 +29,25 @@ namespace lora_ops {
 
 // Hyper-parameters of one tensor (rows of the `hparams` argument of adamw_step_), already folded.
 struct AdamwHyper {
-  float decay;           // 1 - lr * weight_decay
-  float w1;              // 1 - beta1 (lerp weight of exp_avg towards the gradient)
-  float beta2;           // exp_avg_sq decay
-  float omb2;            // 1 - beta2
-  float bc2_sqrt;        // sqrt(1 - beta2^step)
-  float eps;             // added after the bias correction, as torch does
-  float neg_step_size;   // -lr / (1 - beta1^step)
-  int32_t maximize;      // 1: ascend (the gradient is negated first)
+  float decay;         // 1 - lr * weight_decay
+  float w1;            // 1 - beta1 (lerp weight of exp_avg towards the gradient)
+  float beta2;         // exp_avg_sq decay
+  float omb2;          // 1 - beta2
+  float bc2_sqrt;      // sqrt(1 - beta2^step)
+  float eps;           // added after the bias correction, as torch does
+  float neg_step_size; // -lr / (1 - beta1^step)
+  int32_t maximize;    // 1: ascend (the gradient is negated first)
 };
 
 // One tensor (or one page-sized piece of a tensor) to update. All arrays hold `numel` elements.
 struct AdamwTensor {
-  void* param;           // float32 / float16 / bfloat16 (`dtype`), updated in place
-  const void* grad;      // same dtype as param
-  float* exp_avg;        // float32, updated in place
-  float* exp_avg_sq;     // float32, updated in place
+  void* param;       // float32 / float16 / bfloat16 (`dtype`), updated in place
+  const void* grad;  // same dtype as param
+  float* exp_avg;    // float32, updated in place
+  float* exp_avg_sq; // float32, updated in place
   int64_t numel;
-  int32_t hyper;         // row of the hyper-parameter table
-  DType dtype;           // of param and grad
+  int32_t hyper; // row of the hyper-parameter table
+  DType dtype;   // of param and grad
 };
 
 // A multi-tensor step: `n_tensors` tensors, hyper-parameter rows `hypers[0..n_hypers)`. Both arrays
@@ -65,7 +65,8 @@ struct AdamwStepParams {
 // `self + w * (end - self)` when |w| < 0.5, else `end - (end - self) * (1 - w)`).
 template <bool kMaximize, bool kSmallW1>
 LORA_HD void adamw_update_element(float& p, float g, float& m, float& v, const AdamwHyper& h) {
-  if (kMaximize) g = -g;
+  if (kMaximize)
+    g = -g;
   p = LORA_FMUL_RN(p, h.decay);
   const float diff = LORA_FSUB_RN(g, m);
   m = kSmallW1 ? LORA_FADD_RN(m, LORA_FMUL_RN(h.w1, diff))
@@ -80,12 +81,16 @@ LORA_HD bool adamw_small_w1(const AdamwHyper& h) { return h.w1 < 0.5f && h.w1 > 
 // Dispatches the per-tensor branches at run time (used where they are uniform anyway: CUDA blocks).
 LORA_HD void adamw_update_element(float& p, float g, float& m, float& v, const AdamwHyper& h) {
   if (h.maximize) {
-    if (adamw_small_w1(h)) adamw_update_element<true, true>(p, g, m, v, h);
-    else adamw_update_element<true, false>(p, g, m, v, h);
+    if (adamw_small_w1(h))
+      adamw_update_element<true, true>(p, g, m, v, h);
+    else
+      adamw_update_element<true, false>(p, g, m, v, h);
   } else {
-    if (adamw_small_w1(h)) adamw_update_element<false, true>(p, g, m, v, h);
-    else adamw_update_element<false, false>(p, g, m, v, h);
+    if (adamw_small_w1(h))
+      adamw_update_element<false, true>(p, g, m, v, h);
+    else
+      adamw_update_element<false, false>(p, g, m, v, h);
   }
 }
 
-}  // namespace lora_ops
+} // namespace lora_ops

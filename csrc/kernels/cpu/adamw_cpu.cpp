@@ -14,8 +14,8 @@
 namespace lora_ops::cpu {
 namespace {
 
-constexpr int64_t kBlockElems = 16384;  // OpenMP work unit: 64 KiB of each fp32 state array
-constexpr int64_t kTileElems = 256;     // 16-bit params are widened to fp32 through a tile this size
+constexpr int64_t kBlockElems = 16384; // OpenMP work unit: 64 KiB of each fp32 state array
+constexpr int64_t kTileElems = 256;    // 16-bit params are widened to fp32 through a tile this size
 
 // The fp32 core on contiguous arrays. SSE2 (part of every x86-64) does four lanes with the same
 // IEEE-rounded ops as the scalar path (mul, add, sub, div, sqrt are all exactly rounded), so both
@@ -31,7 +31,8 @@ void update_f32(float* __restrict p, const float* __restrict g, float* __restric
   const __m128 eps = _mm_set1_ps(h.eps), nss = _mm_set1_ps(h.neg_step_size), sign = _mm_set1_ps(-0.0f);
   for (; i + 4 <= n; i += 4) {
     __m128 gi = _mm_loadu_ps(g + i);
-    if (kMaximize) gi = _mm_xor_ps(gi, sign);
+    if (kMaximize)
+      gi = _mm_xor_ps(gi, sign);
     __m128 pi = _mm_mul_ps(_mm_loadu_ps(p + i), decay);
     __m128 mi = _mm_loadu_ps(m + i);
     const __m128 diff = _mm_sub_ps(gi, mi);
@@ -44,7 +45,8 @@ void update_f32(float* __restrict p, const float* __restrict g, float* __restric
     _mm_storeu_ps(v + i, vi);
   }
 #endif
-  for (; i < n; ++i) adamw_update_element<kMaximize, kSmallW1>(p[i], g[i], m[i], v[i], h);
+  for (; i < n; ++i)
+    adamw_update_element<kMaximize, kSmallW1>(p[i], g[i], m[i], v[i], h);
 }
 
 template <bool kMaximize, bool kSmallW1, DType T>
@@ -64,7 +66,8 @@ void update_range(const AdamwTensor& t, const AdamwHyper& h, int64_t begin, int6
         g32[i] = S::load(grad[t0 + i]);
       }
       update_f32<kMaximize, kSmallW1>(p32, g32, t.exp_avg + t0, t.exp_avg_sq + t0, h, n);
-      for (int64_t i = 0; i < n; ++i) param[t0 + i] = S::store(p32[i]);
+      for (int64_t i = 0; i < n; ++i)
+        param[t0 + i] = S::store(p32[i]);
     }
   }
 }
@@ -72,12 +75,12 @@ void update_range(const AdamwTensor& t, const AdamwHyper& h, int64_t begin, int6
 template <bool kMaximize, bool kSmallW1>
 void update_block(const AdamwTensor& t, const AdamwHyper& h, int64_t begin, int64_t end) {
   switch (t.dtype) {
-    case DType::kFloat32:
-      return update_range<kMaximize, kSmallW1, DType::kFloat32>(t, h, begin, end);
-    case DType::kFloat16:
-      return update_range<kMaximize, kSmallW1, DType::kFloat16>(t, h, begin, end);
-    case DType::kBFloat16:
-      return update_range<kMaximize, kSmallW1, DType::kBFloat16>(t, h, begin, end);
+  case DType::kFloat32:
+    return update_range<kMaximize, kSmallW1, DType::kFloat32>(t, h, begin, end);
+  case DType::kFloat16:
+    return update_range<kMaximize, kSmallW1, DType::kFloat16>(t, h, begin, end);
+  case DType::kBFloat16:
+    return update_range<kMaximize, kSmallW1, DType::kBFloat16>(t, h, begin, end);
   }
 }
 
@@ -90,7 +93,7 @@ void update_block(const AdamwTensor& t, const AdamwHyper& h, int64_t begin, int6
   }
 }
 
-}  // namespace
+} // namespace
 
 void adamw_step(const AdamwStepParams& p) {
   // block_start[i] = index of the first work block of tensor i.
@@ -108,4 +111,4 @@ void adamw_step(const AdamwStepParams& p) {
   }
 }
 
-}  // namespace lora_ops::cpu
+} // namespace lora_ops::cpu

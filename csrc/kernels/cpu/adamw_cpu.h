@@ -8,4 +8,4 @@ namespace lora_ops::cpu {
 // so one call keeps every core busy whether it holds one large tensor or thousands of small ones.
 void adamw_step(const AdamwStepParams& p);
 
-}  // namespace lora_ops::cpu
+} // namespace lora_ops::cpu

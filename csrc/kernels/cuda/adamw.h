@@ -11,4 +11,4 @@ namespace lora_ops::cuda {
 // number of elements). Device pointers must be valid for the stream. Returns the first CUDA error.
 cudaError_t adamw_step(const AdamwStepParams& p, cudaStream_t stream);
 
-}  // namespace lora_ops::cuda
+} // namespace lora_ops::cuda
