@@ -131,6 +131,25 @@ def _parent_and_name(model: torch.nn.Module, module_path: str) -> tuple[torch.nn
     return (model.get_submodule(parent_path) if parent_path else model), name
 
 
+def qlora_from_nf4(weight: NF4Weight, bias: torch.Tensor | None = None, r: int = 16, lora_alpha: float = 32.0,
+                   lora_dropout: float = 0.0, use_rslora: bool = False,
+                   adapter_dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A :class:`lora_ops.nn.QLoRALinear` whose frozen base IS ``weight`` (its tensors are shared,
+    nothing is re-quantized), with fresh PEFT-style adapters (A Kaiming-uniform, B zero)."""
+    from lora_ops.nn import QLoRALinear
+
+    out_f, in_f = weight.shape
+    # Built on the meta device so that the constructor's placeholder base costs nothing.
+    layer = QLoRALinear(in_f, out_f, r, lora_alpha, lora_dropout, bias is not None, use_rslora, weight.blocksize,
+                        weight.nested, weight.dtype, adapter_dtype, device="meta")
+    layer = layer.to_empty(device=weight.device)
+    layer._set_base(weight)
+    layer.reset_lora_parameters()
+    if bias is not None:
+        layer.bias = bias.detach()
+    return layer
+
+
 def replace_linears_with_nf4(
     model: torch.nn.Module,
     weights: Mapping[str, NF4Weight],
@@ -139,10 +158,9 @@ def replace_linears_with_nf4(
 ) -> list[str]:
     """Replaces each ``nn.Linear`` whose ``<path>.weight`` is a key of ``weights`` by a
     :class:`lora_ops.nn.QLoRALinear` over that NF4 weight (shared, not copied); ``qlora_kwargs``
-    (``r``, ``lora_alpha``, ...) go to ``QLoRALinear.from_nf4``. Returns the replaced module paths.
-    ``biases`` maps ``<path>.bias`` to a bias tensor."""
-    from lora_ops.nn import QLoRALinear
-
+    (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``adapter_dtype``) go to
+    :func:`qlora_from_nf4`. ``biases`` maps ``<path>.bias`` to a bias tensor. Returns the replaced
+    module paths."""
     replaced = []
     for key, w in weights.items():
         if not key.endswith(".weight"):
@@ -159,7 +177,7 @@ def replace_linears_with_nf4(
             bias = (biases or {}).get(path + ".bias")
             if bias is None:
                 raise KeyError(f"'{path}' has a bias but the checkpoint holds no '{path}.bias'")
-        setattr(parent, name, QLoRALinear.from_nf4(w, bias=bias, **qlora_kwargs))
+        setattr(parent, name, qlora_from_nf4(w, bias, **qlora_kwargs))
         replaced.append(path)
     return replaced
 
@@ -169,7 +187,7 @@ def load_quantized_model(path: str | os.PathLike, model_class=None, **qlora_kwar
     quantized linears as ``QLoRALinear`` layers over the stored NF4 bytes; no bitsandbytes needed.
 
     ``model_class`` defaults to ``AutoModelForCausalLM``; ``qlora_kwargs`` (``r``, ``lora_alpha``,
-    ``lora_dropout``, ...) are passed to ``QLoRALinear.from_nf4`` for every replaced layer."""
+    ``lora_dropout``, ...) are passed to :func:`qlora_from_nf4` for every replaced layer."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -211,8 +229,6 @@ def nf4_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
             out[key] = value
     for path in sorted(qlora_paths):
         layer = model.get_submodule(path)
-        out.update(layer.nf4_weight.hf_state_dict(f"{path}.weight"))
-        if layer.bias is not None:
-            out[f"{path}.bias"] = layer.bias.detach()
+        out.update(layer.hf_base_state_dict(f"{path}."))
     return out
 
