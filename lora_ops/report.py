@@ -43,7 +43,7 @@ BENCHES: dict[str, tuple[str, str, str]] = {
 # ---- header -------------------------------------------------------------------------------------------
 def _run_text(cmd: list[str]) -> str | None:
     try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO).stdout.strip() or None
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO, check=False).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -275,7 +275,7 @@ def markdown(h: dict, results: dict, plots: list[str], quick: bool) -> str:
         lines += [f"`python {b['script']}` — {b['seconds']} s." + (f" {s}." if s else ""), ""]
         md = b.get("markdown") or ""
         # demote the benchmark's own headings below this section's
-        lines += [re.sub(r"^(#+)", r"##\1", md, flags=re.M).rstrip(), ""]
+        lines += [re.sub(r"^(#+)", r"##\1", md, flags=re.MULTILINE).rstrip(), ""]
     return "\n".join(lines) + "\n"
 
 

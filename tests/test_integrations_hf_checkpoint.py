@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 import torch
-
 from hf_tiny import load_bnb_4bit, save_random_llama
+
 from lora_ops.integrations.hf_checkpoint import (
     QUANT_STATE_SUFFIX,
     join_nf4_state_dict,
@@ -93,7 +93,7 @@ def test_loads_without_bitsandbytes(bnb_checkpoint):
         assert "bitsandbytes" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
         print("ok", len(weights), len(other))
     """)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.startswith("ok 14")
 

@@ -9,14 +9,14 @@ import warnings
 
 import pytest
 import torch
-
 from hf_tiny import load_bnb_4bit, save_random_llama
+
 from lora_ops.integrations import peft as lo_peft
 
 peft = pytest.importorskip("peft", reason="CI installs peft; these tests need it")
 pytest.importorskip("bitsandbytes", reason="CI installs bitsandbytes; these tests need it")
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit  # noqa: E402
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
 
 VOCAB = 96
 
@@ -294,8 +294,8 @@ def test_unsupported_variants_fall_back_with_one_warning(dense_dir):
         names = ["default", "__base__", "default"]
         ref2 = model2(input_ids=ids, adapter_names=names).logits
         lo_peft.patch_peft_model(model2)
+        lo_peft._warned.clear()
         with pytest.warns(UserWarning, match="mixed-adapter"):
-            lo_peft._warned.clear()
             out2 = model2(input_ids=ids, adapter_names=names).logits
     torch.testing.assert_close(out2, ref2)
 

@@ -202,7 +202,7 @@ def load_quantized_model(path: str | os.PathLike, model_class=None, **qlora_kwar
     replaced = replace_linears_with_nf4(model, weights, other, **qlora_kwargs)
     biases = {p + ".bias" for p in replaced}
     plain = {k: v for k, v in other.items() if k not in biases}
-    missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
+    _missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
     if unexpected:
         raise KeyError(f"load_quantized_model: checkpoint keys not in the model: {unexpected[:8]}")
     if getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):

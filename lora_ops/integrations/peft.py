@@ -43,7 +43,7 @@ from torch import nn
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
-__all__ = ["patch_peft_model", "unpatch_peft_model", "is_patched", "patched", "fallback_reasons"]
+__all__ = ["fallback_reasons", "is_patched", "patch_peft_model", "patched", "unpatch_peft_model"]
 
 _ORIGINAL_CLASS_ATTR = "_lora_ops_original_class"
 _patched_classes: dict[type, type] = {}
@@ -131,7 +131,7 @@ def _fallback(layer: nn.Module, reason: str, x: torch.Tensor, args, kwargs) -> t
 
 
 def _active_adapters(layer: nn.Module) -> list[str]:
-    return [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+    return [a for a in layer.active_adapters if a in layer.lora_A]
 
 
 def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, kwargs) -> str | None:
