@@ -1,0 +1,212 @@
+"""One-line drop-in for PEFT QLoRA models: every LoRA layer over a bitsandbytes ``Linear4bit`` runs
+lora_ops' fused NF4 + LoRA op instead of bitsandbytes' ``matmul_4bit`` plus PEFT's separate LoRA
+matmuls.
+
+    model = get_peft_model(bnb_4bit_model, LoraConfig(...))
+    lora_ops.integrations.peft.patch_peft_model(model)     # the one line
+    ...train, save_pretrained, load_adapter, merge_and_unload as usual...
+    lora_ops.integrations.peft.unpatch_peft_model(model)   # back to PEFT's own forward
+
+What is shared, not copied: the packed NF4 bytes and quantization state of the base layer (read
+through :meth:`NF4Weight.from_bnb` at every forward, so ``.to(device)``, merging and adapter swaps
+are always seen) and PEFT's own ``lora_A``/``lora_B`` parameters (so optimizers, ``state_dict``,
+``save_pretrained`` and adapter loading keep working). Patching changes only each layer's class
+(to a subclass whose ``forward`` is replaced); unpatching restores it.
+
+Semantics follow PEFT's ``lora.bnb.Linear4bit.forward`` (peft 0.21):
+
+- base: ``x`` cast to the layer's ``compute_dtype`` (bitsandbytes' rule: when unset, it becomes the
+  input dtype on the first call), output cast back to the input dtype;
+- LoRA branch: ``scaling · B(A(dropout(x)))`` with the adapters in their own dtype (fp32 by
+  default), dropout on this branch only, ``scaling`` read from the layer at every call (rsLoRA,
+  ``set_scale`` and friends included); the fused op accumulates it in fp32;
+- several active adapters are summed (fused into one rank-(r1+r2+...) call); disabled adapters
+  or a merged layer run the base alone (lora_ops' fused base matmul);
+- under ``torch.autocast`` the compute dtype is the autocast dtype, as PEFT/bitsandbytes get.
+
+Anything else falls back to PEFT's own forward, with a warning once per reason: DoRA and other
+LoRA variants, ``lora_bias``, mixed-adapter batches (``adapter_names=``), several active adapters
+with dropout in training mode (PEFT draws an independent mask per adapter), FP4 bases, weights
+repacked by bitsandbytes' CPU inference path, or unexpected extra arguments.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from lora_ops.nf4 import NF4Weight
+from lora_ops.ops import qlora as qlora_ops
+
+__all__ = ["fallback_reasons", "is_patched", "patch_peft_model", "patched", "unpatch_peft_model"]
+
+_ORIGINAL_CLASS_ATTR = "_lora_ops_original_class"
+_patched_classes: dict[type, type] = {}
+_warned: set[str] = set()
+_fallback_counts: dict[str, int] = {}
+
+
+def _peft_linear4bit_class() -> type | None:
+    try:
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:  # peft or bitsandbytes missing: nothing can be patched
+        return None
+    return Linear4bit
+
+
+def is_patched(module: nn.Module) -> bool:
+    """True when ``module`` is a PEFT 4-bit LoRA layer patched by :func:`patch_peft_model`."""
+    return _ORIGINAL_CLASS_ATTR in type(module).__dict__
+
+
+def _patched_class(cls: type) -> type:
+    """A subclass of ``cls`` (PEFT's Linear4bit or a subclass of it) with the fused forward.
+
+    Registered as a module global so that patched models stay picklable / deep-copyable."""
+    if cls not in _patched_classes:
+        name = f"LoraOps{cls.__name__}_{len(_patched_classes)}"
+        sub = type(name, (cls,), {"forward": _fused_forward, _ORIGINAL_CLASS_ATTR: cls, "__module__": __name__})
+        sub.__qualname__ = name
+        setattr(sys.modules[__name__], name, sub)
+        _patched_classes[cls] = sub
+    return _patched_classes[cls]
+
+
+def patch_peft_model(model: nn.Module) -> int:
+    """Makes every PEFT LoRA layer over a bitsandbytes ``Linear4bit`` in ``model`` run lora_ops' fused op.
+
+    ``model``: a ``PeftModel`` (or any module containing ``peft.tuners.lora.bnb.Linear4bit`` layers).
+    Idempotent; returns the number of layers newly patched. Needs peft and bitsandbytes (they
+    built the model)."""
+    base_cls = _peft_linear4bit_class()
+    if base_cls is None:
+        raise ImportError("patch_peft_model: needs peft and bitsandbytes (the model's 4-bit LoRA layers come from them)")
+    n = 0
+    for module in model.modules():
+        if isinstance(module, base_cls) and not is_patched(module):
+            module.__class__ = _patched_class(type(module))
+            n += 1
+    return n
+
+
+def unpatch_peft_model(model: nn.Module) -> int:
+    """Restores PEFT's own classes (and forward) on every layer patched by :func:`patch_peft_model`.
+    Returns the number of layers restored."""
+    n = 0
+    for module in model.modules():
+        if is_patched(module):
+            module.__class__ = type(module).__dict__[_ORIGINAL_CLASS_ATTR]
+            n += 1
+    return n
+
+
+@contextmanager
+def patched(model: nn.Module) -> Iterator[nn.Module]:
+    """``with patched(model): ...`` patches for the duration of the block (restores on exit)."""
+    patch_peft_model(model)
+    try:
+        yield model
+    finally:
+        unpatch_peft_model(model)
+
+
+def fallback_reasons() -> dict[str, int]:
+    """How many forwards fell back to PEFT's own code, by reason (process-wide, for diagnostics)."""
+    return dict(_fallback_counts)
+
+
+# ---- the forward ----------------------------------------------------------------------------------------
+def _fallback(layer: nn.Module, reason: str, x: torch.Tensor, args, kwargs) -> torch.Tensor:
+    _fallback_counts[reason] = _fallback_counts.get(reason, 0) + 1
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"lora_ops.integrations.peft: {reason}; this layer runs PEFT's own forward "
+                      "(warned once per reason)", stacklevel=3)
+    return type(layer).__dict__[_ORIGINAL_CLASS_ATTR].forward(layer, x, *args, **kwargs)
+
+
+def _active_adapters(layer: nn.Module) -> list[str]:
+    return [a for a in layer.active_adapters if a in layer.lora_A]
+
+
+def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, kwargs) -> str | None:
+    """Why this call cannot run the fused op, or None."""
+    if args or kwargs.get("adapter_names") is not None:
+        return ("mixed-adapter batches (adapter_names=...)" if kwargs.get("adapter_names") is not None
+                else "extra positional arguments to forward")
+    if any(v is not None for k, v in kwargs.items()):
+        return f"unexpected forward keyword arguments {sorted(kwargs)}"
+    qs = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if qs is None:
+        return "the base weight is not quantized yet"
+    if getattr(qs, "quant_type", "nf4") != "nf4":
+        return f"quant_type {qs.quant_type!r} (only nf4 is fused)"
+    if getattr(qs, "packing_format_for_cpu", False):
+        return "the base weight was repacked by bitsandbytes' CPU inference path"
+    variants = getattr(layer, "lora_variant", {})
+    for a in adapters:
+        if a in variants or layer.use_dora.get(a, False):
+            return f"LoRA variant {type(variants.get(a)).__name__ if a in variants else 'DoRA'} (adapter {a!r})"
+        if layer.lora_bias.get(a, False):
+            return f"lora_bias=True (adapter {a!r})"
+    if sum(layer.r[a] for a in adapters) > 256:
+        return "active adapters of total rank above 256"
+    if len(adapters) > 1 and any(_dropout_p(layer, a) > 0 for a in adapters):
+        return "several active adapters with dropout in training mode"
+    return None
+
+
+def _dropout_p(layer: nn.Module, adapter: str) -> float:
+    drop = layer.lora_dropout[adapter]
+    return float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+
+
+def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """The dtype bitsandbytes' Linear4bit.forward would compute in for input ``x``."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    if not getattr(base, "compute_type_is_set", True):
+        base.set_compute_type(x)  # bitsandbytes' own lazy rule (first input decides)
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
+def _base_nf4(base: nn.Module) -> NF4Weight:
+    qs = getattr(base.weight, "quant_state", None) or base.quant_state
+    return NF4Weight.from_bnb(base.weight.data, qs)  # zero-copy view of bitsandbytes' tensors
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    self._check_forward_args(x, *args, **kwargs)
+    base = self.get_base_layer()
+    if self.disable_adapters and self.merged:
+        self.unmerge()
+    use_adapters = not self.disable_adapters and not self.merged
+    adapters = _active_adapters(self) if use_adapters else []
+    reason = _unsupported(self, base, adapters, args, kwargs)
+    if reason is not None:
+        return _fallback(self, reason, x, args, kwargs)
+
+    inp_dtype = x.dtype
+    xc = x.to(_compute_dtype(base, x))
+    weight = _base_nf4(base)
+    bias = base.bias
+    if not adapters:
+        return qlora_ops.qlora_matmul(xc, weight, bias=bias).to(inp_dtype)
+
+    if len(adapters) == 1:
+        a = adapters[0]
+        A, B, scale = self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a])
+        p = _dropout_p(self, a)
+    else:
+        # Sum of adapters = one adapter of rank r1+r2+... with each B pre-scaled (differentiable,
+        # so gradients still reach every adapter's own parameters).
+        A = torch.cat([self.lora_A[a].weight.to(torch.float32) for a in adapters], dim=0)
+        B = torch.cat([self.lora_B[a].weight.to(torch.float32) * float(self.scaling[a]) for a in adapters], dim=1)
+        scale, p = 1.0, 0.0
+    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p).to(inp_dtype)

@@ -1,0 +1,42 @@
+"""python -m lora_ops report: header, a missing benchmark is reported (not fatal), and the plots and
+markdown are produced from benchmark results (here a fake fused-linear result written by a stand-in
+benchmark script, so no real benchmark runs in the test)."""
+
+from __future__ import annotations
+
+import json
+
+from lora_ops import report
+
+
+def test_report_tolerates_missing_and_plots_results(tmp_path, monkeypatch):
+    bench_dir = tmp_path / "bench"
+    bench_dir.mkdir()
+    rows = [{"N": 64, "K": 32, "M": m, "r": 4, "speedup_fwd_vs_bnb_peft": 1.0 + m / 10,
+             "speedup_fwdbwd_vs_bnb_peft": 1.0 + m / 20, "ours_fwd_pct_copy_bw": 10.0 * m,
+             "ours_fwd_pct_matmul": 5.0} for m in (1, 2, 4)]
+    (bench_dir / "fake_linear.py").write_text(
+        "import argparse, json, pathlib\n"
+        "ap = argparse.ArgumentParser(); ap.add_argument('--out'); ap.add_argument('--device');"
+        " ap.add_argument('--quick', action='store_true'); a = ap.parse_args()\n"
+        "print('fake benchmark running')\n"
+        f"pathlib.Path(a.out, 'bench_qlora.json').write_text(json.dumps({{'rows': {rows!r}}}))\n"
+        "pathlib.Path(a.out, 'bench_qlora.md').write_text('# fake table\\n')\n")
+    monkeypatch.setattr(report, "REPO", tmp_path)
+    monkeypatch.setattr(report, "BENCHES", {
+        "linear": ("Fused QLoRA linear", "bench/fake_linear.py", "bench_qlora.json"),
+        "optimizer": ("Paged AdamW", "bench/absent.py", "results.json"),
+    })
+    out = tmp_path / "out"
+    res = report.run(["--out", str(out), "--device", "cpu", "--quick"])
+    assert res["benchmarks"]["linear"]["status"] == "ok"
+    assert res["benchmarks"]["optimizer"]["status"] == "missing"
+    md = (out / "report.md").read_text()
+    for field in ("torch", "cuda", "git_commit", "driver", "device_name"):
+        assert field in md
+    assert "median 1.20x" in md and "not in this checkout" in md and "### fake table" in md
+    for png in ("speedup_vs_bnb.png", "roofline.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["benchmarks"]["linear"]["data"]["rows"] == rows
+    assert (out / "raw" / "linear" / "log.txt").read_text().strip() == "fake benchmark running"
