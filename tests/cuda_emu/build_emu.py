@@ -6,12 +6,11 @@ Rewrites (the kernel sources themselves are never edited):
   extern __shared__ [__align__(n)] T name[];  ->  T* name = reinterpret_cast<T*>(::lora_emu::dynamic_smem());
   asm volatile("ptx" : outs : ins);          ->  ::lora_emu::ptx("ptx", {Out(o)..., In(i)...});
 The inline-asm rewrite keeps the PTX text and the operand numbering (outputs first, as in GCC asm), so
-the runtime dispatches on the instruction and reads operands by their %N positions. LORA_OPS_CUDA_EMULATION
-is NOT defined here: the kernels' own inline PTX is what runs (not the host models of emu_mma_ptx.h that
-tests/cuda_emu/emu_qlora_mma_check.cpp swaps in through that macro).
+the runtime dispatches on the instruction and reads operands by their %N positions: the kernels' own
+inline PTX is what runs, interpreted by emu_fiber_runtime.h.
 
 Usable as a script: python tests/cuda_emu/build_emu.py OUT_DIR [extra g++ flags...]  (builds
-emu_qlora_check there; e.g. -fsanitize=address to catch out-of-bounds reads of the kernels).
+emu_qlora_fiber_check there; e.g. -fsanitize=address to catch out-of-bounds reads of the kernels).
 """
 
 from __future__ import annotations

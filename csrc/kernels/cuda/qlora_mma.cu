@@ -49,11 +49,8 @@ constexpr int kSmemBytes = kStages * 2 * kTileElems * 2 + 16 * 4;  // A + W ring
 // Byte offset of (row, 8-element chunk) in a swizzled 64 x 64 16-bit tile.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * 128 + ((chunk ^ (row & 7)) << 4); }
 
-#if defined(LORA_OPS_CUDA_EMULATION)
-// tests/cuda_emu/ runs this file's source on the CPU: host models of the PTX helpers below (cp.async,
-// ldmatrix, mma.sync with the documented per-lane fragment layouts), with SmemAddr a host pointer.
-#include "emu_mma_ptx.h"
-#else
+// tests/cuda_emu/build_emu.py runs this file's source on the CPU, rewriting each asm statement below
+// into a host model of its PTX instruction (documented per-lane fragment layouts).
 using SmemAddr = uint32_t;  // a shared-memory (state-space) address
 
 __device__ __forceinline__ SmemAddr smem_u32(const void* p) {
@@ -95,8 +92,6 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-
-#endif  // LORA_OPS_CUDA_EMULATION
 
 __device__ __forceinline__ uint16_t load_bits(const __half* p, int64_t i) { return __half_as_ushort(p[i]); }
 __device__ __forceinline__ uint16_t load_bits(const __nv_bfloat16* p, int64_t i) { return __bfloat16_as_ushort(p[i]); }
@@ -204,11 +199,7 @@ struct MmaTile {
 
 template <typename T, bool kTranspose, bool kFast>
 __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulParams p, int log2_bs) {
-#if defined(LORA_OPS_CUDA_EMULATION)
-  __shared__ __align__(16) unsigned char smem[kSmemBytes];  // (emulation: a static buffer)
-#else
   extern __shared__ __align__(16) unsigned char smem[];
-#endif
   unsigned char* a_ring = smem;
   unsigned char* w_ring = smem + kStages * kTileElems * 2;
   float* codebook = reinterpret_cast<float*>(smem + 2 * kStages * kTileElems * 2);
