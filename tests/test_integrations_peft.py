@@ -97,27 +97,33 @@ def test_optimizer_steps_match_peft(dense_dir):
     start = {n: p.detach().clone() for n, p in _lora_params(model).items()}
     batches = [(_ids(), _ids()) for _ in range(3)]
 
-    def train() -> dict[str, torch.Tensor]:
+    def train(first_grads: dict | None = None) -> dict[str, torch.Tensor]:
         with torch.no_grad():
             for n, p in _lora_params(model).items():
                 p.copy_(start[n])
         opt = torch.optim.AdamW(list(_lora_params(model).values()), lr=1e-2)
-        for ids, labels in batches:
+        for step, (ids, labels) in enumerate(batches):
             model(input_ids=ids, labels=labels).loss.backward()
+            if first_grads is not None and step == 0:
+                first_grads.update({n: p.grad.detach().abs().clone() for n, p in _lora_params(model).items()})
             opt.step()
             opt.zero_grad()
         return {n: p.detach().clone() for n, p in _lora_params(model).items()}
 
-    ref = train()
+    g0: dict[str, torch.Tensor] = {}
+    ref = train(g0)
     lo_peft.patch_peft_model(model)
     ours = train()
     moved = max((ref[n] - start[n]).abs().max().item() for n in ref)
     assert moved > 1e-2  # the adapters really trained
-    # Adam divides by sqrt(v): an element whose gradient is ~0 can move by ~lr on rounding noise,
-    # so the bound is relative to how far the adapters moved, plus a much tighter mean bound.
+    # Adam divides by sqrt(v): an element whose gradient is at rounding-noise level can move by ~lr
+    # either way, so the element-wise bound covers only elements whose first gradient is clearly
+    # above noise (their sqrt(v) is anchored by it); the mean bound covers every element.
     for n in ref:
         diff = (ours[n] - ref[n]).abs()
-        assert diff.max() <= 2e-3 * moved, (n, diff.max().item(), moved)
+        signal = g0[n] > 1e-3 * g0[n].max()
+        assert signal.float().mean() > 0.5, n  # the bound below still covers most elements
+        assert diff[signal].max() <= 2e-3 * moved, (n, diff[signal].max().item(), moved)
         assert diff.mean() <= 2e-5 * moved, (n, diff.mean().item(), moved)
 
 
