@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from lora_ops import reference
+from lora_ops import bnb_cpu_layout, reference
 from lora_ops.ops import nf4 as nf4_ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -132,10 +132,14 @@ class NF4Weight:
     def from_bnb(cls, packed: torch.Tensor, quant_state: Any) -> NF4Weight:
         """From bitsandbytes' packed data (``Params4bit.data``, any storage dtype) and its QuantState.
 
-        Zero-copy: the tensors are shared, not cloned."""
+        Zero-copy: the tensors are shared, not cloned. Exception: a weight that bitsandbytes repacked
+        for its AVX-512 BF16 CPU inference path is converted back (a copy, with its bf16-rounded
+        absmax; warned once, see :mod:`lora_ops.bnb_cpu_layout`)."""
         qs = quant_state
         if getattr(qs, "quant_type", "nf4") != "nf4":
             raise ValueError(f"NF4Weight.from_bnb: only nf4 is supported, got quant_type={qs.quant_type!r}")
+        if bnb_cpu_layout.is_repacked(qs):
+            return bnb_cpu_layout.nf4_from_repacked(packed, qs)
         data = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
         data = data.reshape(-1, 1)
         if qs.nested:
