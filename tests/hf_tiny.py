@@ -12,7 +12,10 @@ import torch
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    # Every in_features (64, 128) is a multiple of the NF4 blocksize 64: bitsandbytes 0.50's AVX-512 CPU
+    # dequantize indexes absmax per row and is wrong when blocks straddle rows, and these models are also
+    # its witnesses. Odd sizes are tested against the float64 reference (float64_twin).
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
               attention_bias=False, mlp_bias=False, tie_word_embeddings=False)
     kw.update(overrides)
@@ -42,4 +45,42 @@ def load_bnb_4bit(path: Path, double_quant: bool = True, compute_dtype: torch.dt
                              bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=compute_dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=dtype)
+        model = LlamaForCausalLM.from_pretrained(path, quantization_config=cfg, device_map="cpu", dtype=dtype)
+    from bnb_required import no_bnb_cpu_repack
+
+    return no_bnb_cpu_repack(model)
+
+
+def reference_weight(linear4bit) -> torch.Tensor:
+    """The float64 dense weight of a bitsandbytes Linear4bit decoded by the spec oracle (reference.py)
+    from the raw bytes and quant state (bitsandbytes' own decode is not trusted)."""
+    from lora_ops import reference
+
+    qs = linear4bit.weight.quant_state
+    absmax = reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax
+    return reference.nf4_dequantize(linear4bit.weight.data.view(torch.uint8), absmax, qs.blocksize, qs.shape,
+                                     torch.float64)
+
+
+def float64_twin(peft_model, weights: dict | None = None):
+    """A dense float64 LlamaForCausalLM computing what a PEFT LoRA model over 4-bit layers should compute
+    in eval mode: each LoRA layer's weight is dequant(W) + sum of active adapters' scaling * B @ A, in
+    float64. ``weights`` (module path -> float64 [N, K]) overrides the decoded base weights."""
+    from peft.tuners.lora.layer import LoraLayer
+    from transformers import LlamaForCausalLM
+
+    inner = peft_model.get_base_model()
+    twin = LlamaForCausalLM(inner.config).to(torch.float64).eval()
+    sd = {}
+    for name, mod in inner.named_modules():
+        if isinstance(mod, LoraLayer):
+            w = (weights or {}).get(name)
+            w = reference_weight(mod.get_base_layer()) if w is None else w
+            for a in mod.active_adapters:
+                w = w + mod.scaling[a] * (mod.lora_B[a].weight.double() @ mod.lora_A[a].weight.double())
+            sd[name + ".weight"] = w
+    for name, p in inner.named_parameters():
+        if "lora_" not in name and ".base_layer." not in name:
+            sd.setdefault(name, p.detach().double())
+    twin.load_state_dict(sd, strict=True)
+    return twin

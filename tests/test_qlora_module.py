@@ -218,17 +218,22 @@ def test_from_peft_matches_peft_forward():
         def forward(self, x):
             return self.proj(x)
 
-    lin = _linear()
+    from bnb_required import no_bnb_cpu_repack
+
+    # K = 128 (a multiple of the blocksize) and no CPU repack: the shapes and path on which bnb, the
+    # witness here, computes the checkpoint's weight on every CPU (see tests/test_bnb_cpu_layout.py).
+    lin = _linear(k=128)
     model = peft.get_peft_model(
         Net(_bnb_layer(lin)), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["proj"])
     )
+    no_bnb_cpu_repack(model)
     plora = model.base_model.model.proj
     with torch.no_grad():
         plora.lora_B["default"].weight.normal_()
     layer = QLoRALinear.from_peft(plora)
     assert layer.lora_A.weight is plora.lora_A["default"].weight  # shared Parameters
     model.eval(), layer.eval()
-    x = torch.randn(5, 96).to(bf16)
+    x = torch.randn(5, 128).to(bf16)
     with torch.no_grad():
         y_peft = model(x)
     y = layer(x)
