@@ -322,3 +322,120 @@ def test_patch_requires_nothing_else_to_change(dense_dir):
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     assert lo_peft.patch_peft_model(model) == 0
     assert lo_peft.unpatch_peft_model(model) == 0
+
+
+# ---- bitsandbytes' AVX-512 BF16 CPU repack (issue: green on every x86 machine) -------------------------
+def _lora_layers(model):
+    from peft.tuners.lora.layer import LoraLayer
+
+    return {n: m for n, m in model.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+
+
+def _repacked(layer) -> bool:
+    return bool(getattr(layer.get_base_layer().weight.quant_state, "packing_format_for_cpu", False))
+
+
+def _logits64_close(model, twin, ids, rel):
+    with torch.no_grad():
+        ours = model(input_ids=ids).logits.double()
+        ref = twin(input_ids=ids).logits
+    _assert_close_rel(ours, ref, rel, "logits vs float64 reference")
+
+
+def test_patch_undoes_an_earlier_repack_and_matches_the_float64_reference(dense_dir):
+    """A model that bitsandbytes already repacked (an eval forward on an avx512_bf16 CPU, reproduced
+    here with bnb's own converter) is converted back at patch time: codes exact, absmax as the
+    bf16-rounded values the repack kept (one warning); the result is the float64 model on those."""
+    import bitsandbytes.functional as bnbf
+    from hf_tiny import float64_twin, reference_weight
+
+    from lora_ops import bnb_cpu_layout, reference
+
+    model = _peft_model(dense_dir)
+    rounded = {}
+    for name, layer in _lora_layers(model).items():
+        base = layer.get_base_layer()
+        qs = base.weight.quant_state
+        absmax = reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax
+        rounded[name] = reference.nf4_dequantize(base.weight.data, absmax.bfloat16().float(), qs.blocksize,
+                                                 qs.shape, torch.float64)
+        assert not torch.equal(rounded[name], reference_weight(base))  # the rounding is visible
+        base.weight.data, base.weight.quant_state = bnbf._convert_weight_packed_for_cpu(base.weight.data, qs)
+    assert all(_repacked(m) for m in _lora_layers(model).values())
+    bnb_cpu_layout._warned = False
+    with pytest.warns(UserWarning, match="bfloat16"):
+        assert lo_peft.patch_peft_model(model) == 14
+    assert not any(_repacked(m) for m in _lora_layers(model).values())
+    model.eval()
+    _logits64_close(model, float64_twin(model, rounded), _ids(), 1e-4)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["fused", "dora-fallback"])
+def test_patched_layers_are_never_repacked_odd_sizes_match_float64(tmp_path, use_dora):
+    """Hidden 96 / intermediate 160 (bnb's repack needs N % 32 == 0 and K % 64 == 0 and crashes here):
+    with bnb's AVX-512 BF16 inference path switched on (as on such a CPU), a patched model in eval mode
+    under no_grad neither repacks (fused layers and PEFT-fallback layers alike) nor differs from the
+    float64 reference; unpatching hands the switch back."""
+    from hf_tiny import float64_twin
+
+    odd = save_random_llama(tmp_path / "odd", seed=int(torch.randint(0, 10_000, ())), hidden_size=96,
+                            intermediate_size=160, num_attention_heads=4, num_key_value_heads=2)
+    model = _peft_model(odd, use_dora=use_dora)
+    layers = _lora_layers(model)
+    for m in layers.values():
+        m.get_base_layer().support_avx512bf16_for_cpu = True
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the DoRA fallback warns
+        assert lo_peft.patch_peft_model(model) == 14
+        model.eval()
+        if not use_dora:
+            _logits64_close(model, float64_twin(model), _ids(), 1e-4)
+        else:
+            with torch.no_grad():
+                model(input_ids=_ids())
+    assert not any(_repacked(m) for m in layers.values())
+    assert not any(m.get_base_layer().support_avx512bf16_for_cpu for m in layers.values())
+    assert lo_peft.unpatch_peft_model(model) == 14
+    assert all(m.get_base_layer().support_avx512bf16_for_cpu for m in layers.values())
+
+
+# ---- what the patch patches, and saying so (issue: no silent no-op patch) ------------------------------
+def test_patch_covers_the_demo_model_generic_lora_linear_over_linear4bit():
+    """The demo builds Linear4bit layers by hand, so PEFT wraps them in its generic lora.Linear, not its
+    bnb-specific Linear4bit: both must be patched, and the patched model must run lora_ops' op."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    from lora_ops import demo
+
+    cfg = demo.make_config("ci", "cpu")
+    model = demo.build_peft_model(cfg)
+    layers = _lora_layers(model)
+    assert len(layers) == 7 * cfg.layers and all(type(m) is PeftLinear for m in layers.values())
+    report = lo_peft.patch_peft_model(model)
+    assert report == len(layers) and report.skipped == {}
+    assert all(lo_peft.is_patched(m) for m in layers.values())
+    ids = torch.randint(0, cfg.vocab, (2, 5))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    names = [e.name for e in prof.events()]
+    assert sum(n == "lora_ops::qlora_linear" for n in names) == len(layers)
+    assert not any(n.startswith("bitsandbytes::") for n in names)
+
+
+def test_patch_reports_skipped_layers_and_refuses_a_silent_no_op():
+    """LoRA over plain nn.Linear layers: nothing can be patched; strict (default) raises, naming why;
+    strict=False returns 0 with every skipped layer and its reason."""
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    model = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["proj"]))
+    with pytest.raises(RuntimeError, match="none could be patched.*not bitsandbytes Linear4bit"):
+        lo_peft.patch_peft_model(model)
+    report = lo_peft.patch_peft_model(model, strict=False)
+    assert report == 0 and list(report.skipped.values()) == ["base layer is Linear, not bitsandbytes Linear4bit"]

@@ -26,8 +26,13 @@ Semantics follow PEFT's ``lora.bnb.Linear4bit.forward`` (peft 0.21):
 
 Anything else falls back to PEFT's own forward, with a warning once per reason: DoRA and other
 LoRA variants, ``lora_bias``, mixed-adapter batches (``adapter_names=``), several active adapters
-with dropout in training mode (PEFT draws an independent mask per adapter), FP4 bases, weights
-repacked by bitsandbytes' CPU inference path, or unexpected extra arguments.
+with dropout in training mode (PEFT draws an independent mask per adapter), FP4 bases, or unexpected
+extra arguments.
+
+bitsandbytes' AVX-512 BF16 CPU inference path (eval mode, no grad) repacks a 4-bit weight in place and
+rounds its absmax to bf16. Patched layers are kept from that repack (their forward is lora_ops'); a
+layer already repacked before patching is converted back to the format-of-record layout (codes exact,
+bf16-rounded absmax, warned once): see :mod:`lora_ops.bnb_cpu_layout`.
 """
 
 from __future__ import annotations
@@ -40,23 +45,49 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lora_ops import bnb_cpu_layout
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
-__all__ = ["fallback_reasons", "is_patched", "patch_peft_model", "patched", "unpatch_peft_model"]
+__all__ = ["PatchReport", "fallback_reasons", "is_patched", "patch_peft_model", "patched", "unpatch_peft_model"]
 
 _ORIGINAL_CLASS_ATTR = "_lora_ops_original_class"
+_SAVED_REPACK_ATTR = "_lora_ops_saved_support_avx512bf16_for_cpu"
 _patched_classes: dict[type, type] = {}
 _warned: set[str] = set()
 _fallback_counts: dict[str, int] = {}
 
 
-def _peft_linear4bit_class() -> type | None:
+class PatchReport(int):
+    """What :func:`patch_peft_model` did: the int value is the number of layers newly patched;
+    ``skipped`` maps each LoRA layer left on PEFT's own forward (module path) to the reason."""
+
+    patched: int
+    skipped: dict[str, str]
+
+    def __new__(cls, patched: int, skipped: dict[str, str]):
+        obj = super().__new__(cls, patched)
+        obj.patched, obj.skipped = patched, skipped
+        return obj
+
+    def __repr__(self) -> str:
+        return f"PatchReport(patched={self.patched}, skipped={self.skipped})"
+
+
+def _bnb_linear4bit_class() -> type | None:
     try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # peft or bitsandbytes missing: nothing can be patched
+        import bitsandbytes as bnb
+    except ImportError:
         return None
-    return Linear4bit
+    return bnb.nn.Linear4bit
+
+
+def _lora_layer_class() -> type | None:
+    try:
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return None
+    return LoraLayer
 
 
 def is_patched(module: nn.Module) -> bool:
@@ -64,8 +95,28 @@ def is_patched(module: nn.Module) -> bool:
     return _ORIGINAL_CLASS_ATTR in type(module).__dict__
 
 
+def _skip_reason(module: nn.Module, bnb_linear4bit: type) -> str | None:
+    """Why this PEFT LoRA layer cannot be patched, or None. PEFT wraps a bitsandbytes 4-bit base in
+    either its bnb-specific ``lora.bnb.Linear4bit`` or (e.g. for hand-built models) its generic
+    ``lora.Linear``; both are LoRA-over-Linear forwards and both are patched."""
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    base = module.get_base_layer()
+    if not isinstance(base, bnb_linear4bit):
+        return f"base layer is {type(base).__name__}, not bitsandbytes Linear4bit"
+    try:
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    except ImportError:  # pragma: no cover - peft without its bnb module
+        PeftLinear4bit = ()
+    if not isinstance(module, (PeftLinear, PeftLinear4bit)):
+        return f"{type(module).__name__} is not a LoRA-over-Linear layer"
+    if getattr(module, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True"
+    return None
+
+
 def _patched_class(cls: type) -> type:
-    """A subclass of ``cls`` (PEFT's Linear4bit or a subclass of it) with the fused forward.
+    """A subclass of ``cls`` (PEFT's Linear4bit or generic Linear, or a subclass) with the fused forward.
 
     Registered as a module global so that patched models stay picklable / deep-copyable."""
     if cls not in _patched_classes:
@@ -77,21 +128,59 @@ def _patched_class(cls: type) -> type:
     return _patched_classes[cls]
 
 
-def patch_peft_model(model: nn.Module) -> int:
+def _own_base(base: nn.Module) -> None:
+    """Keeps bitsandbytes from repacking a base that lora_ops now computes with (its AVX-512 BF16 CPU
+    inference path rounds the absmax to bf16), and undoes a repack that already happened."""
+    if _SAVED_REPACK_ATTR not in base.__dict__:
+        base.__dict__[_SAVED_REPACK_ATTR] = getattr(base, "support_avx512bf16_for_cpu", None)
+    if hasattr(base, "support_avx512bf16_for_cpu"):
+        base.support_avx512bf16_for_cpu = False
+    qs = getattr(base.weight, "quant_state", None)
+    if qs is not None and bnb_cpu_layout.is_repacked(qs):
+        bnb_cpu_layout.restore_layout_in_place(base.weight)
+
+
+def _release_base(base: nn.Module) -> None:
+    saved = base.__dict__.pop(_SAVED_REPACK_ATTR, None)
+    if saved is not None:
+        base.support_avx512bf16_for_cpu = saved
+
+
+def patch_peft_model(model: nn.Module, strict: bool = True) -> PatchReport:
     """Makes every PEFT LoRA layer over a bitsandbytes ``Linear4bit`` in ``model`` run lora_ops' fused op.
 
-    ``model``: a ``PeftModel`` (or any module containing ``peft.tuners.lora.bnb.Linear4bit`` layers).
-    Idempotent; returns the number of layers newly patched. Needs peft and bitsandbytes (they
-    built the model)."""
-    base_cls = _peft_linear4bit_class()
-    if base_cls is None:
+    ``model``: a ``PeftModel`` (or any module containing PEFT LoRA layers). Both ways PEFT wraps a 4-bit
+    base are patched: ``peft.tuners.lora.bnb.Linear4bit`` and the generic ``peft.tuners.lora.Linear``
+    over a ``bitsandbytes.nn.Linear4bit``. Idempotent. Returns a :class:`PatchReport` (an int: the number
+    of layers newly patched; ``.skipped``: every other LoRA layer and why). With ``strict`` (default),
+    raises ``RuntimeError`` when the model has LoRA layers but none of them runs lora_ops afterwards,
+    so a patch that does nothing cannot go unnoticed. Needs peft and bitsandbytes (they built the model).
+    """
+    bnb_linear4bit, lora_layer = _bnb_linear4bit_class(), _lora_layer_class()
+    if bnb_linear4bit is None or lora_layer is None:
         raise ImportError("patch_peft_model: needs peft and bitsandbytes (the model's 4-bit LoRA layers come from them)")
-    n = 0
-    for module in model.modules():
-        if isinstance(module, base_cls) and not is_patched(module):
-            module.__class__ = _patched_class(type(module))
-            n += 1
-    return n
+    patched, skipped, n_lora, n_active = 0, {}, 0, 0
+    for path, module in model.named_modules():
+        if not isinstance(module, lora_layer):
+            continue
+        n_lora += 1
+        if is_patched(module):
+            n_active += 1
+            continue
+        reason = _skip_reason(module, bnb_linear4bit)
+        if reason is not None:
+            skipped[path] = reason
+            continue
+        _own_base(module.get_base_layer())
+        module.__class__ = _patched_class(type(module))
+        patched += 1
+        n_active += 1
+    report = PatchReport(patched, skipped)
+    if strict and n_lora and not n_active:
+        reasons = sorted(set(skipped.values()))
+        raise RuntimeError(f"patch_peft_model: the model has {n_lora} LoRA layers but none could be patched "
+                           f"(reasons: {reasons}); pass strict=False to allow this")
+    return report
 
 
 def unpatch_peft_model(model: nn.Module) -> int:
@@ -101,6 +190,7 @@ def unpatch_peft_model(model: nn.Module) -> int:
     for module in model.modules():
         if is_patched(module):
             module.__class__ = type(module).__dict__[_ORIGINAL_CLASS_ATTR]
+            _release_base(module.get_base_layer())
             n += 1
     return n
 
@@ -146,8 +236,6 @@ def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, k
         return "the base weight is not quantized yet"
     if getattr(qs, "quant_type", "nf4") != "nf4":
         return f"quant_type {qs.quant_type!r} (only nf4 is fused)"
-    if getattr(qs, "packing_format_for_cpu", False):
-        return "the base weight was repacked by bitsandbytes' CPU inference path"
     variants = getattr(layer, "lora_variant", {})
     for a in adapters:
         if a in variants or layer.use_dora.get(a, False):
