@@ -284,6 +284,7 @@ def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
         elapsed = time.perf_counter() - t0
         bar.close()
         trainable = sum(p.numel() for p in params)
+        op_calls = count_op_calls(model, next(batches))
     tail = losses[-10:]
     return {
         "variant": variant,
@@ -296,7 +297,30 @@ def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
         "train_seconds": elapsed,
         "trainable_params": trainable,
         "optimizer": type(opt).__name__,
+        "op_calls": op_calls,
     }
+
+
+def count_op_calls(model: nn.Module, batch) -> dict[str, int]:
+    """Which kernels a training step really runs: the number of ``lora_ops::*`` and ``bitsandbytes::*``
+    torch ops called in one forward + backward (profiled after the timed steps, gradients discarded)."""
+    ids, labels = batch
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=labels).loss.backward()
+    model.zero_grad(set_to_none=True)
+    names = [e.name for e in prof.events()]
+    return {ns: sum(n.startswith(ns + "::") for n in names) for ns in ("lora_ops", "bitsandbytes")}
+
+
+def check_code_paths(runs: list[dict]) -> None:
+    """The three rows must be three different code paths: lora_ops' own model and the patched PEFT model
+    run lora_ops ops and no bitsandbytes op; plain bnb + PEFT runs bitsandbytes ops and no lora_ops op."""
+    for r in runs:
+        calls = r["op_calls"]
+        uses_lora_ops = r["variant"] in ("lora_ops", "patched")
+        if (calls["lora_ops"] > 0) != uses_lora_ops or (calls["bitsandbytes"] > 0) == uses_lora_ops:
+            raise SystemExit(f"demo: the {r['name']!r} run called {calls} ops per step; expected "
+                             f"{'lora_ops and no bitsandbytes' if uses_lora_ops else 'bitsandbytes and no lora_ops'} ops")
 
 
 def train_in_subprocess(variant: str, cfg: DemoConfig, progress: bool) -> dict:
@@ -348,11 +372,13 @@ def device_name(device: str) -> str:
 
 
 def format_table(runs: list[dict]) -> str:
-    head = f"{'run':<26}{'tokens/s':>12}{'peak mem (MiB)':>16}{'initial loss':>14}{'final loss':>12}{'time (s)':>10}"
+    head = (f"{'run':<26}{'tokens/s':>12}{'peak mem (MiB)':>16}{'initial loss':>14}{'final loss':>12}"
+            f"{'time (s)':>10}{'lora_ops ops/step':>19}{'bnb ops/step':>14}")
     rows = [head, "-" * len(head)]
     for r in runs:
         rows.append(f"{r['name']:<26}{r['tokens_per_s']:>12,.0f}{r['peak_memory_mib']:>16,.1f}"
-                    f"{r['initial_loss']:>14.3f}{r['final_loss']:>12.4f}{r['train_seconds']:>10.1f}")
+                    f"{r['initial_loss']:>14.3f}{r['final_loss']:>12.4f}{r['train_seconds']:>10.1f}"
+                    f"{r['op_calls']['lora_ops']:>19,}{r['op_calls']['bitsandbytes']:>14,}")
     return "\n".join(rows)
 
 
@@ -412,6 +438,7 @@ def run(argv: list[str] | None = None) -> dict:
 
     print()
     print(format_table(runs))
+    check_code_paths(runs)
     args.out.mkdir(parents=True, exist_ok=True)
     png = args.out / "loss_curve.png"
     plot_losses(runs, cfg, png)

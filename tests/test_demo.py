@@ -20,10 +20,13 @@ def test_demo_ci_runs_and_loss_falls(tmp_path):
     assert len(ours["losses"]) == 120
     assert ours["final_loss"] < 0.5 * ours["initial_loss"], (ours["initial_loss"], ours["final_loss"])
     assert ours["tokens_per_s"] > 0 and ours["peak_memory_mib"] >= 0
+    assert ours["op_calls"]["lora_ops"] > 0 and ours["op_calls"]["bitsandbytes"] == 0
     assert (tmp_path / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "demo.json").read_text())["config"]["size"] == "ci"
     if have_peft:
         # Same NF4 bytes, same adapter init, same batches: the curves agree (fp32 rounding only).
+        # And the patched run really ran lora_ops' fused op (the PEFT patch is not a silent no-op).
+        assert runs["patched"]["op_calls"]["lora_ops"] > 0 and runs["patched"]["op_calls"]["bitsandbytes"] == 0
         theirs = runs["patched"]["losses"]
         assert max(abs(a - b) for a, b in zip(ours["losses"][:60], theirs[:60])) < 1e-2 * ours["initial_loss"]
 
