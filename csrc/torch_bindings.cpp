@@ -4,6 +4,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/qlora_cpu.h"
+
 TORCH_LIBRARY(lora_ops, m) {
   // ---- NF4 storage (spec: ../shared/spec/nf4-format.md) -------------------------------------------
   // Blockwise NF4 codes of w (any shape, fp32/fp16/bf16): packed uint8 [ceil(n/2), 1], absmax f32 [n/bs].
@@ -80,5 +82,7 @@ extern "C" PyObject* PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
+  // Which CPU kernels were chosen at load time (AVX2+FMA+F16C or portable), for `python -m lora_ops env`.
+  PyModule_AddStringConstant(m, "CPU_SIMD", lora_ops::cpu::qlora_cpu_uses_avx2() ? "avx2" : "portable");
   return m;
 }

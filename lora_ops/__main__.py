@@ -1,6 +1,7 @@
 """``python -m lora_ops <command>``:
 
     demo     the end-to-end QLoRA fine-tune (lora_ops.demo); ``demo --ci`` is the reduced CI run
+    env      this machine: CPU model and SIMD, the kernel paths chosen, bitsandbytes' CPU paths
     report   the benchmark report: storage, fused linear, optimizer (bench/report.py)
 """
 
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-_COMMANDS = ("demo", "report")
+_COMMANDS = ("demo", "env", "report")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,6 +22,10 @@ def main(argv: list[str] | None = None) -> int:
         from lora_ops import demo
 
         demo.run(rest)
+    elif cmd == "env":
+        from lora_ops import env
+
+        env.run(rest)
     else:
         from lora_ops import report
 

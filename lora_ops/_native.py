@@ -11,3 +11,4 @@ except ImportError as e:  # pragma: no cover - only reached on a broken install
     ) from e
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
+CPU_SIMD: str = _C.CPU_SIMD  # "avx2" or "portable": the CPU kernels chosen at load time

@@ -81,12 +81,12 @@ def header(device: str) -> dict:
     if device == "cuda":
         drv = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
         h["driver"] = drv.splitlines()[0] if drv else None
-    try:
-        import bitsandbytes
+    from lora_ops import env
 
-        h["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:  # noqa: BLE001 - any import failure just means "no baseline"
-        h["bitsandbytes"] = None
+    # CPU SIMD, the kernel paths chosen, and bitsandbytes' version and CPU paths (repack or not).
+    facts = env.describe()
+    h.update({k: facts.get(k) for k in ("cpu_simd_flags", "lora_ops_cpu_kernels", "torch_cpu_capability",
+                                        "bitsandbytes", "bnb_cpu_repack_path", "bnb_cpu_avx512_kernels")})
     return h
 
 

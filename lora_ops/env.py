@@ -1,0 +1,79 @@
+"""``python -m lora_ops env``: what this machine is and which code paths run on it, so that any number
+can be traced to its machine: the CPU model and its SIMD features, the CPU kernel path lora_ops chose
+at load time, torch's own CPU capability (oneDNN/ATen kernels), and whether bitsandbytes (a test and
+benchmark baseline only) takes its AVX-512 paths, including the inference path that repacks 4-bit
+weights with bf16-rounded absmax (see :mod:`lora_ops.bnb_cpu_layout`)."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+
+_SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+def _bitsandbytes() -> dict:
+    try:
+        import bitsandbytes
+        from bitsandbytes.functional import has_avx512bf16
+    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
+        return {"bitsandbytes": None, "why": f"{type(e).__name__}: {e}"}
+    return {
+        "bitsandbytes": bitsandbytes.__version__,
+        # Linear4bit.forward in eval mode without grad repacks weights (bf16 absmax) when this is true.
+        "bnb_cpu_repack_path": bool(has_avx512bf16()),
+        # Its CPU dequantize/quantize kernels take their AVX-512 branches when torch reports AVX512.
+        "bnb_cpu_avx512_kernels": torch.backends.cpu.get_cpu_capability() == "AVX512",
+    }
+
+
+def describe() -> dict:
+    """The machine and code-path facts as a dict (also used as the benchmark report header)."""
+    from lora_ops import _native
+
+    model, flags = _cpuinfo()
+    info = {
+        "cpu": model,
+        "cpu_simd_flags": [f for f in _SIMD_FLAGS if f in flags],
+        "cpu_threads": torch.get_num_threads(),
+        "lora_ops_cpu_kernels": _native.CPU_SIMD,
+        "lora_ops_with_cuda": bool(_native.WITH_CUDA),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    info.update(_bitsandbytes())
+    return info
+
+
+def run(argv: list[str] | None = None) -> dict:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m lora_ops env", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
+    args = p.parse_args(argv)
+    info = describe()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        width = max(len(k) for k in info)
+        for k, v in info.items():
+            print(f"{k:<{width}}  {', '.join(v) if isinstance(v, list) else v}")
+    return info
