@@ -1,0 +1,32 @@
+"""python -m lora_ops env: names the machine and the code paths it runs, so numbers can be traced."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _env(extra: dict[str, str] | None = None) -> dict:
+    env = dict(os.environ, **(extra or {}))
+    out = subprocess.run([sys.executable, "-m", "lora_ops", "env", "--json"], capture_output=True, text=True,
+                         env=env, check=True).stdout
+    return json.loads(out)
+
+
+def test_env_reports_cpu_and_kernel_paths():
+    info = _env()
+    assert info["cpu"] and isinstance(info["cpu_simd_flags"], list)
+    # The AVX2 kernels are chosen exactly when the CPU has AVX2, FMA and F16C.
+    expect = "avx2" if {"avx2", "fma", "f16c"} <= set(info["cpu_simd_flags"]) else "portable"
+    assert info["lora_ops_cpu_kernels"] == expect
+    assert info["torch_cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "SVE256", "VSX")
+    if info["bitsandbytes"] is not None:
+        assert info["bnb_cpu_repack_path"] in (True, False)
+        if "avx512_bf16" not in info["cpu_simd_flags"]:
+            assert info["bnb_cpu_repack_path"] is False
+
+
+def test_env_names_the_forced_portable_path():
+    assert _env({"LORA_OPS_NO_AVX2": "1"})["lora_ops_cpu_kernels"] == "portable"
