@@ -66,7 +66,9 @@ def run(argv: list[str] | None = None) -> dict:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m lora_ops env", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m lora_ops env", description=(
+        "Print this machine's CPU model and SIMD flags, the CPU kernel path lora_ops chose, torch's CPU "
+        "capability and bitsandbytes' CPU paths, so any number can be traced to its machine."))
     p.add_argument("--json", action="store_true", help="print JSON instead of aligned text")
     args = p.parse_args(argv)
     info = describe()

@@ -55,6 +55,10 @@ class NF4Weight:
         elif self.absmax.dtype != torch.float32 or any(t is not None for t in nested):
             raise ValueError("NF4Weight: absmax must be float32 (plain) or uint8 with the nested state")
 
+    def __repr__(self) -> str:
+        return (f"NF4Weight(shape={tuple(self.shape)}, dtype={self.dtype}, blocksize={self.blocksize}, "
+                f"double_quant={self.nested}, device={self.device}, nbytes={self.nbytes})")
+
     # ---- basic properties ------------------------------------------------------------------------
     @property
     def nested(self) -> bool:
