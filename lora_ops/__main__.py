@@ -8,8 +8,8 @@ import sys
 
 # command: (module with run(argv), one-line help)
 _COMMANDS = {
-    "demo": ("lora_ops.demo", "the end-to-end QLoRA fine-tune (random tiny Llama, copy task) next to bitsandbytes "
-                              "+ PEFT; --ci is the reduced CI run"),
+    "demo": ("lora_ops.demo", ("the end-to-end QLoRA fine-tune (random tiny Llama, copy task) next to "
+                               "bitsandbytes + PEFT; --ci is the reduced CI run")),
     "env": ("lora_ops.env", "this machine: CPU model and SIMD, the kernel paths chosen, bitsandbytes' CPU paths"),
     "report": ("lora_ops.report", "the benchmark report (storage, fused linear, optimizer) from a source checkout"),
 }
