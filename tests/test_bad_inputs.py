@@ -147,6 +147,13 @@ ERRORS = [
     ("matmul-meta-lora-w", lambda: lora_ops.qlora_matmul(X, WQ, False, torch.zeros(3, RANK), B.to("meta")),
      RuntimeError, "lora_w is on meta"),
     ("matmul-sparse", lambda: lora_ops.qlora_matmul(X.to_sparse(), WQ), TypeError, "a is torch.sparse_coo"),
+    # the backward's ops (torch.ops.lora_ops, no Python wrapper): the meta rule lives in their fakes
+    ("down-meta-f", lambda: torch.ops.lora_ops.lora_down(X, A.to("meta"), 0.0, None), RuntimeError,
+     "f is on meta but a is on cpu"),
+    ("outer-meta-right", lambda: torch.ops.lora_ops.lora_outer(X, X.to("meta"), 1.0, 0.0, None, torch.float32),
+     RuntimeError, "right is on meta but left is on cpu"),
+    ("outer-meta-rng", lambda: torch.ops.lora_ops.lora_outer(X, X, 1.0, 0.5, Q.make_rng(1).to("meta"), torch.float32),
+     RuntimeError, "rng must be a CPU tensor"),
     # lora_dropout_mask
     ("mask-rng-dtype", lambda: lora_ops.lora_dropout_mask(3, 4, 0.5, torch.zeros(2)), TypeError, "rng must be int64"),
     ("mask-rng-size", lambda: lora_ops.lora_dropout_mask(3, 4, 0.5, torch.zeros(3, dtype=torch.long)), ValueError,
