@@ -830,18 +830,31 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
 #pragma omp parallel if (parallel)
   {
     std::vector<Acc> row(static_cast<size_t>(L));
-    std::vector<Acc> acc(static_cast<size_t>(r));
+    std::vector<Acc> acc(static_cast<size_t>(r)), blk(static_cast<size_t>(r)), part(static_cast<size_t>(r));
+    constexpr int64_t kChunk = 8, kBlock = 256;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < p.m; ++m) {
       load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
       if (p.dropout.enabled())
         mask_row(p.dropout, key, m, L, row.data());
+      // A tree over L, like lora_outer's over M: kChunk terms, the chunks of a kBlock-term block,
+      // then the blocks, so the error grows like kChunk + kBlock / kChunk + L / kBlock terms.
       std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t i = 0; i < L; ++i) {
-        const Acc v = row[i];
-        const Acc* fi = ft.data() + i * r;
+      for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+        std::fill(blk.begin(), blk.end(), Acc(0));
+        for (int64_t c0 = b0; c0 < std::min(L, b0 + kBlock); c0 += kChunk) {
+          std::fill(part.begin(), part.end(), Acc(0));
+          for (int64_t i = c0; i < std::min(L, c0 + kChunk); ++i) {
+            const Acc v = row[i];
+            const Acc* fi = ft.data() + i * r;
+            for (int64_t q = 0; q < r; ++q)
+              part[q] += v * fi[q];
+          }
+          for (int64_t q = 0; q < r; ++q)
+            blk[q] += part[q];
+        }
         for (int64_t q = 0; q < r; ++q)
-          acc[q] += v * fi[q];
+          acc[q] += blk[q];
       }
       Acc* out = static_cast<Acc*>(p.out) + m * p.out_row_stride;
       for (int64_t q = 0; q < r; ++q)
@@ -891,11 +904,11 @@ private:
 template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
   // M are consumed kChunk at a time so each accumulator row is reused from L1. The reduction over M
-  // runs sequentially within blocks of kBlockRows rows and pairwise across blocks, so a long M (dA,
-  // dB of a big batch) stays about as accurate as torch's matmul instead of drifting like one
-  // sequential fp32 sum.
+  // is a tree: kChunk rows, then the chunks of a block of kBlockRows rows, then pairwise across
+  // blocks, so a long M (dA, dB of a big batch) stays about as accurate as torch's matmul instead
+  // of drifting like one sequential fp32 sum.
   constexpr int64_t kChunk = 8;
-  constexpr int64_t kBlockRows = 64; // a multiple of kChunk
+  constexpr int64_t kBlockRows = 256; // a multiple of kChunk
   const int64_t P = p.p, Q = p.q;
   const uint32_t key = dropout_key(p.dropout.seed);
   const bool parallel = p.m * P * Q > (1 << 16);
@@ -911,6 +924,7 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
       PairwiseSum<Acc> total(n_acc);
       std::vector<Acc> left(static_cast<size_t>(kChunk * np));
       std::vector<Acc> right(static_cast<size_t>(kChunk * Q));
+      std::vector<Acc> part(static_cast<size_t>(Q));
       for (int64_t m0 = 0; m0 < p.m; m0 += kChunk) {
         const int64_t mc = std::min(kChunk, p.m - m0);
         for (int64_t mm = 0; mm < mc; ++mm) {
@@ -922,13 +936,18 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
             mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
         }
         for (int64_t pp = 0; pp < np; ++pp) {
-          Acc* a = acc.data() + pp * Q;
+          // The chunk's kChunk rows are summed on their own first, then added: one more level of
+          // the tree, which keeps short reductions (small M, a 1-element output) accurate too.
+          std::fill(part.begin(), part.end(), Acc(0));
           for (int64_t mm = 0; mm < mc; ++mm) {
             const Acc lv = left[mm * np + pp];
             const Acc* rr = right.data() + mm * Q;
             for (int64_t qq = 0; qq < Q; ++qq)
-              a[qq] += lv * rr[qq];
+              part[qq] += lv * rr[qq];
           }
+          Acc* a = acc.data() + pp * Q;
+          for (int64_t qq = 0; qq < Q; ++qq)
+            a[qq] += part[qq];
         }
         if ((m0 + kChunk) % kBlockRows == 0 || m0 + kChunk >= p.m) {
           total.add(acc); // acc comes back as scratch: clear it for the next block
