@@ -34,3 +34,9 @@ __all__ = [
     "make_rng",
 ]
 __version__ = "0.1.0"
+
+# NF4Weight holds only tensors, a torch.Size, a dtype and an int, and unpickling it runs no code:
+# allow it in torch.load(..., weights_only=True) (torch's default loader since 2.6).
+import torch as _torch  # noqa: E402
+
+_torch.serialization.add_safe_globals([NF4Weight])

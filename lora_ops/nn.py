@@ -23,7 +23,10 @@ Stable API (other code depends on it; extend, do not change):
 
 state_dict keys: ``lora_A.weight``, ``lora_B.weight`` (PEFT's names without the adapter name),
 ``bias`` (if any) and the base buffers ``weight_packed``, ``weight_absmax``, ``weight_absmax2``,
-``weight_nested_code``, ``weight_offset`` (the last three only when double-quantized).
+``weight_nested_code``, ``weight_offset`` (the last three only when double-quantized), and
+``lora_merged`` (a bool scalar) only while the adapter is folded into the base by
+``merge_to_nf4(inplace=True)``: loading a dict restores ``merged`` from it, so the LoRA term is never
+applied twice (a module loaded merged cannot ``unmerge()``: the original base is not in the dict).
 ``hf_base_state_dict(prefix)`` gives the base in Hugging Face 4-bit checkpoint keys instead.
 """
 
@@ -224,6 +227,24 @@ class QLoRALinear(nn.Module):
             if orig is not None and new is not None and new.dtype != orig.dtype:
                 self._buffers[name] = orig.to(new.device)
         return self
+
+    # ---- merged state in state_dict -----------------------------------------------------------------
+    _MERGED_KEY = "lora_merged"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # the base already holds the adapter: a loader must not add it again
+            destination[prefix + self._MERGED_KEY] = torch.tensor(True)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        flag = state_dict.pop(prefix + self._MERGED_KEY, None)
+        has_base = prefix + "weight_packed" in state_dict
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if flag is not None or has_base:  # a dict without the base (adapter only) keeps the state
+            self.merged = flag is not None and bool(flag)
+            self._unmerged_base = None  # a kept original base belonged to the replaced weights
 
     # ---- views ---------------------------------------------------------------------------------------
     @property

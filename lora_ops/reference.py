@@ -58,6 +58,16 @@ def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
     return padded.view(n_blocks, blocksize)
 
 
+def normalize_blocks(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """y = x * (1/absmax) per row of ``blocks`` with the correctly rounded float32 reciprocal; rows with
+    absmax 0 give 0. A subnormal absmax (< 2^-126) would overflow 1/absmax, so x and absmax are first
+    scaled by 2^64 (exact): y is the spec's value without exponent limits (csrc nf4_normalizer)."""
+    pre = torch.where(absmax < 2.0**-126, torch.tensor(2.0**64), torch.tensor(1.0))
+    scaled = absmax * pre
+    recip = torch.where(absmax > 0, 1.0 / scaled, torch.zeros_like(absmax))
+    return (blocks * pre[:, None]) * recip[:, None]
+
+
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Sections 2-3. Returns (packed uint8 [ceil(n/2), 1], absmax float32 [ceil(n/blocksize)])."""
     assert blocksize in BLOCKSIZES
@@ -67,8 +77,7 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     blocks = _blocks(flat, blocksize)
     absmax = blocks.abs().amax(dim=1)
     # y = x * (1/absmax) with a correctly rounded float32 reciprocal; zero blocks stay all-zero.
-    recip = torch.where(absmax > 0, 1.0 / absmax, torch.zeros_like(absmax))
-    y = blocks * recip[:, None]
+    y = normalize_blocks(blocks, absmax)
     # code = number of thresholds strictly below y (a value on a threshold keeps the lower code).
     codes = torch.searchsorted(NF4_THRESHOLDS, y.contiguous(), side="left").to(torch.uint8)
     codes[absmax == 0] = NF4_ZERO_CODE
@@ -80,6 +89,16 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     return packed.reshape(-1, 1), absmax
 
 
+def absmax_mean(absmax: torch.Tensor) -> torch.Tensor:
+    """The double-quant offset: torch's float32 mean (what bitsandbytes stores), except where the sum
+    overflows float32 (huge weights): then the mean of absmax * 2^-64, times 2^64 (power-of-two
+    scaling is exact, so it is the same mean computed without overflow), capped at FLT_MAX."""
+    m = absmax.mean()
+    if torch.isfinite(m):
+        return m
+    return ((absmax * 2.0**-64).mean() * 2.0**64).clamp_max(torch.finfo(torch.float32).max)
+
+
 def nf4_double_quantize(
     absmax: torch.Tensor, offset: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,11 +107,12 @@ def nf4_double_quantize(
     ``offset`` defaults to torch's float32 mean of absmax on the CPU; pass the one a device computed
     (a CUDA mean may differ from the CPU's in the last bit) to check the rest of the encoding."""
     absmax = absmax.to(torch.float32).cpu()
-    offset = absmax.mean() if offset is None else offset.reshape(()).to(torch.float32).cpu()
+    if not torch.isfinite(absmax).all():
+        raise ValueError("absmax must be finite")
+    offset = absmax_mean(absmax) if offset is None else offset.reshape(()).to(torch.float32).cpu()
     a = _blocks(absmax - offset, NESTED_BLOCKSIZE)
     absmax2 = a.abs().amax(dim=1)
-    recip = torch.where(absmax2 > 0, 1.0 / absmax2, torch.zeros_like(absmax2))
-    v = (a * recip[:, None]).to(torch.float64)
+    v = normalize_blocks(a, absmax2).to(torch.float64)
     # Exact nearest entry, ties to the lower index: count the midpoints strictly below v.
     # (Midpoints of adjacent float32 values are exact in float64.)
     dyn = dynamic_map().to(torch.float64)

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
+
 #include "bindings/tensor_checks.h"
 
 namespace lora_ops {
@@ -41,8 +43,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const at::
   check_tensor(nested_code, at::kFloat, 256, absmax, op, "nested_code");
   const at::Tensor a = absmax.contiguous();
   const int64_t n = a.numel();
-  // offset = mean(absmax) in float32, computed by torch like bitsandbytes does, stays on the device.
-  at::Tensor offset = a.mean().reshape({1});
+  // A NaN/Inf absmax would make offset NaN and every nested code garbage (one sync on CUDA).
+  TORCH_CHECK_VALUE(at::isfinite(a).all().item<bool>(), op,
+                    ": absmax contains NaN or Inf (it must come from a finite weight)");
+  // offset = mean(absmax) in float32, computed by torch like bitsandbytes does (same bits), on the
+  // device. Where that sum overflows (huge finite weights) it is the mean of absmax * 2^-64, times
+  // 2^64: power-of-two scaling is exact, so this is the same mean without overflow (capped at
+  // FLT_MAX). reference.absmax_mean states the same rule.
+  const at::Tensor plain_mean = a.mean();
+  const at::Tensor scaled_mean = ((a * 0x1p-64).mean() * 0x1p64).clamp_max(std::numeric_limits<float>::max());
+  at::Tensor offset = at::where(at::isfinite(plain_mean), plain_mean, scaled_mean).reshape({1});
   at::Tensor qabsmax = new_output({n}, a.options().dtype(at::kByte));
   at::Tensor absmax2 = new_output({(n + kNestedBlocksize - 1) / kNestedBlocksize}, a.options());
   Nf4DoubleQuantParams p;
@@ -62,9 +72,8 @@ at::Tensor nf4_dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
                              at::ScalarType dtype, const Nf4Backend& be) {
   constexpr const char* op = "nf4_dequantize";
   const int64_t numel = shape_numel(shape, op);
-  const std::optional<at::Tensor> off = offset.has_value() ? std::optional<at::Tensor>(offset->reshape({1})) : offset;
   Nf4DequantizeParams p;
-  p.weight = make_nf4_weight(packed, absmax, absmax2, nested_code, off, blocksize, numel, op);
+  p.weight = make_nf4_weight(packed, absmax, absmax2, nested_code, offset, blocksize, numel, op);
   p.out_dtype = kernel_dtype(dtype, op, "dtype");
   at::Tensor out = new_output(shape, packed.options().dtype(dtype));
   p.out = out.data_ptr();

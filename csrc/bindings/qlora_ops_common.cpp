@@ -53,8 +53,7 @@ Nf4Weight make_weight(const at::Tensor& x, const at::Tensor& packed, const at::T
                     n, ", ", k, "] weight needs ", (n * k + 1) / 2,
                     " (in_features / out_features do not match the quantized weight)");
   check_device(packed, x, op, "packed weight");
-  const std::optional<at::Tensor> off = offset.has_value() ? std::optional<at::Tensor>(offset->reshape({1})) : offset;
-  return make_nf4_weight(packed, absmax, absmax2, nested_code, off, blocksize, n * k, op);
+  return make_nf4_weight(packed, absmax, absmax2, nested_code, offset, blocksize, n * k, op);
 }
 
 void check_scale(double scale, const char* op) {
@@ -155,7 +154,7 @@ qlora_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   mp.lora_w_dtype = bt;
   mp.lora_w_stride_o = B.stride(0);
   mp.lora_w_stride_q = B.stride(1);
-  mp.scale = static_cast<float>(scale);
+  mp.scale = scale;
   mp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
   be.matmul(mp);
   return {y, s};
@@ -228,7 +227,7 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
   mp.a_col_stride = a2.stride(1);
   mp.out = out.data_ptr();
   mp.out_row_stride = n_out;
-  mp.scale = static_cast<float>(scale);
+  mp.scale = scale;
   be.matmul(mp);
   return out;
 }
@@ -296,7 +295,7 @@ at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double
   op_.right_dtype = rt;
   op_.right_row_stride = r2.stride(0);
   op_.right_col_stride = r2.stride(1);
-  op_.scale = static_cast<float>(scale);
+  op_.scale = scale;
   op_.out = out.data_ptr();
   op_.out_dtype = ot;
   be.outer(op_);

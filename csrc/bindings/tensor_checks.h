@@ -80,7 +80,7 @@ inline Nf4Weight make_nf4_weight(const at::Tensor& packed, const at::Tensor& abs
   check_tensor(absmax, at::kByte, n_blocks, packed, op, "absmax");
   check_tensor(*absmax2, at::kFloat, (n_blocks + kNestedBlocksize - 1) / kNestedBlocksize, packed, op, "absmax2");
   check_tensor(*nested_code, at::kFloat, 256, packed, op, "nested_code");
-  check_tensor(*offset, at::kFloat, 1, packed, op, "offset");
+  check_tensor(*offset, at::kFloat, 1, packed, op, "offset");  // any shape of one element ([] or [1])
   w.qabsmax = absmax.data_ptr<uint8_t>();
   w.absmax2 = absmax2->data_ptr<float>();
   w.nested_code = nested_code->data_ptr<float>();

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
+from lora_ops.ops._checks import check_one_device
 
 _ops = torch.ops.lora_ops
 
@@ -17,11 +18,21 @@ HPARAM_COLUMNS = ("lr", "beta1", "beta2", "weight_decay", "eps", "step", "maximi
 
 @torch.library.register_fake("lora_ops::adamw_step_")
 def _adamw_step_fake(params, grads, exp_avgs, exp_avg_sqs, hparams) -> None:
+    # In place: a meta tensor among real ones would otherwise skip the whole update silently.
+    ref = params[0] if params else hparams
+    check_one_device(
+        "adamw_step_", "params[0]", ref, host={"hparams": hparams}, params=params, grads=grads,
+        exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+    )
     return None
 
 
 @torch.library.register_fake("lora_ops::adamw_step_pages_")
 def _adamw_step_pages_fake(params, grads, pages, pieces, hparams) -> None:
+    check_one_device(
+        "adamw_step_pages_", "pages", pages, host={"pieces": pieces, "hparams": hparams}, params=params,
+        grads=grads,
+    )
     return None
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
+from lora_ops.ops._checks import check_one_device, explain_dispatch_error
 
 _ops = torch.ops.lora_ops
 
@@ -22,6 +23,7 @@ def _nf4_quantize_fake(w: torch.Tensor, blocksize: int):
 
 @torch.library.register_fake("lora_ops::nf4_double_quantize")
 def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
+    check_one_device("nf4_double_quantize", "absmax", absmax, nested_code=nested_code)
     n = absmax.numel()
     return (
         absmax.new_empty((n,), dtype=torch.uint8),
@@ -30,18 +32,10 @@ def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
     )
 
 
-def _check_same_device(op: str, ref: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    """Mixed devices would otherwise dispatch to the fake kernel and fail late or not at all."""
-    for name, t in tensors.items():
-        if t is not None and t.device != ref.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but the weight is on {ref.device}; "
-                               "move all inputs to one device")
-
-
 @torch.library.register_fake("lora_ops::nf4_dequantize")
 def _nf4_dequantize_fake(packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
-    _check_same_device("nf4_dequantize", packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code,
-                       offset=offset)
+    check_one_device("nf4_dequantize", "the weight", packed, absmax=absmax, absmax2=absmax2,
+                     nested_code=nested_code, offset=offset)
     return packed.new_empty(tuple(shape), dtype=dtype)
 
 
@@ -52,15 +46,27 @@ def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, to
     ``[ceil(n/blocksize)]``. Raises ``ValueError`` if ``w`` holds NaN/Inf (on CUDA this check costs
     one device synchronization).
     """
-    return _ops.nf4_quantize(w, blocksize)
+    try:
+        return _ops.nf4_quantize(w, blocksize)
+    except NotImplementedError:
+        explain_dispatch_error("nf4_quantize", w=w)
+        raise
 
 
 def nf4_double_quantize(
     absmax: torch.Tensor, nested_code: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Compresses float32 ``absmax [nb]`` to ``(qabsmax uint8 [nb], absmax2 float32 [ceil(nb/256)],
-    offset float32 [])`` against the 256-entry ``nested_code`` (the signed dynamic map)."""
-    return _ops.nf4_double_quantize(absmax, nested_code)
+    offset float32 [])`` against the 256-entry ``nested_code`` (the signed dynamic map).
+
+    ``offset`` is torch's float32 mean of ``absmax`` (bitsandbytes' value); where that sum would
+    overflow float32 (weights near FLT_MAX) it is the same mean computed on ``absmax * 2^-64``, so it
+    stays finite. Raises ``ValueError`` if ``absmax`` holds NaN/Inf (one device sync on CUDA)."""
+    try:
+        return _ops.nf4_double_quantize(absmax, nested_code)
+    except NotImplementedError:
+        explain_dispatch_error("nf4_double_quantize", absmax=absmax, nested_code=nested_code)
+        raise
 
 
 def nf4_dequantize(
@@ -78,4 +84,10 @@ def nf4_dequantize(
     ``absmax`` is float32 (plain) or the uint8 codes of a double-quantized absmax, in which case
     ``absmax2``, ``nested_code`` and ``offset`` are required (decoded inside the same kernel).
     """
-    return _ops.nf4_dequantize(packed, absmax, absmax2, nested_code, offset, blocksize, list(shape), dtype)
+    try:
+        return _ops.nf4_dequantize(packed, absmax, absmax2, nested_code, offset, blocksize, list(shape), dtype)
+    except NotImplementedError:
+        explain_dispatch_error(
+            "nf4_dequantize", packed=packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code, offset=offset
+        )
+        raise

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
+from lora_ops.ops._checks import check_one_device, explain_dispatch_error
 
 _ops = torch.ops.lora_ops
 _ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -54,6 +55,10 @@ def _qlora_linear_fake(
     dropout_p,
     rng,
 ):
+    check_one_device(
+        "qlora_linear", "x", x, host={"rng": rng}, packed=packed, absmax=absmax, absmax2=absmax2,
+        nested_code=nested_code, offset=offset, A=A, B=B, bias=bias,
+    )
     y = x.new_empty((*x.shape[:-1], out_features))
     s = x.new_empty((_rows(x.shape), A.shape[0]), dtype=_acc_dtype(x))
     return y, s
@@ -78,22 +83,29 @@ def _qlora_matmul_fake(
     dropout_p,
     rng,
 ):
+    check_one_device(
+        "qlora_matmul", "a", a, host={"rng": rng}, packed=packed, absmax=absmax, absmax2=absmax2,
+        nested_code=nested_code, offset=offset, lora_s=lora_s, lora_w=lora_w, bias=bias,
+    )
     return a.new_empty((*a.shape[:-1], in_features if transpose_w else out_features))
 
 
 @torch.library.register_fake("lora_ops::lora_down")
 def _lora_down_fake(a, f, dropout_p, rng):
+    check_one_device("lora_down", "a", a, host={"rng": rng}, f=f)
     return a.new_empty((_rows(a.shape), f.shape[0]), dtype=_acc_dtype(a))
 
 
 @torch.library.register_fake("lora_ops::lora_outer")
 def _lora_outer_fake(left, right, scale, dropout_p, rng, out_dtype):
+    check_one_device("lora_outer", "left", left, host={"rng": rng}, right=right)
     return left.new_empty((left.shape[-1], right.shape[-1]), dtype=out_dtype)
 
 
 @torch.library.register_fake("lora_ops::lora_dropout_mask")
 def _lora_dropout_mask_fake(rows, cols, dropout_p, rng):
-    return torch.empty((rows, cols), dtype=torch.bool, device="cpu")
+    # The real op reads rng on the host and returns a CPU mask: meta in, meta out.
+    return rng.new_empty((rows, cols), dtype=torch.bool)
 
 
 # ---- autograd of qlora_linear ------------------------------------------------------------------
@@ -202,39 +214,37 @@ def qlora_linear(
     Returns ``y [..., N]`` in x's dtype. Differentiable w.r.t. x, A and B.
     """
     n, k = weight.shape
+    if x.dim() == 0:
+        raise ValueError("qlora_linear: x must have at least one dimension [..., K], got a 0-d tensor")
     if x.shape[-1] != k:
         raise ValueError(f"qlora_linear: x has {x.shape[-1]} features but the weight is [{n}, {k}]")
-    _check_devices("qlora_linear", x, weight=weight.packed, A=A, B=B, bias=bias)
+    check_one_device("qlora_linear", "x", x, weight=weight.packed, A=A, B=B, bias=bias)
     A, B = _adapter(A, x), _adapter(B, x)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
     if dropout_p > 0 and rng is None:
         rng = make_rng()
-    y, _ = _ops.qlora_linear(
-        x,
-        weight.packed,
-        weight.absmax,
-        weight.absmax2,
-        weight.nested_code,
-        weight.offset,
-        weight.blocksize,
-        n,
-        A,
-        B,
-        bias,
-        float(scale),
-        float(dropout_p),
-        rng,
-    )
+    try:
+        y, _ = _ops.qlora_linear(
+            x,
+            weight.packed,
+            weight.absmax,
+            weight.absmax2,
+            weight.nested_code,
+            weight.offset,
+            weight.blocksize,
+            n,
+            A,
+            B,
+            bias,
+            float(scale),
+            float(dropout_p),
+            rng,
+        )
+    except NotImplementedError:
+        explain_dispatch_error("qlora_linear", x=x, A=A, B=B, bias=bias, rng=rng)
+        raise
     return y
-
-
-def _check_devices(op: str, x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
-    for name, t in tensors.items():
-        if t is not None and t.device != x.device:
-            raise RuntimeError(
-                f"{op}: {name} is on {t.device} but x is on {x.device}; move all inputs to one device"
-            )
 
 
 def _adapter(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -258,6 +268,14 @@ def qlora_matmul(
     ``transpose_w`` ``a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p)`` (``a [..., N] -> [..., K]``, the dx form).
     ``lora_s``: float32 ``[M, r]``; ``lora_w``: ``[n_out, r]`` (any strides). Not differentiable."""
     n, k = weight.shape
+    try:
+        return _qlora_matmul(a, weight, n, k, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng)
+    except NotImplementedError:
+        explain_dispatch_error("qlora_matmul", a=a, lora_s=lora_s, lora_w=lora_w, bias=bias, rng=rng)
+        raise
+
+
+def _qlora_matmul(a, weight, n, k, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng):
     return _ops.qlora_matmul(
         a,
         weight.packed,
@@ -280,4 +298,8 @@ def qlora_matmul(
 
 def lora_dropout_mask(rows: int, cols: int, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:
     """The keep-mask (bool ``[rows, cols]``, CPU) the kernels use for x viewed as ``[rows, cols]``."""
-    return _ops.lora_dropout_mask(rows, cols, float(dropout_p), rng)
+    try:
+        return _ops.lora_dropout_mask(rows, cols, float(dropout_p), rng)
+    except NotImplementedError:
+        explain_dispatch_error("lora_dropout_mask", rng=rng)
+        raise

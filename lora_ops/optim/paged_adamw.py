@@ -4,6 +4,7 @@ off the device (see lora_ops/optim/pager.py), updated by the fused multi-tensor 
 from __future__ import annotations
 
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -175,11 +176,73 @@ class PagedAdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
 
+    # -- copy / pickle ----------------------------------------------------------------------------
+    # torch's Optimizer pickles only defaults, state and param_groups. The page store is keyed by
+    # id(param), which neither a copy nor a pickle keeps, so the moments travel in torch's layout
+    # (per-parameter float32 exp_avg / exp_avg_sq on the CPU) and the copy builds its own store.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        full = self._store.read_all() if self._store is not None else None
+        per_param: dict[Any, dict[str, Any]] = {}
+        for p, st in self.state.items():
+            st = dict(st)
+            if "step" in st:
+                st["step"] = st["step"].clone()  # not a view of the shared step buffer
+            li = self._layout.index.get(id(p))
+            if full is not None and li is not None:
+                st["exp_avg"], st["exp_avg_sq"] = self._param_moments(full, li)
+            per_param[p] = st
+        state["state"] = per_param
+        state["_paged_config"] = (self._paging, self._budget, self._page_elems)
+        return state
+
     def __setstate__(self, state: dict[str, Any]) -> None:
+        config = state.pop("_paged_config", None)
+        moments: dict[Any, dict[str, torch.Tensor]] = {}
+        plain = defaultdict(dict)
+        for p, st in state["state"].items():
+            st = dict(st)
+            moments[p] = {name: st.pop(name) for name in ("exp_avg", "exp_avg_sq") if name in st}
+            plain[p] = st
+        state["state"] = plain
         super().__setstate__(state)
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("maximize", False)
+        if config is None:
+            return
+        self._paging, self._budget, self._page_elems = config
+        self._layout = _Layout(self._page_elems)
+        self._store = None
+        self._device = None
+        self._steps = torch.zeros(0, dtype=torch.float32)
+        self._pages_cache = None
+        self.paging_stats = self.paging_totals = None
+        self._write_moments([(p, p, m) for p, m in moments.items()])
+
+    def _write_moments(self, moments: list[tuple[Any, torch.Tensor, dict[str, torch.Tensor]]]) -> None:
+        """Builds the store over every parameter and writes ``(key, param, {"exp_avg", "exp_avg_sq"})``
+        moments into it (any float dtype and device; others start from zero)."""
+        if not any(g["params"] for g in self.param_groups):
+            return
+        store = self._ensure_store()
+        self._link_steps()
+        full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
+        for k, p, mom in moments:
+            if p is None or not mom:
+                continue
+            if set(mom) != {"exp_avg", "exp_avg_sq"}:
+                raise ValueError(f"PagedAdamW: state of parameter {k} must have both exp_avg and exp_avg_sq")
+            i = self._layout.index[id(p)]
+            for row, name in ((0, "exp_avg"), (1, "exp_avg_sq")):
+                src = mom[name].detach().to("cpu", torch.float32).reshape(-1)
+                if src.numel() != p.numel():
+                    raise ValueError(
+                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, "
+                        f"the parameter {p.numel()}"
+                    )
+                self._scatter(full, i, row, src)
+        store.write_all(full)
 
     # -- the page store ---------------------------------------------------------------------------
     def _ensure_store(self) -> PageStore:
@@ -426,27 +489,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if st and "step" in st:  # torch keeps step on the device when fused/capturable
                 st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).detach().to("cpu").clone()
         self._pages_cache = None
-        if not params:
-            return
-        store = self._ensure_store()
-        self._link_steps()
-        full = torch.zeros((self._layout.n_pages, 2, self._page_elems), dtype=torch.float32)
-        for k, mom in moments.items():
-            p = id_to_param.get(k)
-            if p is None or not mom:
-                continue
-            if set(mom) != {"exp_avg", "exp_avg_sq"}:
-                raise ValueError(f"PagedAdamW: state of parameter {k} must have both exp_avg and exp_avg_sq")
-            i = self._layout.index[id(p)]
-            for row, name in ((0, "exp_avg"), (1, "exp_avg_sq")):
-                src = mom[name].detach().to("cpu", torch.float32).reshape(-1)
-                if src.numel() != p.numel():
-                    raise ValueError(
-                        f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, "
-                        f"the parameter {p.numel()}"
-                    )
-                self._scatter(full, i, row, src)
-        store.write_all(full)
+        self._write_moments([(k, id_to_param.get(k), mom) for k, mom in moments.items()])
 
     def _scatter(self, full: torch.Tensor, i: int, row: int, src: torch.Tensor) -> None:
         pe = self._page_elems

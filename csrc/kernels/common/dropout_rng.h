@@ -61,6 +61,10 @@ LORA_HD uint32_t dropout_hash(uint32_t key, uint32_t hi_key, uint32_t ctr_lo) {
 // True if the element with this hash is kept.
 LORA_HD bool dropout_keep_hash(uint32_t h, uint32_t threshold) { return (h >> (32 - kDropoutBits)) >= threshold; }
 
+// drop(v) of one element: v * (keep ? keep_scale : 0). A multiply, never a select, so a NaN/Inf at a
+// dropped position propagates like torch's x * mask / (1 - p) (NaN * 0 = NaN) instead of vanishing.
+template <typename T> LORA_HD T dropout_apply(bool keep, T v, T keep_scale) { return v * (keep ? keep_scale : T(0)); }
+
 // threshold = floor(p * 2^24) for p in [0, 1); p * 2^24 is exact in double, so host and device agree.
 LORA_HD uint32_t dropout_threshold(double p) {
   return p <= 0.0 ? 0u : static_cast<uint32_t>(p * static_cast<double>(1u << kDropoutBits));

@@ -76,6 +76,24 @@ LORA_OPS_NF4_CHECK_MID(13, 14);
 LORA_OPS_NF4_CHECK_MID(14, 15);
 #undef LORA_OPS_NF4_CHECK_MID
 
+// ---- Section 2: normalizing a block -----------------------------------------------------------
+// y = x * (1.0f / absmax) with the correctly rounded float32 reciprocal. For a tiny block
+// (absmax < 2^-126, subnormal) 1/absmax overflows to inf once absmax <= 2^-128 and every code would be
+// garbage. Scaling x and absmax by the same power of two first is exact (no bits are lost scaling
+// up), and the reciprocal and product of the scaled values are the exact power-of-two images of the
+// unscaled ones, so y is the spec's value computed without exponent limits: normal blocks get the
+// same bits as before (pre = 1), tiny blocks get the codes of the same block scaled up.
+// Used for the 4-bit blocks (absmax) and the nested 8-bit blocks (absmax2) alike, on every device.
+struct Nf4Normalizer {
+  float pre;  // 1, or 2^64 for a subnormal absmax
+  float rcp;  // 1.0f / (absmax * pre), correctly rounded
+};
+LORA_HD Nf4Normalizer nf4_normalizer(float absmax) {
+  const float pre = absmax < 0x1p-126f ? 0x1p64f : 1.0f;
+  return {pre, LORA_FRCP_RN(LORA_FMUL_RN(absmax, pre))};
+}
+LORA_HD float nf4_normalize(float x, Nf4Normalizer n) { return LORA_FMUL_RN(LORA_FMUL_RN(x, n.pre), n.rcp); }
+
 // Code of one normalized value y = x * (1/absmax): the number of thresholds strictly below y,
 // found with four comparisons (a balanced tree over the 15 sorted thresholds).
 LORA_HD uint8_t nf4_encode(float y) {

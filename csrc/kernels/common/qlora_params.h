@@ -63,7 +63,8 @@ struct QloraMatmulParams {
   DType lora_w_dtype = DType::kFloat32; // a_dtype or float32 (PEFT keeps adapters in fp32)
   int64_t lora_w_stride_o = 0;          // elements between output indices: B: r; Aᵀ view: 1
   int64_t lora_w_stride_q = 1;          // elements between rank indices:   B: 1; Aᵀ view: K
-  float scale = 1.0f;                   // alpha / r (or alpha / sqrt(r) for rsLoRA)
+  double scale = 1.0;                   // alpha / r (or alpha / sqrt(r)): fp32 paths round it to float
+                                        // once; the float64 path uses it as given
 
   const void* bias = nullptr;         // [n_out] or nullptr (forward only); frozen, never differentiated
   DType bias_dtype = DType::kFloat32; // a_dtype or float32
@@ -114,7 +115,8 @@ struct LoraOuterParams {
   int64_t right_row_stride = 0;        // elements between rows
   int64_t right_col_stride = 1;        // elements between columns
 
-  float scale = 1.0f;    // multiplies the fp32 sum before the single rounding to out_dtype
+  double scale = 1.0;    // multiplies the sum before the single rounding to out_dtype (rounded to
+                         // float once on fp32 paths; as given on the float64 path)
   DropoutParams dropout; // applied to right at (m, q) when enabled; cols == q
 
   void* out = nullptr; // [p, q] row-major contiguous, out_dtype (the adapter's own dtype)

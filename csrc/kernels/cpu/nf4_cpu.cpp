@@ -45,12 +45,12 @@ int64_t quantize_typed(const Nf4QuantizeParams& p) {
       std::fill(out, out + n_bytes, nf4_pack(kNf4ZeroCode, kNf4ZeroCode));
       continue;
     }
-    const float r = LORA_FRCP_RN(amax);
+    const Nf4Normalizer r = nf4_normalizer(amax);
     for (int64_t j = 0; j < n_bytes; ++j) {
       const int64_t i = begin + 2 * j;
-      const uint8_t hi = nf4_encode(LORA_FMUL_RN(S::load(in[i]), r));
+      const uint8_t hi = nf4_encode(nf4_normalize(S::load(in[i]), r));
       // Odd numel: the missing last element is 0, i.e. the zero code.
-      const uint8_t lo = i + 1 < end ? nf4_encode(LORA_FMUL_RN(S::load(in[i + 1]), r)) : kNf4ZeroCode;
+      const uint8_t lo = i + 1 < end ? nf4_encode(nf4_normalize(S::load(in[i + 1]), r)) : kNf4ZeroCode;
       out[j] = nf4_pack(hi, lo);
     }
   }
@@ -127,13 +127,13 @@ void nf4_double_quantize(const Nf4DoubleQuantParams& p) {
     float amax2 = 0.0f;
     for (int64_t i = begin; i < end; ++i) amax2 = std::max(amax2, std::fabs(LORA_FSUB_RN(p.absmax[i], offset)));
     p.absmax2[g] = amax2;
-    const float r = amax2 == 0.0f ? 0.0f : LORA_FRCP_RN(amax2);
+    const Nf4Normalizer r = nf4_normalizer(amax2);
     for (int64_t i = begin; i < end; ++i) {
       if (amax2 == 0.0f) {
         p.qabsmax[i] = kDynamicMapZeroCode;
         continue;
       }
-      const double v = LORA_FMUL_RN(LORA_FSUB_RN(p.absmax[i], offset), r);
+      const double v = nf4_normalize(LORA_FSUB_RN(p.absmax[i], offset), r);
       p.qabsmax[i] = static_cast<uint8_t>(std::lower_bound(mid, mid + 255, v) - mid);
     }
   }

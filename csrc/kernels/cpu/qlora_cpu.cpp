@@ -491,8 +491,9 @@ struct Epilogue {
       }
       if (p.dropout.enabled())
         apply_mask(m, o0, ow, lr);
+      const float scale = static_cast<float>(p.scale);
       for (int64_t t = 0; t < ow; ++t)
-        c[t] += p.scale * lr[t];
+        c[t] += scale * lr[t];
     }
     if (p.bias != nullptr)
       for (int64_t t = 0; t < ow; ++t)
@@ -508,7 +509,7 @@ struct Epilogue {
       const uint64_t ctr = ctr0 + static_cast<uint64_t>(t);
       const uint32_t h =
           dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
-      v[t] = dropout_keep_hash(h, d.threshold) ? v[t] * d.keep_scale : 0.0f;
+      v[t] = dropout_apply(dropout_keep_hash(h, d.threshold), v[t], d.keep_scale);
     }
   }
 
@@ -791,7 +792,7 @@ void matmul_f64(const QloraMatmulParams& p) {
           const uint64_t ctr = p.dropout.offset + static_cast<uint64_t>(m * p.dropout.cols + o);
           const uint32_t h =
               dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
-          l = dropout_keep_hash(h, p.dropout.threshold) ? l * static_cast<double>(p.dropout.keep_scale) : 0.0;
+          l = dropout_apply(dropout_keep_hash(h, p.dropout.threshold), l, static_cast<double>(p.dropout.keep_scale));
         }
         v += static_cast<double>(p.scale) * l;
       }
@@ -813,7 +814,7 @@ template <typename Acc> void mask_row(const DropoutParams& d, uint32_t key, int6
       hi = static_cast<uint32_t>(ctr >> 32);
       hi_key = dropout_hi_key(key, hi);
     }
-    v[j] = dropout_keep_hash(dropout_hash(key, hi_key, static_cast<uint32_t>(ctr)), d.threshold) ? v[j] * ks : Acc(0);
+    v[j] = dropout_apply(dropout_keep_hash(dropout_hash(key, hi_key, static_cast<uint32_t>(ctr)), d.threshold), v[j], ks);
   }
 }
 
@@ -829,18 +830,31 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
 #pragma omp parallel if (parallel)
   {
     std::vector<Acc> row(static_cast<size_t>(L));
-    std::vector<Acc> acc(static_cast<size_t>(r));
+    std::vector<Acc> acc(static_cast<size_t>(r)), blk(static_cast<size_t>(r)), part(static_cast<size_t>(r));
+    constexpr int64_t kChunk = 8, kBlock = 256;
 #pragma omp for schedule(static)
     for (int64_t m = 0; m < p.m; ++m) {
       load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
       if (p.dropout.enabled())
         mask_row(p.dropout, key, m, L, row.data());
+      // A tree over L, like lora_outer's over M: kChunk terms, the chunks of a kBlock-term block,
+      // then the blocks, so the error grows like kChunk + kBlock / kChunk + L / kBlock terms.
       std::fill(acc.begin(), acc.end(), Acc(0));
-      for (int64_t i = 0; i < L; ++i) {
-        const Acc v = row[i];
-        const Acc* fi = ft.data() + i * r;
+      for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+        std::fill(blk.begin(), blk.end(), Acc(0));
+        for (int64_t c0 = b0; c0 < std::min(L, b0 + kBlock); c0 += kChunk) {
+          std::fill(part.begin(), part.end(), Acc(0));
+          for (int64_t i = c0; i < std::min(L, c0 + kChunk); ++i) {
+            const Acc v = row[i];
+            const Acc* fi = ft.data() + i * r;
+            for (int64_t q = 0; q < r; ++q)
+              part[q] += v * fi[q];
+          }
+          for (int64_t q = 0; q < r; ++q)
+            blk[q] += part[q];
+        }
         for (int64_t q = 0; q < r; ++q)
-          acc[q] += v * fi[q];
+          acc[q] += blk[q];
       }
       Acc* out = static_cast<Acc*>(p.out) + m * p.out_row_stride;
       for (int64_t q = 0; q < r; ++q)
@@ -849,10 +863,52 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
   }
 }
 
+// Pairwise (cascade) sum of equal-size partial sums: add(v) folds v in like a binary counter, so a
+// partial made of 2^l blocks only ever meets another of 2^l blocks. The rounding error of the total
+// then grows with log2(#blocks) instead of #blocks (torch's reductions do the same).
+template <typename Acc> class PairwiseSum {
+public:
+  explicit PairwiseSum(size_t n) : n_(n) {}
+  // Folds in `v` (length n); `v` is used as scratch.
+  void add(std::vector<Acc>& v) {
+    size_t l = 0;
+    for (; l < full_.size() && full_[l]; ++l) {
+      const Acc* o = levels_[l].data();
+      for (size_t i = 0; i < n_; ++i)
+        v[i] += o[i];
+      full_[l] = false;
+    }
+    if (l == full_.size()) {
+      levels_.emplace_back(n_);
+      full_.push_back(false);
+    }
+    levels_[l].swap(v);
+    v.resize(n_);
+    full_[l] = true;
+  }
+  // The total, into out (length n).
+  void total(Acc* out) const {
+    std::fill(out, out + n_, Acc(0));
+    for (size_t l = 0; l < full_.size(); ++l)
+      if (full_[l])
+        for (size_t i = 0; i < n_; ++i)
+          out[i] += levels_[l][i];
+  }
+
+private:
+  size_t n_;
+  std::vector<std::vector<Acc>> levels_;
+  std::vector<bool> full_;
+};
+
 template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
-  // M are consumed kChunk at a time so each accumulator row is reused from L1.
+  // M are consumed kChunk at a time so each accumulator row is reused from L1. The reduction over M
+  // is a tree: kChunk rows, then the chunks of a block of kBlockRows rows, then pairwise across
+  // blocks, so a long M (dA, dB of a big batch) stays about as accurate as torch's matmul instead
+  // of drifting like one sequential fp32 sum.
   constexpr int64_t kChunk = 8;
+  constexpr int64_t kBlockRows = 256; // a multiple of kChunk
   const int64_t P = p.p, Q = p.q;
   const uint32_t key = dropout_key(p.dropout.seed);
   const bool parallel = p.m * P * Q > (1 << 16);
@@ -863,9 +919,12 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
     const int64_t p0 = std::min(P, tid * per), p1 = std::min(P, p0 + per);
     const int64_t np = p1 - p0;
     if (np > 0) {
-      std::vector<Acc> acc(static_cast<size_t>(np * Q), Acc(0));
+      const size_t n_acc = static_cast<size_t>(np * Q);
+      std::vector<Acc> acc(n_acc, Acc(0));
+      PairwiseSum<Acc> total(n_acc);
       std::vector<Acc> left(static_cast<size_t>(kChunk * np));
       std::vector<Acc> right(static_cast<size_t>(kChunk * Q));
+      std::vector<Acc> part(static_cast<size_t>(Q));
       for (int64_t m0 = 0; m0 < p.m; m0 += kChunk) {
         const int64_t mc = std::min(kChunk, p.m - m0);
         for (int64_t mm = 0; mm < mc; ++mm) {
@@ -877,15 +936,25 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
             mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
         }
         for (int64_t pp = 0; pp < np; ++pp) {
-          Acc* a = acc.data() + pp * Q;
+          // The chunk's kChunk rows are summed on their own first, then added: one more level of
+          // the tree, which keeps short reductions (small M, a 1-element output) accurate too.
+          std::fill(part.begin(), part.end(), Acc(0));
           for (int64_t mm = 0; mm < mc; ++mm) {
             const Acc lv = left[mm * np + pp];
             const Acc* rr = right.data() + mm * Q;
             for (int64_t qq = 0; qq < Q; ++qq)
-              a[qq] += lv * rr[qq];
+              part[qq] += lv * rr[qq];
           }
+          Acc* a = acc.data() + pp * Q;
+          for (int64_t qq = 0; qq < Q; ++qq)
+            a[qq] += part[qq];
+        }
+        if ((m0 + kChunk) % kBlockRows == 0 || m0 + kChunk >= p.m) {
+          total.add(acc); // acc comes back as scratch: clear it for the next block
+          std::fill(acc.begin(), acc.end(), Acc(0));
         }
       }
+      total.total(acc.data());
       const Acc scale = static_cast<Acc>(p.scale);
       for (int64_t pp = 0; pp < np; ++pp)
         for (int64_t qq = 0; qq < Q; ++qq)

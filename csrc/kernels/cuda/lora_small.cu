@@ -31,7 +31,7 @@ struct StridedOperand {
       const int64_t row = kDropRowIsOuter ? outer : t, col = kDropRowIsOuter ? t : outer;
       const uint64_t ctr = drop.offset + static_cast<uint64_t>(row) * static_cast<uint64_t>(drop.cols) + static_cast<uint64_t>(col);
       const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
-      v = dropout_keep_hash(h, drop.threshold) ? v * drop.keep_scale : 0.0f;
+      v = dropout_apply(dropout_keep_hash(h, drop.threshold), v, drop.keep_scale);
     }
     return v;
   }
@@ -198,7 +198,7 @@ cudaError_t lora_outer(const LoraOuterParams& p, int splits, float* workspace, c
   b.s_red = p.right_row_stride;
   b.drop = p.dropout;
   b.key = dropout_key(p.dropout.seed);
-  ScaledSink sink{p.out, p.out_dtype, p.q, p.scale, nullptr, 0, 0};
+  ScaledSink sink{p.out, p.out_dtype, p.q, static_cast<float>(p.scale), nullptr, 0, 0};
   if (p.m == 0) splits = 1;
   return run_tiled(a, b, sink, p.p, p.q, p.m, splits, workspace, stream);
 }

@@ -74,8 +74,8 @@ __global__ void __launch_bounds__(kNf4Threads)
     if (amax2 == 0.0f) {
       qabsmax[i] = kDynamicMapZeroCode;
     } else {
-      const float r = LORA_FRCP_RN(amax2);  // correctly rounded, as on the CPU
-      qabsmax[i] = count_midpoints_below(mid, static_cast<double>(LORA_FMUL_RN(a, r)));
+      const Nf4Normalizer r = nf4_normalizer(amax2);  // correctly rounded, as on the CPU
+      qabsmax[i] = count_midpoints_below(mid, static_cast<double>(nf4_normalize(a, r)));
     }
   }
 }

@@ -105,13 +105,13 @@ __global__ void __launch_bounds__(kNf4Threads)
 #pragma unroll
       for (int j = 0; j < S::kElems / 2; ++j) bytes[j] = nf4_pack(kNf4ZeroCode, kNf4ZeroCode);
     } else {
-      const float r = LORA_FRCP_RN(amax);  // correctly rounded reciprocal (spec section 2)
+      const Nf4Normalizer r = nf4_normalizer(amax);  // correctly rounded reciprocal (spec section 2)
 #pragma unroll
       for (int j = 0; j < S::kElems / 2; ++j) {
         const int64_t i = begin + 2 * j;
         // Elements past numel (the odd last nibble) are the zero code, whatever r is.
-        const uint8_t hi = i < numel ? nf4_encode(LORA_FMUL_RN(v[2 * j], r)) : kNf4ZeroCode;
-        const uint8_t lo = i + 1 < numel ? nf4_encode(LORA_FMUL_RN(v[2 * j + 1], r)) : kNf4ZeroCode;
+        const uint8_t hi = i < numel ? nf4_encode(nf4_normalize(v[2 * j], r)) : kNf4ZeroCode;
+        const uint8_t lo = i + 1 < numel ? nf4_encode(nf4_normalize(v[2 * j + 1], r)) : kNf4ZeroCode;
         bytes[j] = nf4_pack(hi, lo);
       }
     }

@@ -117,9 +117,9 @@ __device__ __forceinline__ float qlora_epilogue(const QloraMatmulParams& p, uint
       const DropoutParams& d = p.dropout;
       const uint64_t ctr = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o);
       const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
-      l = dropout_keep_hash(h, d.threshold) ? l * d.keep_scale : 0.0f;
+      l = dropout_apply(dropout_keep_hash(h, d.threshold), l, d.keep_scale);
     }
-    acc += p.scale * l;
+    acc += static_cast<float>(p.scale) * l;
   }
   if (p.bias != nullptr) acc += load_as_float(p.bias, p.bias_dtype, o);
   return acc;
