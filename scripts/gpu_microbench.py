@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""A short fused-QLoRA micro-benchmark for scripts/gpu_check.sh (<= --budget seconds, default 80).
+
+qlora_matmul (no LoRA term, forward) on each forced path (LORA_OPS_QLORA_FORCE = decode | mma | ffma;
+decode only for M <= 16, ffma only for M <= 256 to keep the budget) against dense bf16 (x @ Wᵀ with
+torch) and dequantize + matmul (and bitsandbytes' matmul_4bit when it imports), for layers 4096x4096
+and 14336x4096 (N x K) and M in {1, 16, 64, 256, 4096}, bf16.
+Timing: each measured call is one of R calls captured in a CUDA graph, R different weight copies in
+turn so that the weights streamed per replay exceed 2 x the 60 MB L2 (no call finds its weight in the
+cache); replays are timed with CUDA events after two warm-up replays, the median of at least 5 replays
+(or 50 ms) is divided by R. Rows that do not fit the budget are skipped and listed.
+Usage: python scripts/gpu_microbench.py [--out DIR] [--budget 80] [--quick]   (--quick: one small row
+per method, also runs on --device cpu without graphs as a dry run of the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+import lora_ops
+
+L2_BYTES = 60 * 2**20
+SHAPES = [(4096, 4096), (14336, 4096)]
+MS = [1, 16, 64, 256, 4096]
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, -(-2 * L2_BYTES // nbytes))
+
+
+def time_graph(fns, device, min_replays=5, min_ms=50.0) -> float:
+    """Median ms of one replay of all fns in sequence (CUDA graph); plain calls on the CPU."""
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for f in fns:
+            f()
+        return (time.perf_counter() - t0) * 1e3
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up outside the graph (allocator, lazy init)
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fns:
+            f()
+    for _ in range(2):
+        g.replay()
+    times = []
+    while len(times) < min_replays or sum(times) < min_ms:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+        if len(times) > 200:
+            break
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--budget", type=float, default=80.0)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    t_start = time.perf_counter()
+    shapes, ms = ([(512, 1024)], [1, 64]) if args.quick else (SHAPES, MS)
+    dt = torch.bfloat16
+    try:
+        import bitsandbytes as bnb  # noqa: F401  (only when carried; never a dependency)
+        has_bnb = dev.type == "cuda"
+    except Exception:  # noqa: BLE001
+        has_bnb = False
+    rows, skipped = [], []
+    g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
+    for n, k in shapes:
+        w_master = (torch.randn(n, k, generator=g) * 0.02).to(dev)
+        wq0 = lora_ops.quantize_nf4(w_master.to(dt), blocksize=64, double_quant=True)
+        r_q = 1 if args.quick else copies_for(wq0.nbytes)
+        r_d = 1 if args.quick else copies_for(n * k * 2)
+        wqs = [wq0] + [lora_ops.quantize_nf4((w_master * (1 + 0.01 * i)).to(dt), 64, True) for i in range(1, r_q)]
+        dense = [w.dequantize(dt) for w in wqs[:r_d]] + [wqs[0].dequantize(dt) for _ in range(max(0, r_d - r_q))]
+        bnb_ws = []
+        if has_bnb:
+            try:
+                bnb_ws = [w.to_bnb() for w in wqs]
+            except Exception as e:  # noqa: BLE001
+                print(f"bitsandbytes conversion failed: {e}", file=sys.stderr)
+        for m in ms:
+            x = torch.randn(m, k, generator=g).to(dt).to(dev)
+            methods = {}
+            for path in ("decode", "mma", "ffma"):
+                if (path == "decode" and m > 16) or (path == "ffma" and m > 256) or dev.type != "cuda":
+                    continue
+                methods[f"fused-{path}"] = (path, [lambda w=w: lora_ops.qlora_matmul(x, w) for w in wqs], wq0.nbytes)
+            if dev.type != "cuda":
+                methods["fused"] = ("", [lambda w=w: lora_ops.qlora_matmul(x, w) for w in wqs], wq0.nbytes)
+            methods["dense-bf16"] = ("", [lambda d=d: x @ d.t() for d in dense], n * k * 2)
+            methods["dequant+matmul"] = ("", [lambda w=w: x @ w.dequantize(dt).t() for w in wqs], wq0.nbytes)
+            if bnb_ws:
+                import bitsandbytes as bnb
+                methods["bnb-matmul_4bit"] = ("", [lambda p=p, s=s: bnb.matmul_4bit(x, p.t(), quant_state=s)
+                                                   for p, s in bnb_ws], wq0.nbytes)
+            for name, (force, fns, wbytes) in methods.items():
+                label = f"{n}x{k} M={m} {name}"
+                if time.perf_counter() - t_start > args.budget:
+                    skipped.append(label)
+                    continue
+                os.environ["LORA_OPS_QLORA_FORCE"] = force
+                try:
+                    ms_replay = time_graph(fns, dev)
+                except Exception as e:  # noqa: BLE001
+                    rows.append({"shape": f"{n}x{k}", "m": m, "method": name, "error": f"{type(e).__name__}: {e}"})
+                    print(f"{label}: ERROR {e}", flush=True)
+                    continue
+                finally:
+                    os.environ["LORA_OPS_QLORA_FORCE"] = ""
+                t = ms_replay / len(fns)
+                row = {"shape": f"{n}x{k}", "m": m, "method": name, "ms": round(t, 5),
+                       "weight_GBps": round(wbytes / (t * 1e-3) / 1e9, 1),
+                       "TFLOPs": round(2 * m * n * k / (t * 1e-3) / 1e12, 2), "rotated_copies": len(fns)}
+                rows.append(row)
+                print(f"{label:<40} {t * 1e3:9.1f} us  {row['weight_GBps']:7.1f} GB/s weights  {row['TFLOPs']:7.2f} TFLOP/s",
+                      flush=True)
+        del wqs, dense, bnb_ws
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": "bfloat16", "bitsandbytes": has_bnb,
+        "l2_bytes_assumed": L2_BYTES, "seconds": round(time.perf_counter() - t_start, 1),
+        "rows": rows, "skipped_for_budget": skipped,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "microbench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"gpu_microbench: {len(rows)} rows, {len(skipped)} skipped for the budget, {result['seconds']} s")
+    return 0 if rows and not any("error" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
