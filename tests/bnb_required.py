@@ -23,3 +23,12 @@ def no_bnb_cpu_repack(model):
         if isinstance(m, bnb.nn.Linear4bit):
             m.support_avx512bf16_for_cpu = False
     return model
+
+
+def spec_absmax(quant_state):
+    """The float32 absmax of a bitsandbytes QuantState decoded by the spec oracle (reference.py): the
+    nested (double-quant) form when present, else a copy of the plain one."""
+    from lora_ops import reference
+
+    qs = quant_state
+    return reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax.clone()

@@ -54,10 +54,12 @@ def load_bnb_4bit(path: Path, double_quant: bool = True, compute_dtype: torch.dt
 def reference_weight(linear4bit) -> torch.Tensor:
     """The float64 dense weight of a bitsandbytes Linear4bit decoded by the spec oracle (reference.py)
     from the raw bytes and quant state (bitsandbytes' own decode is not trusted)."""
+    from bnb_required import spec_absmax
+
     from lora_ops import reference
 
     qs = linear4bit.weight.quant_state
-    absmax = reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax
+    absmax = spec_absmax(qs)
     return reference.nf4_dequantize(linear4bit.weight.data.view(torch.uint8), absmax, qs.blocksize, qs.shape,
                                      torch.float64)
 

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from bnb_required import import_bnb
+from bnb_required import import_bnb, spec_absmax
 from conftest import randn
 
 import lora_ops
@@ -25,10 +25,6 @@ def _repack(data: torch.Tensor, qs):
     return F._convert_weight_packed_for_cpu(data.clone(), qs)
 
 
-def _original_absmax(qs) -> torch.Tensor:
-    return reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax.clone()
-
-
 @pytest.fixture(autouse=True)
 def _fresh_warning():
     bnb_cpu_layout._warned = False
@@ -41,7 +37,7 @@ def _fresh_warning():
 def test_codes_recovered_exactly_absmax_bf16_rounded(rng, dtype, double_quant, shape, blocksize):
     w = randn(*shape, generator=rng, dtype=dtype, scale=0.03)
     bq, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=double_quant)
-    original_bytes, original_absmax = bq.clone(), _original_absmax(qs)
+    original_bytes, original_absmax = bq.clone(), spec_absmax(qs)
     repacked, qs = _repack(bq, qs)
     assert bnb_cpu_layout.is_repacked(qs) and not torch.equal(repacked.reshape(-1), original_bytes.reshape(-1))
     with pytest.warns(UserWarning, match="bfloat16"):
@@ -76,7 +72,7 @@ def test_restore_in_place_makes_bnb_and_lora_ops_read_the_standard_layout(rng):
                            quant_type="nf4")
     l4.load_state_dict(lin.state_dict())
     l4 = l4.to("cpu")
-    original_bytes, original_absmax = l4.weight.data.clone(), _original_absmax(l4.weight.quant_state)
+    original_bytes, original_absmax = l4.weight.data.clone(), spec_absmax(l4.weight.quant_state)
     original_dtype = l4.weight.quant_state.dtype
     l4.weight.data, l4.weight.quant_state = _repack(l4.weight.data, l4.weight.quant_state)
     with pytest.warns(UserWarning, match="bfloat16"):

@@ -347,6 +347,7 @@ def test_patch_undoes_an_earlier_repack_and_matches_the_float64_reference(dense_
     here with bnb's own converter) is converted back at patch time: codes exact, absmax as the
     bf16-rounded values the repack kept (one warning); the result is the float64 model on those."""
     import bitsandbytes.functional as bnbf
+    from bnb_required import spec_absmax
     from hf_tiny import float64_twin, reference_weight
 
     from lora_ops import bnb_cpu_layout, reference
@@ -356,7 +357,7 @@ def test_patch_undoes_an_earlier_repack_and_matches_the_float64_reference(dense_
     for name, layer in _lora_layers(model).items():
         base = layer.get_base_layer()
         qs = base.weight.quant_state
-        absmax = reference.nested_absmax(qs.absmax, qs.state2.absmax, qs.offset) if qs.nested else qs.absmax
+        absmax = spec_absmax(qs)
         rounded[name] = reference.nf4_dequantize(base.weight.data, absmax.bfloat16().float(), qs.blocksize,
                                                  qs.shape, torch.float64)
         assert not torch.equal(rounded[name], reference_weight(base))  # the rounding is visible

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from bnb_required import import_bnb
+from bnb_required import import_bnb, spec_absmax
 from conftest import randn
 from nf4_cases import DTYPES
 
@@ -85,7 +85,7 @@ def test_dequantize_matches_bnb_bit_for_bit(device, rng, out_dtype, double_quant
 
 
 def _spec_dequantize(bq, bs, dtype):
-    absmax = reference.nested_absmax(bs.absmax, bs.state2.absmax, bs.offset) if bs.nested else bs.absmax
+    absmax = spec_absmax(bs)
     return reference.nf4_dequantize(bq.view(torch.uint8), absmax, bs.blocksize, bs.shape, dtype).to(bq.device)
 
 
