@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 import lora_ops  # noqa: E402
-from lora_ops import reference  # noqa: E402
+from lora_ops.format import dynamic_map  # noqa: E402
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 CPU_SHAPES = [(4096, 4096), (4096, 14336)]
@@ -134,7 +134,7 @@ def run(device: str, shapes, reps: int) -> dict:
     timer = Timer(device, reps)
     F = try_import_bnb()
     copy_bw = copy_bandwidth(device, timer)
-    code = reference.dynamic_map().to(device)
+    code = dynamic_map(device)
     rows = []
     for shape in shapes:
         n = math.prod(shape)

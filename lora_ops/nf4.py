@@ -9,15 +9,11 @@ from typing import Any
 
 import torch
 
-from lora_ops import bnb_cpu_layout, reference
+from lora_ops import bnb_cpu_layout
+from lora_ops import format as fmt
 from lora_ops.ops import nf4 as nf4_ops
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
-
-
-def _dynamic_map(device) -> torch.Tensor:
-    return reference.dynamic_map().to(device)
 
 
 @dataclass(frozen=True)
@@ -105,7 +101,10 @@ class NF4Weight:
         """The float32 absmax per block (reconstructed from the nested form when double-quantized)."""
         if not self.nested:
             return self.absmax
-        return reference.nested_absmax(self.absmax, self.absmax2, self.offset).to(self.device)
+        # absmax[i] = code[q[i]] * absmax2[i // 256] + offset, rounded after the product and the sum.
+        nb = self.absmax.numel()
+        scales = self.absmax2.repeat_interleave(fmt.NESTED_BLOCKSIZE)[:nb]
+        return self.nested_code[self.absmax.long()] * scales + self.offset
 
     def to(self, device: torch.device | str) -> NF4Weight:
         """A copy on ``device`` (the bytes are unchanged)."""
@@ -119,11 +118,11 @@ class NF4Weight:
 
         state2 = None
         if self.nested:
-            state2 = QuantState(absmax=self.absmax2, code=self.nested_code, blocksize=256, dtype=torch.float32)
+            state2 = QuantState(absmax=self.absmax2, code=self.nested_code, blocksize=fmt.NESTED_BLOCKSIZE, dtype=torch.float32)
         qs = QuantState(
             absmax=self.absmax,
             shape=self.shape,
-            code=reference.NF4_CODEBOOK.to(self.device),
+            code=fmt.NF4_CODEBOOK.to(self.device),
             blocksize=self.blocksize,
             quant_type="nf4",
             dtype=self.dtype,
@@ -147,7 +146,7 @@ class NF4Weight:
         data = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
         data = data.reshape(-1, 1)
         if qs.nested:
-            if qs.state2.blocksize != 256:
+            if qs.state2.blocksize != fmt.NESTED_BLOCKSIZE:
                 raise ValueError(f"NF4Weight.from_bnb: nested blocksize must be 256, got {qs.state2.blocksize}")
             return cls(data, qs.absmax, qs.blocksize, qs.shape, qs.dtype, qs.state2.absmax, qs.state2.code,
                        qs.offset.reshape(()).to(torch.float32))
@@ -164,39 +163,40 @@ class NF4Weight:
         }
         out = {
             key: self.packed,
-            f"{key}.absmax": self.absmax,
-            f"{key}.quant_map": reference.NF4_CODEBOOK.to(self.device),
+            f"{key}.{fmt.HF_ABSMAX}": self.absmax,
+            f"{key}.{fmt.HF_QUANT_MAP}": fmt.NF4_CODEBOOK.to(self.device),
         }
         if self.nested:
-            out[f"{key}.nested_absmax"] = self.absmax2
-            out[f"{key}.nested_quant_map"] = self.nested_code.clone()
-            meta.update(nested_blocksize=256, nested_dtype="float32", nested_offset=self.offset.item())
+            out[f"{key}.{fmt.HF_NESTED_ABSMAX}"] = self.absmax2
+            out[f"{key}.{fmt.HF_NESTED_QUANT_MAP}"] = self.nested_code.clone()
+            meta.update(nested_blocksize=fmt.NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=self.offset.item())
         blob = json.dumps(meta).encode("utf-8")
-        out[f"{key}.{_QUANT_STATE_KEY}"] = torch.tensor(list(blob), dtype=torch.uint8)
+        out[f"{key}.{fmt.HF_QUANT_STATE}"] = torch.tensor(list(blob), dtype=torch.uint8)
         return out
 
     @classmethod
     def from_hf_state_dict(cls, state_dict: dict[str, torch.Tensor], key: str) -> NF4Weight:
         """Reads the entries written by :meth:`hf_state_dict` (or bitsandbytes / transformers)."""
         try:
-            blob = state_dict[f"{key}.{_QUANT_STATE_KEY}"]
+            blob = state_dict[f"{key}.{fmt.HF_QUANT_STATE}"]
         except KeyError:
-            raise KeyError(f"{key}: no '{key}.{_QUANT_STATE_KEY}' entry: not an NF4 4-bit checkpoint") from None
+            raise KeyError(f"{key}: no '{key}.{fmt.HF_QUANT_STATE}' entry: not an NF4 4-bit checkpoint") from None
         meta = json.loads(bytes(blob.cpu().numpy().tobytes()).decode("utf-8"))
         if meta.get("quant_type") != "nf4":
             raise ValueError(f"{key}: quant_type is {meta.get('quant_type')!r}, only 'nf4' is supported")
-        quant_map = state_dict.get(f"{key}.quant_map")
-        if quant_map is not None and not torch.equal(quant_map.cpu().float(), reference.NF4_CODEBOOK):
+        quant_map = state_dict.get(f"{key}.{fmt.HF_QUANT_MAP}")
+        if quant_map is not None and not torch.equal(quant_map.cpu().float(), fmt.NF4_CODEBOOK):
             raise ValueError(f"{key}: quant_map is not the NF4 codebook")
         packed = state_dict[key].view(torch.uint8).reshape(-1, 1)
         dtype = getattr(torch, meta["dtype"])
-        if "nested_absmax" in meta or f"{key}.nested_absmax" in state_dict:
-            if meta.get("nested_blocksize", 256) != 256:
-                raise ValueError(f"{key}: nested_blocksize must be 256, got {meta['nested_blocksize']}")
+        if "nested_absmax" in meta or f"{key}.{fmt.HF_NESTED_ABSMAX}" in state_dict:
+            if meta.get("nested_blocksize", fmt.NESTED_BLOCKSIZE) != fmt.NESTED_BLOCKSIZE:
+                raise ValueError(f"{key}: nested_blocksize must be {fmt.NESTED_BLOCKSIZE}, got {meta['nested_blocksize']}")
             offset = torch.tensor(float(meta["nested_offset"]), dtype=torch.float32, device=packed.device)
-            return cls(packed, state_dict[f"{key}.absmax"], meta["blocksize"], meta["shape"], dtype,
-                       state_dict[f"{key}.nested_absmax"], state_dict[f"{key}.nested_quant_map"], offset)
-        return cls(packed, state_dict[f"{key}.absmax"], meta["blocksize"], meta["shape"], dtype)
+            return cls(packed, state_dict[f"{key}.{fmt.HF_ABSMAX}"], meta["blocksize"], meta["shape"], dtype,
+                       state_dict[f"{key}.{fmt.HF_NESTED_ABSMAX}"], state_dict[f"{key}.{fmt.HF_NESTED_QUANT_MAP}"],
+                       offset)
+        return cls(packed, state_dict[f"{key}.{fmt.HF_ABSMAX}"], meta["blocksize"], meta["shape"], dtype)
 
 
 def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
@@ -209,6 +209,6 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     packed, absmax = nf4_ops.nf4_quantize(w.detach(), blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, blocksize, w.shape, w.dtype)
-    code = _dynamic_map(w.device)
+    code = fmt.dynamic_map(w.device)
     qabsmax, absmax2, offset = nf4_ops.nf4_double_quantize(absmax, code)
     return NF4Weight(packed, qabsmax, blocksize, w.shape, w.dtype, absmax2, code, offset)

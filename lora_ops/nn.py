@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lora_ops import format as fmt
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops import qlora as qlora_ops
 
@@ -45,23 +46,21 @@ _BASE_KEYS = ("packed", "absmax", "absmax2", "nested_code", "offset")
 
 
 def _zero_nf4(n: int, k: int, blocksize: int, double_quant: bool, dtype: torch.dtype, device) -> NF4Weight:
-    """An all-zero [n, k] NF4Weight built directly (every code 7 = exact zero), without quantizing."""
-    from lora_ops import reference
-
+    """An all-zero [n, k] NF4Weight built directly (every code the exact zero), without quantizing."""
     numel = n * k
     nb = -(-numel // blocksize)
-    packed = torch.full(((numel + 1) // 2, 1), 0x77, dtype=torch.uint8, device=device)
+    packed = torch.full(((numel + 1) // 2, 1), fmt.NF4_ZERO_CODE * 0x11, dtype=torch.uint8, device=device)
     if not double_quant:
         return NF4Weight(packed, torch.zeros(nb, device=device), blocksize, (n, k), dtype)
-    qabsmax = torch.full((nb,), 127, dtype=torch.uint8, device=device)  # index of 0.0 in the dynamic map
+    qabsmax = torch.full((nb,), fmt.DYNAMIC_MAP_ZERO_CODE, dtype=torch.uint8, device=device)
     return NF4Weight(
         packed,
         qabsmax,
         blocksize,
         (n, k),
         dtype,
-        torch.zeros(-(-nb // 256), device=device),
-        reference.dynamic_map().to(device),
+        torch.zeros(-(-nb // fmt.NESTED_BLOCKSIZE), device=device),
+        fmt.dynamic_map(device),
         torch.zeros((), device=device),
     )
 
@@ -90,8 +89,8 @@ class QLoRALinear(nn.Module):
         device: torch.device | str | None = None,
     ):
         super().__init__()
-        if not 1 <= r <= 256:
-            raise ValueError(f"QLoRALinear: r must be in 1..256, got {r}")
+        if not 1 <= r <= fmt.MAX_LORA_RANK:
+            raise ValueError(f"QLoRALinear: r must be in 1..{fmt.MAX_LORA_RANK}, got {r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"QLoRALinear: dropout must be in [0, 1), got {dropout}")
         self.in_features, self.out_features = in_features, out_features

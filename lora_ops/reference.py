@@ -8,46 +8,12 @@ from __future__ import annotations
 
 import torch
 
-# ---- Section 1: the NF4 codebook, index = 4-bit code --------------------------------------------
-NF4_CODEBOOK = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ],
-    dtype=torch.float32,
-)
-NF4_ZERO_CODE = 7
+# The format's facts (codebook, blocksizes, nested blocksize, the signed dynamic map) are the
+# library's (lora_ops/format.py); the oracle imports them and restates only the arithmetic.
+from lora_ops.format import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODEBOOK, NF4_ZERO_CODE, dynamic_map  # noqa: F401
+
 # Section 2: decision thresholds, float32 midpoints of adjacent codebook values.
 NF4_THRESHOLDS = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2
-NESTED_BLOCKSIZE = 256
-BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
-
-
-def dynamic_map() -> torch.Tensor:
-    """The 256-entry signed dynamic map of section 5, computed in float32 exactly as stated."""
-    values: list[float] = []
-    for i in range(7):
-        points = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)
-        means = (points[:-1] + points[1:]) / 2.0
-        values += ((10 ** (i - 6)) * means).tolist()
-        values += (-(10 ** (i - 6)) * means).tolist()
-    values += [0.0, 1.0]
-    values.sort()
-    return torch.tensor(values, dtype=torch.float32)
 
 
 def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
+from lora_ops import format as fmt
 from lora_ops.nf4 import NF4Weight
 
-QUANT_STATE_SUFFIX = ".quant_state.bitsandbytes__nf4"
+QUANT_STATE_SUFFIX = "." + fmt.HF_QUANT_STATE
 # Every key an NF4 layer contributes besides ``P.weight`` itself (spec section 6).
-_NF4_AUX_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", QUANT_STATE_SUFFIX)
+_NF4_AUX_SUFFIXES = tuple("." + s for s in fmt.HF_SUFFIXES)
 
 
 def nf4_weight_keys(state_dict: Mapping[str, torch.Tensor]) -> list[str]:

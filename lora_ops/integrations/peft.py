@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lora_ops import bnb_cpu_layout
+from lora_ops import format as fmt
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
@@ -242,8 +243,8 @@ def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, k
             return f"LoRA variant {type(variants.get(a)).__name__ if a in variants else 'DoRA'} (adapter {a!r})"
         if layer.lora_bias.get(a, False):
             return f"lora_bias=True (adapter {a!r})"
-    if sum(layer.r[a] for a in adapters) > 256:
-        return "active adapters of total rank above 256"
+    if sum(layer.r[a] for a in adapters) > fmt.MAX_LORA_RANK:
+        return f"active adapters of total rank above {fmt.MAX_LORA_RANK}"
     if len(adapters) > 1 and any(_dropout_p(layer, a) > 0 for a in adapters):
         return "several active adapters with dropout in training mode"
     return None
