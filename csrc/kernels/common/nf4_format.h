@@ -1,6 +1,7 @@
 // NF4 double-quantized storage: every fact of ../shared/spec/nf4-format.md that a kernel needs,
 // stated once, for both the host compiler and nvcc. Kernels include this; nothing here allocates.
 #pragma once
+#include <cmath>
 #include <cstdint>
 
 #include "common/macros.h"
@@ -126,6 +127,36 @@ LORA_HD uint8_t nf4_low(uint8_t byte) { return byte & 0x0F; }  // element 2j+1
 constexpr int kNestedBlocksize = 256;
 // Index of 0.0 in the 256-entry signed dynamic map (the code of an all-zero nested block).
 constexpr uint8_t kDynamicMapZeroCode = 127;
+
+// The 256-entry signed dynamic map (the nested code book), ascending: 0, 1 and +-10^(i-6) * m for the
+// midpoints m of linspace(0.1, 1, 2^i + 1), i = 0..6. Kernels never build it (they read the map the
+// caller stores with the weight, lora_ops.format.dynamic_map() in Python); host-side checks use this.
+// linspace here is the scalar formula (start + step*j below half, end - step*(k-1-j) above), so a few
+// entries may differ in the last bit from torch's vectorized linspace: pass one map to both sides.
+constexpr int kDynamicMapSize = 256;
+inline void nf4_fill_dynamic_map(float* out) {
+  float level[7][64];  // level[i][j] = 10^(i-6) * (midpoint j of linspace(0.1, 1, 2^i + 1))
+  for (int i = 0; i < 7; ++i) {
+    const int k = (1 << i) + 1;
+    const float step = (1.0f - 0.1f) / static_cast<float>(k - 1);
+    // 10^(i-6) as Python computes it (a double), rounded to float32 as torch multiplies by it.
+    const float scale = static_cast<float>(std::pow(10.0, i - 6));
+    float prev = 0.1f;
+    for (int j = 1; j < k; ++j) {
+      const float cur = j < k / 2 ? 0.1f + step * static_cast<float>(j) : 1.0f - step * static_cast<float>(k - 1 - j);
+      level[i][j - 1] = scale * ((prev + cur) / 2.0f);
+      prev = cur;
+    }
+  }
+  // Levels do not overlap (level i lies in (10^(i-7), 10^(i-6))), so this order is ascending.
+  int n = 0;
+  for (int i = 6; i >= 0; --i)
+    for (int j = (1 << i) - 1; j >= 0; --j) out[n++] = -level[i][j];
+  out[n++] = 0.0f;
+  for (int i = 0; i < 7; ++i)
+    for (int j = 0; j < (1 << i); ++j) out[n++] = level[i][j];
+  out[n++] = 1.0f;
+}
 
 // absmax[i] = dyn[qabsmax[i]] * absmax2[i / 256] + offset, rounded after the product AND after the
 // sum (never one FMA): bitsandbytes dequantizes the nested absmax first and adds offset after.
