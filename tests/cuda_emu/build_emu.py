@@ -7,7 +7,8 @@ Rewrites (the kernel sources themselves are never edited):
   asm volatile("ptx" : outs : ins);          ->  ::lora_emu::ptx("ptx", {Out(o)..., In(i)...});
 The inline-asm rewrite keeps the PTX text and the operand numbering (outputs first, as in GCC asm), so
 the runtime dispatches on the instruction and reads operands by their %N positions: the kernels' own
-inline PTX is what runs, interpreted by emu_fiber_runtime.h.
+inline PTX is what runs, interpreted by emu_fiber_runtime.h (the one emulation runtime; both checks,
+emu_nf4_check.cpp and emu_qlora_fiber_check.cpp, run on it).
 
 Usable as a script: python tests/cuda_emu/build_emu.py OUT_DIR [extra g++ flags...]  (builds
 emu_qlora_fiber_check there; e.g. -fsanitize=address to catch out-of-bounds reads of the kernels).
@@ -42,16 +43,21 @@ def cuda_include_dir() -> str | None:
     return mod.cuda_include_dir("nvcc")
 
 
+def _literal_end(src: str, i: int) -> int:
+    """Index of the quote closing the string or char literal that opens at src[i]."""
+    j = i + 1
+    while src[j] != src[i]:
+        j += 2 if src[j] == "\\" else 1
+    return j
+
+
 def _matching_paren(src: str, open_idx: int) -> int:
     """Index of the ')' closing the '(' at open_idx, skipping string and char literals."""
     depth, i = 0, open_idx
     while i < len(src):
         ch = src[i]
         if ch in "\"'":
-            j = i + 1
-            while src[j] != ch:
-                j += 2 if src[j] == "\\" else 1
-            i = j
+            i = _literal_end(src, i)
         elif ch == "(":
             depth += 1
         elif ch == ")":
@@ -68,9 +74,7 @@ def _split_top(text: str, sep: str) -> list[str]:
     while i < len(text):
         ch = text[i]
         if ch in "\"'":
-            j = i + 1
-            while text[j] != ch:
-                j += 2 if text[j] == "\\" else 1
+            j = _literal_end(text, i)
             cur.append(text[i:j + 1])
             i = j + 1
             continue
@@ -145,42 +149,61 @@ def rewrite_cuda_source(src: str) -> str:
     return _rewrite_asm(src)
 
 
-def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
-    """Compiles tests/cuda_emu/emu_qlora_fiber_check.cpp with the rewritten QLoRA kernels; returns the binary."""
-    inc = cuda_include_dir()
-    if inc is None:
-        raise RuntimeError("nvcc (CUDA toolkit headers) not found")
+def _write_rewritten_kernels(out_dir: Path) -> Path:
+    """out_dir/cuda/: every csrc/kernels/cuda/ file rewritten; unchanged files keep their mtime."""
     cuda_dir = out_dir / "cuda"
     cuda_dir.mkdir(parents=True, exist_ok=True)
     for f in (KERNELS / "cuda").iterdir():
         text = rewrite_cuda_source(f.read_text())
         dst = cuda_dir / f.name
-        if not dst.exists() or dst.read_text() != text:  # unchanged files keep their mtime (no rebuild)
+        if not dst.exists() or dst.read_text() != text:
             dst.write_text(text)
+    return cuda_dir
+
+
+def _build(out_dir: Path, name: str, jobs: list[tuple[Path, list[str]]], cxx: str,
+           extra_flags: tuple[str, ...]) -> Path:
+    """Compiles each (source, flags) of `jobs` (skipping up-to-date objects) and links out_dir/name."""
+    inc = cuda_include_dir()
+    if inc is None:
+        raise RuntimeError("nvcc (CUDA toolkit headers) not found")
+    cuda_dir = _write_rewritten_kernels(out_dir)
     flags = ["-std=c++20", "-O2", "-w", "-ffp-contract=off", "-fopenmp", f"-I{out_dir}", f"-I{EMU}", f"-I{KERNELS}",
              "-isystem", inc, *extra_flags]
+    # Every object depends on the emulation headers, the common and CPU headers, and the rewritten kernels (the
+    # checks include .cu files, the QLoRA units include rewritten .cuh headers).
+    deps = [*EMU.glob("*.h"), *(KERNELS / "common").iterdir(), *(KERNELS / "cpu").glob("*.h"),
+            *cuda_dir.iterdir()]
+    newest_dep = max(d.stat().st_mtime for d in deps)
     objs = []
-    jobs = [(cuda_dir / u, ["-x", "c++", "-include", str(EMU / "emu_fiber_runtime.h")]) for u in QLORA_UNITS]
-    jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []),
-             (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
-    deps = [EMU / "emu_fiber_runtime.h"] + list((KERNELS / "common").iterdir()) + list((KERNELS / "cpu").glob("*.h"))
-    newest_dep = max(d.stat().st_mtime for d in deps) if deps else 0
     for src, extra in jobs:
         obj = out_dir / (src.name + ".o")
-        stale = not obj.exists() or obj.stat().st_mtime < max(src.stat().st_mtime, newest_dep) or src.parent == cuda_dir
-        if src.parent == cuda_dir:  # a rewritten unit depends on every rewritten header too
-            stale = not obj.exists() or obj.stat().st_mtime < max(
-                [newest_dep] + [p.stat().st_mtime for p in cuda_dir.iterdir()])
-        if stale:
+        if not obj.exists() or obj.stat().st_mtime < max(src.stat().st_mtime, newest_dep):
             r = subprocess.run([cxx, *flags, *extra, "-c", str(src), "-o", str(obj)], capture_output=True, text=True)
             if r.returncode != 0:
                 raise RuntimeError(f"compiling {src.name} failed:\n{r.stderr[-6000:]}")
         objs.append(str(obj))
-    exe = out_dir / "emu_qlora_fiber_check"
+    exe = out_dir / name
     r = subprocess.run([cxx, "-fopenmp", "-pthread", *extra_flags, *objs, "-o", str(exe)], capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"linking failed:\n{r.stderr[-6000:]}")
     return exe
+
+
+def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles tests/cuda_emu/emu_qlora_fiber_check.cpp with the rewritten QLoRA kernels; returns the binary."""
+    runtime = ["-x", "c++", "-include", str(EMU / "emu_fiber_runtime.h")]
+    jobs = [(out_dir / "cuda" / u, runtime) for u in QLORA_UNITS]
+    jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []),
+             (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
+    return _build(out_dir, "emu_qlora_fiber_check", jobs, cxx, extra_flags)
+
+
+def build_nf4_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles tests/cuda_emu/emu_nf4_check.cpp (it includes the rewritten NF4 .cu files) and the CPU
+    NF4 kernels; returns the binary."""
+    jobs = [(EMU / "emu_nf4_check.cpp", []), (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
+    return _build(out_dir, "emu_nf4_check", jobs, cxx, extra_flags)
 
 
 if __name__ == "__main__":

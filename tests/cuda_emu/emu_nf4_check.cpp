@@ -1,9 +1,9 @@
-// Runs the CUDA NF4 kernels' source under the CPU emulation (emu_runtime.h) and compares every
+// Runs the CUDA NF4 kernels' source under the CPU emulation (emu_fiber_runtime.h) and compares every
 // output byte with the CPU kernels (csrc/kernels/cpu/nf4_cpu.cpp). Prints one line per failure and
-// a summary; exit status 1 on any mismatch. The .cu files are included after their kernel launches
-// `k<<<g, b, s, st>>>(...)` were rewritten to `::lora_emu::make_launch(k, g, b, s, st)(...)`.
-#include "emu_runtime.h"
-// (emu_runtime.h must come first)
+// a summary; exit status 1 on any mismatch. build_emu.py rewrites the .cu files' CUDA-only syntax
+// (kernel launches `k<<<g, b, s, st>>>(...)` become `::lora_emu::make_launch(k, g, b, s, st)(...)`).
+#include "emu_fiber_runtime.h"
+// (the runtime must come first)
 #include "cuda/nf4_dequantize.cu"
 #include "cuda/nf4_double_quantize.cu"
 #include "cuda/nf4_quantize.cu"
@@ -14,6 +14,7 @@
 
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
+#include "emu_nested_state.h"
 
 using namespace lora_ops;
 
@@ -79,37 +80,11 @@ void check_case(int64_t n, int bs, DType t, int shift, std::mt19937& rng) {
   if (packed_dev[nbytes] != 0xEE) { ++g_failures; std::printf("quantize wrote past the end (n=%lld)\n", (long long)n); }
 
   // Double quantization, offset = mean (as the binding computes it).
-  std::vector<float> code(256);
-  {  // the signed dynamic map (spec section 5), built like reference.dynamic_map()
-    std::vector<float> v;
-    for (int i = 0; i < 7; ++i) {
-      const int k = (1 << i) + 1;
-      std::vector<float> lin(k);
-      for (int j = 0; j < k; ++j) lin[j] = 0.1f + (1.0f - 0.1f) * (k == 1 ? 0 : float(j) / float(k - 1));
-      for (int j = 0; j + 1 < k; ++j) {
-        const float m = (lin[j] + lin[j + 1]) / 2.0f * std::pow(10.0f, float(i - 6));
-        v.push_back(m);
-        v.push_back(-m);
-      }
-    }
-    v.push_back(0.0f);
-    v.push_back(1.0f);
-    std::sort(v.begin(), v.end());
-    std::copy(v.begin(), v.end(), code.begin());  // (exact values do not matter here: same map both sides)
-  }
-  double sum = 0;
-  for (float a : absmax_cpu) sum += a;
-  const float offset = static_cast<float>(sum / nb);
+  const lora_emu::NestedState nested_state(absmax_cpu);  // the same map and offset for both sides
   const int64_t ng = (nb + 255) / 256;
   std::vector<uint8_t> q_gpu(nb, 0xAB), q_cpu(nb, 0xCD);
   std::vector<float> a2_gpu(ng, -1.0f), a2_cpu(ng, -2.0f);
-  Nf4DoubleQuantParams d;
-  d.absmax = absmax_cpu.data();
-  d.n_blocks = nb;
-  d.offset = &offset;
-  d.nested_code = code.data();
-  d.qabsmax = q_gpu.data();
-  d.absmax2 = a2_gpu.data();
+  Nf4DoubleQuantParams d = nested_state.params(absmax_cpu, q_gpu.data(), a2_gpu.data());
   if (cuda::nf4_double_quantize(d, nullptr) != cudaSuccess) { ++g_failures; std::printf("dq launch failed\n"); }
   d.qabsmax = q_cpu.data();
   d.absmax2 = a2_cpu.data();
@@ -130,8 +105,8 @@ void check_case(int64_t n, int bs, DType t, int shift, std::mt19937& rng) {
       if (nested) {
         q.weight.qabsmax = q_cpu.data();
         q.weight.absmax2 = a2_cpu.data();
-        q.weight.nested_code = code.data();
-        q.weight.offset = &offset;
+        q.weight.nested_code = nested_state.code.data();
+        q.weight.offset = &nested_state.offset;
       } else {
         q.weight.absmax = absmax_cpu.data();
       }
@@ -151,6 +126,7 @@ void check_case(int64_t n, int bs, DType t, int shift, std::mt19937& rng) {
 
 int main(int argc, char** argv) {
   std::mt19937 rng(argc > 1 ? std::atoi(argv[1]) : 1234);
+  lora_emu::g_sms = 1;  // a 1-SM "device" with 2 resident CTAs: persistent grids of 2 (the sizes below)
   // Sizes around the kernels' boundaries: chunk (32 elements), warp segment (1024), one pass of the
   // emulated 2-CTA grid (2 CTAs x 8 warps x 2 segments = 32768 elements), odd numel, partial blocks.
   // Every blocksize and dtype, aligned (16-byte vector paths) and misaligned (scalar paths).

@@ -11,12 +11,14 @@
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
+#include <memory>
 #include <string>
 
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
 #include "cpu/qlora_cpu.h"
 #include "cuda/qlora_cuda.h"
+#include "emu_nested_state.h"
 
 using namespace lora_ops;
 
@@ -108,9 +110,9 @@ struct Weight {
   int bs;
   bool nested;
   Buf packed{0};
-  std::vector<float> absmax, absmax2, code;
+  std::vector<float> absmax, absmax2;
   std::vector<uint8_t> qabsmax;
-  float offset = 0.0f;
+  std::unique_ptr<lora_emu::NestedState> nested_state;  // map and offset (nested only)
   Nf4Weight view;
   Weight(int64_t n_, int64_t k_, int bs_, bool nested_, size_t packed_shift) : n(n_), k(k_), bs(bs_), nested(nested_) {
     const int64_t numel = n * k, nb = (numel + bs - 1) / bs, nbytes = (numel + 1) / 2;
@@ -134,39 +136,15 @@ struct Weight {
       view.absmax = absmax.data();
       return;
     }
-    // signed dynamic map (spec section 5), as in emu_nf4_check.cpp
-    std::vector<float> v;
-    for (int i = 0; i < 7; ++i) {
-      const int kk = (1 << i) + 1;
-      std::vector<float> lin(kk);
-      for (int j = 0; j < kk; ++j) lin[j] = 0.1f + 0.9f * (kk == 1 ? 0 : float(j) / float(kk - 1));
-      for (int j = 0; j + 1 < kk; ++j) {
-        const float m = (lin[j] + lin[j + 1]) / 2.0f * std::pow(10.0f, float(i - 6));
-        v.push_back(m);
-        v.push_back(-m);
-      }
-    }
-    v.push_back(0.0f);
-    v.push_back(1.0f);
-    std::sort(v.begin(), v.end());
-    code = v;
-    double sum = 0;
-    for (float a : absmax) sum += a;
-    offset = static_cast<float>(sum / nb);
+    nested_state = std::make_unique<lora_emu::NestedState>(absmax);
     qabsmax.resize(nb);
     absmax2.resize((nb + 255) / 256);
-    Nf4DoubleQuantParams d;
-    d.absmax = absmax.data();
-    d.n_blocks = nb;
-    d.offset = &offset;
-    d.nested_code = code.data();
-    d.qabsmax = qabsmax.data();
-    d.absmax2 = absmax2.data();
+    const Nf4DoubleQuantParams d = nested_state->params(absmax, qabsmax.data(), absmax2.data());
     cpu::nf4_double_quantize(d);
     view.qabsmax = qabsmax.data();
     view.absmax2 = absmax2.data();
-    view.nested_code = code.data();
-    view.offset = &offset;
+    view.nested_code = nested_state->code.data();
+    view.offset = &nested_state->offset;
   }
   // W rounded once to the compute dtype (nf4_dequantize(dtype = t)), widened.
   std::vector<double> dequant(DType t) const {
@@ -546,6 +524,23 @@ void check_mask(int64_t rows, int64_t cols, double prob, uint64_t offset) {
 }
 
 // ---- the case lists ---------------------------------------------------------------------------------
+// An exact-weight case: rows of a one-hot, no LoRA, no bias, so out holds dequantized weight values.
+void check_onehot(Path path, bool transpose, int64_t m, int64_t n, int64_t k, DType dt, bool nested, int bs,
+                  int splits) {
+  MatmulCase c;
+  c.path = path;
+  c.onehot = true;
+  c.transpose = transpose;
+  c.m = m;
+  c.n = n;
+  c.k = k;
+  c.dt = dt;
+  c.nested = nested;
+  c.bs = bs;
+  c.splits = splits;
+  check_matmul(c);
+}
+
 void run_decode() {
   MatmulCase c;
   c.path = Path::kDecode;
@@ -569,18 +564,8 @@ void run_decode() {
       check_matmul(c);
     }
   // exact weight values through the decode path
-  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
-    c = MatmulCase{};
-    c.path = Path::kDecode;
-    c.onehot = true;
-    c.m = 16;
-    c.n = 40;
-    c.k = 2080;
-    c.dt = t;
-    c.nested = t != DType::kFloat16;
-    c.splits = 3;
-    check_matmul(c);
-  }
+  for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16})
+    check_onehot(Path::kDecode, false, 16, 40, 2080, t, t != DType::kFloat16, 64, 3);
 }
 
 // qlora_decode_supported must refuse layouts its 16-byte loads cannot take (the binding then uses the
@@ -647,17 +632,7 @@ void run_decode_t() {
       ++i;
       check_matmul(c);
     }
-  c = MatmulCase{};
-  c.path = Path::kDecode;
-  c.transpose = true;
-  c.onehot = true;
-  c.m = 4;
-  c.n = 136;
-  c.k = 1056;
-  c.dt = DType::kFloat16;
-  c.nested = true;
-  c.splits = 2;
-  check_matmul(c);
+  check_onehot(Path::kDecode, true, 4, 136, 1056, DType::kFloat16, true, 64, 2);
 }
 
 void run_ffma() {
@@ -688,20 +663,7 @@ void run_ffma() {
       check_matmul(c);
     }
   }
-  for (bool tr : {false, true}) {
-    c = MatmulCase{};
-    c.path = Path::kFfma;
-    c.onehot = true;
-    c.transpose = tr;
-    c.m = 33;
-    c.n = 40;
-    c.k = 72;
-    c.dt = DType::kBFloat16;
-    c.nested = true;
-    c.bs = 32;
-    c.splits = 2;
-    check_matmul(c);
-  }
+  for (bool tr : {false, true}) check_onehot(Path::kFfma, tr, 33, 40, 72, DType::kBFloat16, true, 32, 2);
 }
 
 void run_mma() {
@@ -733,19 +695,8 @@ void run_mma() {
     }
   }
   for (bool tr : {false, true})
-    for (bool fast : {true, false}) {
-      c = MatmulCase{};
-      c.path = Path::kMma;
-      c.onehot = true;
-      c.transpose = tr;
-      c.m = 64;
-      c.n = 136;
-      c.k = fast ? 96 : 72;
-      c.dt = fast ? DType::kFloat16 : DType::kBFloat16;
-      c.nested = true;
-      c.bs = 32;
-      check_matmul(c);
-    }
+    for (bool fast : {true, false})
+      check_onehot(Path::kMma, tr, 64, 136, fast ? 96 : 72, fast ? DType::kFloat16 : DType::kBFloat16, true, 32, 1);
 }
 
 void run_lora() {

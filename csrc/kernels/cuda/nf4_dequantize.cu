@@ -41,16 +41,11 @@ struct DequantShape {
   static_assert(kElemsPerLane * sizeof(OutT) == 16, "one round = one 16-byte store per lane");
 };
 
-// Everything the kernel reads, by value (one kernel argument).
+// Everything the kernel reads, by value (one kernel argument): the weight as the caller gave it, plus
+// what the launcher derives from it once.
 struct DequantArgs {
-  const uint8_t* packed;
-  int64_t numel;
+  Nf4Weight w;
   int log2_blocksize;       // blocksize is a power of two: block = element >> log2_blocksize
-  const float* absmax;      // plain
-  const uint8_t* qabsmax;   // nested: codes, scales per 256 blocks, map, offset
-  const float* absmax2;
-  const float* nested_code;
-  const float* offset;
   void* out;
   bool vector_ok;           // packed and out 16-byte aligned
 };
@@ -60,9 +55,9 @@ struct DequantArgs {
 template <bool kNested>
 __device__ __forceinline__ float block_absmax(const DequantArgs& a, const float* nested_map, float offset, int64_t b) {
   if constexpr (kNested) {
-    return nf4_nested_absmax(nested_map[__ldg(a.qabsmax + b)], __ldg(a.absmax2 + b / kNestedBlocksize), offset);
+    return nf4_nested_absmax(nested_map[__ldg(a.w.qabsmax + b)], __ldg(a.w.absmax2 + b / kNestedBlocksize), offset);
   } else {
-    return __ldg(a.absmax + b);
+    return __ldg(a.w.absmax + b);
   }
 }
 
@@ -98,17 +93,17 @@ __global__ void __launch_bounds__(kNf4Threads) nf4_dequantize_kernel(const Dequa
   if (threadIdx.x < 16) codebook[threadIdx.x] = kNf4CodebookDevice[threadIdx.x];
   if constexpr (kNested) {
     static_assert(kNf4Threads == 256, "one thread per nested map entry");
-    nested_map[threadIdx.x] = a.nested_code[threadIdx.x];
+    nested_map[threadIdx.x] = a.w.nested_code[threadIdx.x];
   }
-  const float offset = kNested ? __ldg(a.offset) : 0.0f;
+  const float offset = kNested ? __ldg(a.w.offset) : 0.0f;
   __syncthreads();
 
   OutT* out = static_cast<OutT*>(a.out);
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
-  const int64_t n_segments = a.vector_ok ? a.numel / kSegmentElems : 0;
+  const int64_t n_segments = a.vector_ok ? a.w.numel / kSegmentElems : 0;
   const int64_t warp_stride = static_cast<int64_t>(gridDim.x) * kWarps * kUnroll;
-  const uint4* packed16 = reinterpret_cast<const uint4*>(a.packed);
+  const uint4* packed16 = reinterpret_cast<const uint4*>(a.w.packed);
 
   for (int64_t seg0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * kUnroll; seg0 < n_segments;
        seg0 += warp_stride) {  // seg0 is warp-uniform: every branch below is too
@@ -150,9 +145,9 @@ __global__ void __launch_bounds__(kNf4Threads) nf4_dequantize_kernel(const Dequa
 
   // Elements no segment covered: the tail (< 1024 elements), or all of them when unaligned.
   const int64_t first = n_segments * kSegmentElems;
-  for (int64_t e = first + static_cast<int64_t>(blockIdx.x) * kNf4Threads + threadIdx.x; e < a.numel;
+  for (int64_t e = first + static_cast<int64_t>(blockIdx.x) * kNf4Threads + threadIdx.x; e < a.w.numel;
        e += static_cast<int64_t>(gridDim.x) * kNf4Threads) {
-    const uint8_t byte = __ldg(a.packed + e / 2);
+    const uint8_t byte = __ldg(a.w.packed + e / 2);
     const uint8_t code = (e & 1) ? nf4_low(byte) : nf4_high(byte);
     store_one(out, e, nf4_decode(codebook[code], block_absmax<kNested>(a, nested_map, offset, e >> a.log2_blocksize)));
   }
@@ -161,8 +156,8 @@ __global__ void __launch_bounds__(kNf4Threads) nf4_dequantize_kernel(const Dequa
 template <typename OutT, bool kNested>
 cudaError_t launch_dequantize(const DequantArgs& args, cudaStream_t stream) {
   auto kernel = nf4_dequantize_kernel<OutT, kNested>;
-  const int64_t segments = args.vector_ok ? args.numel / kSegmentElems : 0;
-  const int64_t tail = args.numel - segments * kSegmentElems;
+  const int64_t segments = args.vector_ok ? args.w.numel / kSegmentElems : 0;
+  const int64_t tail = args.w.numel - segments * kSegmentElems;
   const int64_t ctas_for_segments = (segments + kWarps * kUnroll - 1) / (kWarps * kUnroll);
   const int64_t ctas_for_tail = (tail + kNf4Threads - 1) / kNf4Threads;
   int grid = 0;
@@ -187,15 +182,9 @@ cudaError_t nf4_dequantize(const Nf4DequantizeParams& p, cudaStream_t stream) {
   if (!w.packed || !p.out || (nested ? !(w.absmax2 && w.nested_code && w.offset) : !w.absmax))
     return cudaErrorInvalidValue;
   DequantArgs args{};
-  args.packed = w.packed;
-  args.numel = w.numel;
+  args.w = w;
   args.log2_blocksize = 0;
   while ((1 << args.log2_blocksize) < w.blocksize) ++args.log2_blocksize;
-  args.absmax = w.absmax;
-  args.qabsmax = w.qabsmax;
-  args.absmax2 = w.absmax2;
-  args.nested_code = w.nested_code;
-  args.offset = w.offset;
   args.out = p.out;
   args.vector_ok = is_aligned(w.packed, 16) && is_aligned(p.out, 16);
   switch (p.out_dtype) {
