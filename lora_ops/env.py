@@ -7,6 +7,7 @@ weights with bf16-rounded absmax (see :mod:`lora_ops.bnb_cpu_layout`)."""
 from __future__ import annotations
 
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
@@ -26,6 +27,35 @@ def _cpuinfo() -> tuple[str, set[str]]:
     except OSError:
         pass
     return model, flags
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    return _cpuinfo()[0]
+
+
+def _command_output(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=cwd, check=False).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def git_commit(path: Path | str) -> str | None:
+    """The commit checked out at ``path`` (``+dirty`` with uncommitted changes to tracked files), or None
+    outside a git checkout."""
+    commit = _command_output(["git", "rev-parse", "HEAD"], Path(path))
+    if commit is None:
+        return None
+    dirty = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], Path(path))
+    return commit + ("+dirty" if dirty else "")
+
+
+def gpu_driver() -> str | None:
+    """The NVIDIA driver version (``nvidia-smi``), or None."""
+    out = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    return out.splitlines()[0] if out else None
 
 
 def _bitsandbytes() -> dict:

@@ -11,6 +11,9 @@ device that is present (a missing or failing one is reported, not fatal), then w
                          in the same run) for the fused linear over M, NF4 dequantize, optimizer step
     raw/<bench>/         each benchmark's own JSON + markdown + log
 
+A source-checkout tool: where none of the requested ``bench/`` scripts exists (an installed wheel
+ships none) it prints why and exits with status 2 instead of reporting nothing.
+
 DIR defaults to ``bench/results/<device>`` (e.g. ``bench/results/nvidia-h100-80gb-hbm3``), where GPU
 reports are committed.
 """
@@ -41,48 +44,25 @@ BENCHES: dict[str, tuple[str, str, str]] = {
 
 
 # ---- header -------------------------------------------------------------------------------------------
-def _run_text(cmd: list[str]) -> str | None:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=20, cwd=REPO, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def header(device: str) -> dict:
     """Everything needed to know what a number was measured on."""
     import lora_ops
+    from lora_ops import env
 
-    commit = _run_text(["git", "rev-parse", "HEAD"])
-    dirty = _run_text(["git", "status", "--porcelain", "--untracked-files=no"])
     h = {
         "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "device": device,
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else cpu_name(),
-        "driver": None,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else env.cpu_model(),
+        "driver": env.gpu_driver() if device == "cuda" else None,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "lora_ops": lora_ops.__version__,
         "lora_ops_with_cuda": bool(lora_ops.WITH_CUDA),
-        "git_commit": (commit + ("+dirty" if dirty else "")) if commit else None,
-        "cpu": cpu_name(),
+        "git_commit": env.git_commit(REPO),
+        "cpu": env.cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
-    if device == "cuda":
-        drv = _run_text(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
-        h["driver"] = drv.splitlines()[0] if drv else None
-    from lora_ops import env
-
     # CPU SIMD, the kernel paths chosen, and bitsandbytes' version and CPU paths (repack or not).
     facts = env.describe()
     h.update({k: facts.get(k) for k in ("cpu_simd_flags", "lora_ops_cpu_kernels", "torch_cpu_capability",
@@ -280,6 +260,25 @@ def markdown(h: dict, results: dict, plots: list[str], quick: bool) -> str:
 
 
 # ---- entry point -------------------------------------------------------------------------------------------
+class BenchSourcesMissing(SystemExit):
+    """The benchmark scripts are not next to this package (an installed wheel ships none)."""
+
+
+def require_bench_sources(names: list[str]) -> None:
+    """Exits with status 2 and says why when none of the benchmarks ``names`` has its script here: the
+    report is a source-checkout tool (bench/*.py import bitsandbytes, PEFT and matplotlib, which the
+    package does not depend on), so from an installed package it must not silently report nothing."""
+    if any((REPO / BENCHES[n][1]).exists() for n in names):
+        return
+    scripts = ", ".join(BENCHES[n][1] for n in names)
+    msg = (f"python -m lora_ops report: no benchmark sources ({scripts}) under {REPO}. The report runs the "
+           "benchmarks of a lora_ops source checkout; an installed package does not include them. Run it "
+           "from a clone of the repository (with that checkout first on PYTHONPATH, or installed with "
+           "`pip install -e`).")
+    print(msg, file=sys.stderr, flush=True)
+    raise BenchSourcesMissing(2)
+
+
 def run(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m lora_ops report", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="output folder (default bench/results/<device>)")
@@ -292,6 +291,7 @@ def run(argv: list[str] | None = None) -> dict:
     unknown = set(names) - set(BENCHES)
     if unknown:
         p.error(f"unknown benchmark(s) {sorted(unknown)}; choose from {list(BENCHES)}")
+    require_bench_sources(names)
     h = header(args.device)
     out = args.out or REPO / "bench" / "results" / device_slug(h)
     out.mkdir(parents=True, exist_ok=True)

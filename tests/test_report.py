@@ -40,3 +40,26 @@ def test_report_tolerates_missing_and_plots_results(tmp_path, monkeypatch):
     saved = json.loads((out / "results.json").read_text())
     assert saved["benchmarks"]["linear"]["data"]["rows"] == rows
     assert (out / "raw" / "linear" / "log.txt").read_text().strip() == "fake benchmark running"
+
+
+def test_report_without_bench_sources_fails_clearly(tmp_path):
+    """As from an installed wheel: the package alone (copied away from the checkout, so no bench/ next to
+    it). The entry point must say why and exit non-zero, not write an empty report."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import lora_ops
+
+    site = tmp_path / "site"
+    shutil.copytree(Path(lora_ops.__file__).parent, site / "lora_ops",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(site))
+    run = subprocess.run([sys.executable, "-m", "lora_ops", "report", "--quick", "--device", "cpu", "--out", str(out)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert "no benchmark sources" in run.stderr and "source checkout" in run.stderr, run.stderr
+    assert not (out / "report.md").exists()
