@@ -17,22 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
+import bench_common as bc  # first: source tree on sys.path, poisoning off
 import torch
 
-os.environ.setdefault("LORA_OPS_POISON_OUTPUTS", "0")  # before lora_ops loads: never time debug poisoning
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
-
-import lora_ops  # noqa: E402
-from lora_ops.format import dynamic_map  # noqa: E402
+import lora_ops
 
 GPU_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]
 CPU_SHAPES = [(4096, 4096), (4096, 14336)]
@@ -52,34 +44,13 @@ def try_import_bnb():
 
 
 class Timer:
-    """Median seconds per call of fn(arg) over rotating args: CUDA events around each pass over the
-    rotation on a GPU, perf_counter on the CPU."""
+    """Median seconds per call of fn(arg) over rotating args (bench_common.rotating_seconds)."""
 
     def __init__(self, device: str, reps: int, warmup: int = 3):
         self.device, self.reps, self.warmup = device, reps, warmup
 
     def __call__(self, fn, args: list) -> float:
-        for i in range(self.warmup):
-            fn(args[i % len(args)])
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(self.reps)]
-            for start, end in events:
-                start.record()
-                for a in args:
-                    fn(a)
-                end.record()
-            torch.cuda.synchronize()
-            times = [s.elapsed_time(e) / 1e3 / len(args) for s, e in events]
-        else:
-            times = []
-            for _ in range(self.reps):
-                t0 = time.perf_counter()
-                for a in args:
-                    fn(a)
-                times.append((time.perf_counter() - t0) / len(args))
-        return statistics.median(times)
+        return bc.rotating_seconds(fn, args, self.device, self.reps, self.warmup)
 
 
 def copy_bandwidth(device: str, timer: Timer) -> float:
@@ -108,25 +79,16 @@ def quant_bytes(n: int, nested: bool) -> int:
 
 
 def header(device: str) -> dict:
-    h = {"device": device, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        h["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
-                                         text=True).stdout.strip()
-    except OSError:
-        h["git_commit"] = "unknown"
+    h = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+         "git_commit": bc.git_commit() or "unknown"}
     if device == "cuda":
         h["device_name"] = torch.cuda.get_device_name()
         h["cuda"] = torch.version.cuda
-        try:
-            h["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                         capture_output=True, text=True).stdout.strip().splitlines()[0]
-        except (OSError, IndexError):
-            h["driver"] = "unknown"
+        h["driver"] = bc.gpu_driver() or "unknown"
     else:
-        h["device_name"] = platform.processor() or platform.machine()
+        h["device_name"] = bc.cpu_model()
         h["cpu_threads"] = torch.get_num_threads()
-    F = try_import_bnb()
-    h["bitsandbytes"] = getattr(sys.modules.get("bitsandbytes"), "__version__", None) if F else None
+    h["bitsandbytes"] = bc.bnb_version() if try_import_bnb() else None
     return h
 
 
@@ -134,7 +96,6 @@ def run(device: str, shapes, reps: int) -> dict:
     timer = Timer(device, reps)
     F = try_import_bnb()
     copy_bw = copy_bandwidth(device, timer)
-    code = dynamic_map(device)
     rows = []
     for shape in shapes:
         n = math.prod(shape)

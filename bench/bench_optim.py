@@ -20,14 +20,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+import bench_common as bc  # first: source tree on sys.path, poisoning off
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_ops.optim import PagedAdamW
 
 # LoRA adapters (A [r, K], B [N, r]) on every projection of a decoder layer: (K, N) per projection.
@@ -59,22 +56,8 @@ def lora_shapes(model: str, rank: int, layers: int | None) -> list[tuple[int, in
     return shapes
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(opt, device: torch.device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        opt.step()
-    sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        opt.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return times
+    return bc.synced_seconds(opt.step, device, warmup, iters)
 
 
 def measure_bandwidth(device: torch.device, nbytes: int, iters: int = 5) -> dict[str, float]:
@@ -86,15 +69,7 @@ def measure_bandwidth(device: torch.device, nbytes: int, iters: int = 5) -> dict
     dev2 = torch.empty(n, dtype=torch.float32, device=device)
 
     def best(fn) -> float:
-        fn()
-        sync(device)
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            ts.append(time.perf_counter() - t0)
-        return nbytes / min(ts) / 1e9
+        return nbytes / min(bc.synced_seconds(fn, device, 1, iters)) / 1e9
 
     h2d = best(lambda: dev.copy_(host, non_blocking=True))
     d2h = best(lambda: host.copy_(dev, non_blocking=True))
@@ -194,42 +169,20 @@ def environment(device: torch.device) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": bc.cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": str(device),
         "loadavg_1m": round(os.getloadavg()[0], 1),  # this CPU may be shared: timings scale with load
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            env["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-        env["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    try:
-        env["commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except OSError:
-        pass
-    try:
-        import bitsandbytes
-
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except ImportError:
-        pass
+        env["driver"] = bc.gpu_driver()
+    if bc.git_commit() is not None:
+        env["commit"] = bc.git_commit()
+    if bc.bnb_version() is not None:
+        env["bitsandbytes"] = bc.bnb_version()
     return env
 
 

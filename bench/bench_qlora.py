@@ -23,14 +23,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import time
 
+import bench_common as bc  # first: source tree on sys.path, poisoning off
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.qlora import qlora_linear
 
@@ -38,68 +34,14 @@ LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N
 FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 
 
-# ---- timing ---------------------------------------------------------------------------------------
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_fn(fn, device, min_time: float, min_iters: int = 3, warmup: int = 1) -> float:
-    """Median milliseconds of fn(); CUDA events on a GPU, perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < min_iters or (time.perf_counter() - start < min_time and len(times) < 200):
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            fn()
-            e1.record()
-            e1.synchronize()
-            times.append(e0.elapsed_time(e1))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def time_interleaved(fns: dict, device, min_time: float, min_iters: int = 3) -> dict:
-    """Median ms per function, measured round-robin (one call of each per round), so that a
-    fluctuating background load on a shared machine hits every method alike."""
-    for fn in fns.values():
-        fn()
-    _sync(device)
-    times: dict = {k: [] for k in fns}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_iters or (time.perf_counter() - start < min_time * len(fns) and rounds < 200):
-        for name, fn in fns.items():
-            if device.type == "cuda":
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                fn()
-                e1.record()
-                e1.synchronize()
-                times[name].append(e0.elapsed_time(e1))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        rounds += 1
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def peak_memory(fn, device) -> int | None:
     if device.type != "cuda":
         return None
-    _sync(device)
+    bc.sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     fn()
-    _sync(device)
+    bc.sync(device)
     return torch.cuda.max_memory_allocated(device) - base
 
 
@@ -108,11 +50,11 @@ def ceilings(device, dtype, min_time) -> dict:
     n = (256 << 20) // 4 if device.type == "cuda" else (64 << 20) // 4
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    t = time_fn(lambda: dst.copy_(src), device, min_time)
+    t = bc.median_ms(lambda: dst.copy_(src), min_time)
     size = 8192 if device.type == "cuda" else 1024
     mdt = dtype if device.type == "cuda" else torch.float32  # CPU bf16 GEMM is not the CPU's ceiling
     a = torch.randn(size, size, device=device).to(mdt)
-    tm = time_fn(lambda: a @ a, device, min_time)
+    tm = bc.median_ms(lambda: a @ a, min_time)
     return {
         "copy_GBps": 2 * n * 4 / t / 1e6,
         "matmul_TFLOPs": 2 * size**3 / tm / 1e9,
@@ -178,12 +120,7 @@ def save(result, out_dir) -> None:
 def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    try:
-        import bitsandbytes  # noqa: F401
-
-        have_bnb = True
-    except Exception:  # noqa: BLE001 - bitsandbytes is optional
-        have_bnb = False
+    have_bnb = bc.bnb_version() is not None
     env = environment(device)
     env["ceilings"] = ceilings(device, dtype, args.min_time)
     print(json.dumps(env, indent=1), flush=True)
@@ -201,7 +138,7 @@ def run(args) -> dict:
                     for name, fn in methods.items()
                 }
                 with torch.no_grad():
-                    for name, t in time_interleaved(fwd, device, args.min_time).items():
+                    for name, t in bc.interleaved_ms(fwd, device, args.min_time).items():
                         row[f"{name}_fwd_ms"] = t
                 if not args.no_backward:
                     xg = x.clone().requires_grad_()
@@ -216,7 +153,7 @@ def run(args) -> dict:
                         return fwd_bwd
 
                     fb = {name: make_fwd_bwd(fn) for name, fn in methods.items()}
-                    for name, t in time_interleaved(fb, device, args.min_time).items():
+                    for name, t in bc.interleaved_ms(fb, device, args.min_time).items():
                         row[f"{name}_fwdbwd_ms"] = t
                     for name, f in fb.items():
                         mem = peak_memory(f, device)
@@ -250,47 +187,20 @@ def summary_line(row) -> str:
 
 
 def environment(device) -> dict:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip()
-    except Exception:  # noqa: BLE001
-        commit = "unknown"
+    cpu = f"{bc.cpu_model()} ({os.cpu_count()} logical cores)"
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
-        "lora_ops_commit": commit,
+        "lora_ops_commit": bc.git_commit() or "unknown",
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
-    try:
-        import bitsandbytes
-
-        env["bitsandbytes"] = bitsandbytes.__version__
-    except Exception:  # noqa: BLE001
-        pass
+    if bc.bnb_version() is not None:
+        env["bitsandbytes"] = bc.bnb_version()
     if device.type == "cuda":
-        env["driver"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        env["driver"] = bc.gpu_driver()
     return env
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} logical cores)"
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 def markdown(result) -> str:
@@ -377,11 +287,9 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     if a.quick:
         a.shapes, a.ms, a.ranks = a.shapes or "4096x4096", a.ms or "1,16,256", a.ranks or "16"
-    a.shapes = (
-        [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")] if a.shapes else LLAMA_SHAPES
-    )
-    a.ms = [int(v) for v in a.ms.split(",")] if a.ms else FULL_MS
-    a.ranks = [int(v) for v in a.ranks.split(",")] if a.ranks else [16, 64]
+    a.shapes = bc.parse_shapes(a.shapes) or LLAMA_SHAPES
+    a.ms = bc.parse_ints(a.ms) or FULL_MS
+    a.ranks = bc.parse_ints(a.ranks) or [16, 64]
     if a.min_time is None:
         a.min_time = 1.0 if a.device == "cpu" else 0.3
     return a

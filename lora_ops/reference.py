@@ -10,7 +10,7 @@ import torch
 
 # The format's facts (codebook, blocksizes, nested blocksize, the signed dynamic map) are the
 # library's (lora_ops/format.py); the oracle imports them and restates only the arithmetic.
-from lora_ops.format import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODEBOOK, NF4_ZERO_CODE, dynamic_map  # noqa: F401
+from lora_ops.format import BLOCKSIZES, NESTED_BLOCKSIZE, NF4_CODEBOOK, NF4_ZERO_CODE, dynamic_map
 
 # Section 2: decision thresholds, float32 midpoints of adjacent codebook values.
 NF4_THRESHOLDS = (NF4_CODEBOOK[:-1] + NF4_CODEBOOK[1:]) / 2

@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
-import build_emu  # noqa: E402
+import build_emu
 
 
 def test_cuda_kernels_emulated_match_cpu_kernels(tmp_path, rng):
