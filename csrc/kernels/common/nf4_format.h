@@ -1,5 +1,6 @@
 // NF4 double-quantized storage: every fact of ../shared/spec/nf4-format.md that a kernel needs,
 // stated once, for both the host compiler and nvcc. Kernels include this; nothing here allocates.
+// Python states the same facts in lora_ops/format.py; tests/test_format.py checks that they agree.
 #pragma once
 #include <cmath>
 #include <cstdint>

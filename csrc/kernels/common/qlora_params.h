@@ -33,6 +33,7 @@
 namespace lora_ops {
 
 // Largest LoRA rank the kernels support (fixed-size register / stack tiles of the rank dimension).
+// Python states it as lora_ops.format.MAX_LORA_RANK; tests/test_format.py checks that they agree.
 constexpr int kMaxLoraRank = 256;
 
 // out[m, o] = Σ_i a[m, i] · Wop[i, o]  +  scale · Σ_q lora_s[m, q] · lora_w[o, q] · drop(m, o)  +  bias[o]
