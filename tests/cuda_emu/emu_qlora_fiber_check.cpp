@@ -160,6 +160,15 @@ struct Weight {
   }
 };
 
+// A float64 reference sum and the sum of its terms' magnitudes (the scale of the accumulation floor).
+struct RefSum {
+  double acc = 0, mag = 0;
+  void add(double term) {
+    acc += term;
+    mag += std::fabs(term);
+  }
+};
+
 // Errors of one output tensor against the float64 reference. `slack` per element is the fp32
 // accumulation floor u32 * sqrt(terms) * sum|terms| (any summation order; it matters only where the
 // terms cancel, e.g. a single output element whose CPU error happens to be near zero).
@@ -179,6 +188,7 @@ struct Errors {
     err.push_back(e);
     slack.push_back(sl);
   }
+  void add(double v, const RefSum& ref, int64_t terms) { add(v, ref.acc, ref.mag, terms); }
   int64_t count() const { return static_cast<int64_t>(err.size()); }
   double mean() const { return count() ? sum_abs / count() : 0; }
   double mean_ref() const { return count() ? sum_ref / count() : 0; }
@@ -349,34 +359,26 @@ void check_matmul(const MatmulCase& c) {
   int64_t first_bad_m = -1, first_bad_o = -1;
   for (int64_t m = 0; m < c.m; ++m) {
     for (int64_t o = 0; o < n_out; ++o) {
-      double acc = 0, mag = 0;
+      RefSum ref;
       for (int64_t i = 0; i < n_in; ++i) {
         const double wv = c.transpose ? W[i * c.k + o] : W[o * c.k + i];
-        const double t = load(a.ptr, c.dt, m * p.a_row_stride + i * p.a_col_stride) * wv;
-        acc += t;
-        mag += std::fabs(t);
+        ref.add(load(a.ptr, c.dt, m * p.a_row_stride + i * p.a_col_stride) * wv);
       }
       if (rank > 0) {
-        double l = 0, lmag = 0;
-        for (int q = 0; q < rank; ++q) {
-          const double t = load(s.ptr, DType::kFloat32, m * p.lora_s_row_stride + q) *
-                           load(lw.ptr, lw_t, o * p.lora_w_stride_o + q * p.lora_w_stride_q);
-          l += t;
-          lmag += std::fabs(t);
-        }
+        RefSum l;
+        for (int q = 0; q < rank; ++q)
+          l.add(load(s.ptr, DType::kFloat32, m * p.lora_s_row_stride + q) *
+                load(lw.ptr, lw_t, o * p.lora_w_stride_o + q * p.lora_w_stride_q));
         const double ks = p.dropout.enabled() ? (dropout_keep(p.dropout, m, o) ? p.dropout.keep_scale : 0.0) : 1.0;
-        acc += static_cast<double>(p.scale) * l * ks;
-        mag += std::fabs(static_cast<double>(p.scale) * ks) * lmag;
+        ref.acc += static_cast<double>(p.scale) * l.acc * ks;
+        ref.mag += std::fabs(static_cast<double>(p.scale) * ks) * l.mag;
       }
-      if (p.bias) {
-        acc += load(bias.ptr, bias_t, o);
-        mag += std::fabs(load(bias.ptr, bias_t, o));
-      }
+      if (p.bias) ref.add(load(bias.ptr, bias_t, o));
       const double g = load(out_gpu.ptr, c.dt, m * p.out_row_stride + o);
       const double cv = load(out_cpu.ptr, c.dt, m * p.out_row_stride + o);
-      eg.add(g, acc, mag, n_in + rank + 2);
-      ec.add(cv, acc, mag, n_in + rank + 2);
-      if (c.onehot && (g != acc || cv != acc) && exact) {
+      eg.add(g, ref, n_in + rank + 2);
+      ec.add(cv, ref, n_in + rank + 2);
+      if (c.onehot && (g != ref.acc || cv != ref.acc) && exact) {
         exact = false;
         first_bad_m = m;
         first_bad_o = o;
@@ -394,6 +396,19 @@ void check_matmul(const MatmulCase& c) {
 }
 
 // ---- lora_down / lora_outer / mask -------------------------------------------------------------------
+// The CPU kernel into cpu_out, then the emulated CUDA launcher into gpu_out with a NaN-filled split-K
+// workspace (a partial sum read before it is written shows up as NaN).
+template <typename P>
+void run_cpu_and_cuda(P& p, Buf& cpu_out, Buf& gpu_out, int splits, void (*cpu_kernel)(const P&),
+                      cudaError_t (*cuda_launcher)(const P&, int, float*, cudaStream_t),
+                      size_t (*workspace_bytes)(const P&, int), const std::string& what) {
+  p.out = cpu_out.ptr;
+  cpu_kernel(p);
+  p.out = gpu_out.ptr;
+  std::vector<float> ws(workspace_bytes(p, splits) / 4 + 1, std::nanf(""));
+  expect(cuda_launcher(p, splits, ws.data(), nullptr) == cudaSuccess, what + ": launcher error");
+}
+
 void check_down(int64_t m, int64_t l, int rank, DType dt, bool f_fp32, bool f_is_bt, double drop, int splits,
                 int a_col_stride) {
   char nb[240];
@@ -419,24 +434,17 @@ void check_down(int64_t m, int64_t l, int rank, DType dt, bool f_fp32, bool f_is
   if (drop > 0) p.dropout = make_dropout(drop, l, 12345);
   p.out_row_stride = rank + 2;
   Buf og(static_cast<size_t>(m * p.out_row_stride) * 4), oc(static_cast<size_t>(m * p.out_row_stride) * 4);
-  p.out = oc.ptr;
-  cpu::lora_down(p);
-  p.out = og.ptr;
-  std::vector<float> ws(cuda::lora_down_workspace_bytes(p, splits) / 4 + 1, std::nanf(""));
-  expect(cuda::lora_down(p, splits, ws.data(), nullptr) == cudaSuccess, std::string(nb) + ": launcher error");
+  run_cpu_and_cuda(p, oc, og, splits, cpu::lora_down, cuda::lora_down, cuda::lora_down_workspace_bytes, nb);
   Errors eg, ec;
   for (int64_t i = 0; i < m; ++i)
     for (int q = 0; q < rank; ++q) {
-      double acc = 0, mag = 0;
+      RefSum ref;
       for (int64_t t = 0; t < l; ++t)
-        if (keep(p.dropout, i, t)) {
-          const double v = load(a.ptr, dt, i * p.a_row_stride + t * a_col_stride) *
-                           (p.dropout.enabled() ? p.dropout.keep_scale : 1.0f) * load(f.ptr, ft, q * p.f_stride_q + t * p.f_stride_l);
-          acc += v;
-          mag += std::fabs(v);
-        }
-      eg.add(load(og.ptr, DType::kFloat32, i * p.out_row_stride + q), acc, mag, l);
-      ec.add(load(oc.ptr, DType::kFloat32, i * p.out_row_stride + q), acc, mag, l);
+        if (keep(p.dropout, i, t))
+          ref.add(load(a.ptr, dt, i * p.a_row_stride + t * a_col_stride) *
+                  (p.dropout.enabled() ? p.dropout.keep_scale : 1.0f) * load(f.ptr, ft, q * p.f_stride_q + t * p.f_stride_l));
+      eg.add(load(og.ptr, DType::kFloat32, i * p.out_row_stride + q), ref, l);
+      ec.add(load(oc.ptr, DType::kFloat32, i * p.out_row_stride + q), ref, l);
     }
   // dropout scaling: kernels multiply x by keep_scale in fp32 before the product (the reference above
   // multiplies in double; both within the rule)
@@ -475,27 +483,20 @@ void check_outer(bool da, int64_t m, int64_t pdim, int64_t qdim, DType dt, DType
   p.out_dtype = out_t;
   const size_t ob = static_cast<size_t>(pdim * qdim) * dtype_size(out_t);
   Buf og(ob), oc(ob);
-  p.out = oc.ptr;
-  cpu::lora_outer(p);
-  p.out = og.ptr;
-  std::vector<float> ws(cuda::lora_outer_workspace_bytes(p, splits) / 4 + 1, std::nanf(""));
-  expect(cuda::lora_outer(p, splits, ws.data(), nullptr) == cudaSuccess, std::string(nb) + ": launcher error");
+  run_cpu_and_cuda(p, oc, og, splits, cpu::lora_outer, cuda::lora_outer, cuda::lora_outer_workspace_bytes, nb);
   Errors eg, ec;
   for (int64_t i = 0; i < pdim; ++i)
     for (int64_t j = 0; j < qdim; ++j) {
-      double acc = 0, mag = 0;
+      RefSum ref;
       for (int64_t t = 0; t < m; ++t)
-        if (keep(p.dropout, t, j)) {
-          const double v = load(left.ptr, p.left_dtype, t * p.left_row_stride + i) *
-                           load(right.ptr, p.right_dtype, t * p.right_row_stride + j * right_col_stride) *
-                           (p.dropout.enabled() ? p.dropout.keep_scale : 1.0f);
-          acc += v;
-          mag += std::fabs(v);
-        }
-      acc *= p.scale;
-      mag *= std::fabs(p.scale);
-      eg.add(load(og.ptr, out_t, i * qdim + j), acc, mag, m);
-      ec.add(load(oc.ptr, out_t, i * qdim + j), acc, mag, m);
+        if (keep(p.dropout, t, j))
+          ref.add(load(left.ptr, p.left_dtype, t * p.left_row_stride + i) *
+                  load(right.ptr, p.right_dtype, t * p.right_row_stride + j * right_col_stride) *
+                  (p.dropout.enabled() ? p.dropout.keep_scale : 1.0f));
+      ref.acc *= p.scale;
+      ref.mag *= std::fabs(p.scale);
+      eg.add(load(og.ptr, out_t, i * qdim + j), ref, m);
+      ec.add(load(oc.ptr, out_t, i * qdim + j), ref, m);
     }
   judge(nb, eg, ec, out_t);
   expect(og.guard_intact(), std::string(nb) + ": wrote past the output");
