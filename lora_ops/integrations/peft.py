@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from lora_ops import bnb_cpu_layout
+from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
@@ -297,4 +298,5 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         A = torch.cat([self.lora_A[a].weight.to(torch.float32) for a in adapters], dim=0)
         B = torch.cat([self.lora_B[a].weight.to(torch.float32) * float(self.scaling[a]) for a in adapters], dim=1)
         scale, p = 1.0, 0.0
-    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p).to(inp_dtype)
+    rng = draw_dropout_rng() if p > 0 else None  # torch's generator, same in eager and compiled runs
+    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p, rng).to(inp_dtype)
