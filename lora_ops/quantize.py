@@ -64,7 +64,8 @@ def quantize_model(
                          "then call get_peft_model")
     everything = target_modules is None or (isinstance(target_modules, str) and target_modules.lower() == "all-linear")
     head = _output_head(model) if everything else None
-    linears = [(n, m) for n, m in model.named_modules()
+    # remove_duplicate=False: a linear reachable under two names is replaced under both
+    linears = [(n, m) for n, m in model.named_modules(remove_duplicate=False)
                if isinstance(m, nn.Linear) and not isinstance(m, NF4Linear) and m is not head]
     chosen = linears if everything else [(n, m) for n, m in linears if matches_target(n, target_modules)]
     if not everything and not chosen:
