@@ -84,11 +84,11 @@ def float64_twin(peft_model, weights: dict | None = None):
         if isinstance(mod, LoraLayer):
             w = (weights or {}).get(name)
             w = reference_weight(mod.get_base_layer()) if w is None else w
-            for a in mod.active_adapters:
+            for a in (a for a in mod.active_adapters if a in mod.lora_A):
                 w = w + mod.scaling[a] * (mod.lora_B[a].weight.double() @ mod.lora_A[a].weight.double())
             sd[name + ".weight"] = w
     for name, mod in inner.named_modules():  # lora_ops NF4 layers without an adapter
-        if name + ".weight" not in sd and type(mod).__name__ == "NF4Linear":
+        if type(mod).__name__ == "NF4Linear" and not name.endswith("base_layer"):
             sd[name + ".weight"] = reference_weight(mod)
     for name, p in inner.named_parameters():
         if "lora_" not in name and ".base_layer." not in name and name not in sd:
