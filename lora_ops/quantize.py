@@ -88,7 +88,7 @@ def quantize_model(
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model.requires_grad_(False)
-    _enable_peft()
+    enable_peft()
     return model
 
 
@@ -101,8 +101,9 @@ def _progress(items: list, progress: bool | None):
     return tqdm(items, desc="lora_ops: quantizing to NF4", unit="layer", disable=None if progress is None else not progress)
 
 
-def _enable_peft() -> None:
-    """Lets PEFT wrap the new layers (when PEFT is installed; lora_ops does not need it)."""
+def enable_peft() -> None:
+    """Lets PEFT wrap NF4Linear layers in lora_ops' fused LoRA layer (a no-op without PEFT: lora_ops does
+    not need it). See :func:`lora_ops.integrations.peft_native.enable`."""
     try:
         import peft  # noqa: F401
     except ImportError:

@@ -181,3 +181,55 @@ def test_a_peft_model_is_refused():
     model = peft.get_peft_model(_tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="already has PEFT layers"):
         lora_ops.quantize_model(model)
+
+
+# ---- the loader: a 4-bit checkpoint into the same layers ---------------------------------------------
+def _save_nf4_checkpoint(model, path):
+    """A 4-bit checkpoint directory written by lora_ops alone (bitsandbytes' layout, spec section 6)."""
+    from lora_ops.integrations.hf_checkpoint import nf4_model_state_dict, save_nf4_checkpoint, split_nf4_state_dict
+
+    path.mkdir()
+    model.config.save_pretrained(path)
+    save_nf4_checkpoint(path / "model.safetensors", *split_nf4_state_dict(nf4_model_state_dict(model)))
+    return path
+
+
+def test_loader_reads_a_4bit_checkpoint_into_frozen_nf4_layers(tmp_path):
+    import warnings
+
+    from lora_ops.integrations.hf_checkpoint import load_quantized_model
+    from lora_ops.nn import QLoRALinear
+
+    model = lora_ops.quantize_model(_tiny(), progress=False)
+    path = _save_nf4_checkpoint(model, tmp_path / "ckpt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no "torch_dtype is deprecated" from our own call
+        loaded = load_quantized_model(path)
+    assert _nf4_paths(loaded) == _nf4_paths(model)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+    # with adapters on the chosen layers only; only the adapters train
+    with_lora = load_quantized_model(path, target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8)
+    assert sorted(n.rpartition(".")[2] for n, m in with_lora.named_modules() if isinstance(m, QLoRALinear)) == [
+        "q_proj", "q_proj", "v_proj", "v_proj"]
+    assert len(_nf4_paths(with_lora)) == 10
+    trainable = [n for n, p in with_lora.named_parameters() if p.requires_grad]
+    assert len(trainable) == 8 and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    with pytest.raises(ValueError, match="matches none of the quantized layers"):
+        load_quantized_model(path, target_modules=["qproj"], r=4, lora_alpha=8)
+    dense = tmp_path / "dense"
+    _tiny().save_pretrained(dense)
+    with pytest.raises(ValueError, match="no NF4 .*lora_ops.quantize_model"):
+        load_quantized_model(dense)
+
+
+def test_loaded_checkpoint_takes_peft_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    from lora_ops.integrations.hf_checkpoint import load_quantized_model
+    from lora_ops.integrations.peft_native import LoraOpsLinear
+
+    path = _save_nf4_checkpoint(lora_ops.quantize_model(_tiny(), progress=False), tmp_path / "ckpt")
+    pm = peft.get_peft_model(load_quantized_model(path), peft.LoraConfig(r=4, target_modules=["q_proj", "o_proj"]))
+    assert sum(isinstance(m, LoraOpsLinear) for m in pm.modules()) == 4
