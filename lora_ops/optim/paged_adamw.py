@@ -93,8 +93,9 @@ class PagedAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay, maximize: as torch.optim.AdamW (per group).
         amsgrad: must be False (not implemented; rejected with ValueError).
         paging: ``"explicit"`` (default) a budgeted device page pool with a pinned host backing store;
-            ``"managed"`` CUDA unified memory with prefetch (falls back to ``"explicit"`` with a warning
-            where the GPU lacks concurrent managed access or the state exceeds free GPU memory);
+            ``"managed"`` CUDA unified memory with prefetch (CUDA parameters only: ValueError otherwise;
+            falls back to ``"explicit"`` with a warning where the GPU lacks concurrent managed access,
+            lora_ops was built without CUDA, or the state exceeds free GPU memory);
             ``"none"`` all state resident on the device. With ``"explicit"`` and a budget that holds the
             whole state, nothing pages and the step is the resident one (``paging_backend == "resident"``).
         state_budget_bytes: device bytes for state pages (explicit). Default: on CUDA the free memory
@@ -175,6 +176,11 @@ class PagedAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        if self._paging == "managed":  # unified memory is a CUDA feature: on the CPU it is a mistake
+            not_cuda = next((p.device for p in self.param_groups[-1]["params"] if p.device.type != "cuda"), None)
+            if not_cuda is not None:
+                raise ValueError(f"PagedAdamW: paging='managed' (CUDA unified memory) needs CUDA parameters, "
+                                 f"got one on {not_cuda}; use paging='explicit' (the default) or 'none'")
 
     # -- copy / pickle ----------------------------------------------------------------------------
     # torch's Optimizer pickles only defaults, state and param_groups. The page store is keyed by
