@@ -255,3 +255,47 @@ def test_an_adapter_trained_on_a_bitsandbytes_model_loads_onto_the_lora_ops_mode
         logits = ours(input_ids=ids).logits
         assert _rel_err(logits, float64_twin(ours)(input_ids=ids).logits) <= 1e-4  # the oracle
         assert _rel_err(logits, bnb_model.eval()(input_ids=ids).logits) <= 1e-3  # the witness
+    # and the other way round: an adapter trained on the lora_ops model loads onto a bnb 4-bit model
+    theirs_dir = tmp_path / "lora_ops_adapter"
+    ours_trained = _peft(dense_dir)
+    ours_trained.save_pretrained(theirs_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onto_bnb = PeftModel.from_pretrained(load_bnb_4bit(dense_dir), theirs_dir).eval()
+    with torch.no_grad():
+        logits = ours_trained.eval()(input_ids=ids).logits
+        assert _rel_err(onto_bnb(input_ids=ids).logits, logits) <= 1e-3
+        assert _rel_err(logits, ours(input_ids=ids).logits) > 1e-3  # a different adapter really arrived
+
+
+def test_quantize_peft_train_save_load_without_bitsandbytes(dense_dir, tmp_path):
+    """The issue's "done when": with bitsandbytes unimportable, quantize, get_peft_model, a training
+    step with PagedAdamW, save and reload the adapter; bitsandbytes is never imported."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["bitsandbytes"] = None  # any import of it now raises ImportError
+        import torch
+        import lora_ops
+        from peft import LoraConfig, PeftModel, get_peft_model
+        from transformers import LlamaForCausalLM
+        model = lora_ops.quantize_model(LlamaForCausalLM.from_pretrained({str(dense_dir)!r}), progress=False)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        opt = lora_ops.PagedAdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        ids = torch.randint(0, 96, (2, 8))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        model.save_pretrained({str(tmp_path / "adapter")!r})
+        fresh = lora_ops.quantize_model(LlamaForCausalLM.from_pretrained({str(dense_dir)!r}), progress=False)
+        loaded = PeftModel.from_pretrained(fresh, {str(tmp_path / "adapter")!r})
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(input_ids=ids).logits, model.eval()(input_ids=ids).logits)
+        assert "bitsandbytes" not in [m.split(".")[0] for m in sys.modules if sys.modules[m] is not None]
+        print("ok", sum(type(m).__name__ == "LoraOpsLinear" for m in loaded.modules()))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("ok 14")
