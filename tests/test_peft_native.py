@@ -299,3 +299,52 @@ def test_quantize_peft_train_save_load_without_bitsandbytes(dense_dir, tmp_path)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("ok 14")
+
+
+def _dense_peft_twin(model, dtype):
+    """PEFT's own unfused LoRA over a dense ``dtype`` model whose weights are the spec decode of the NF4
+    layers rounded to ``dtype`` once (what the fused kernels multiply with): the same-dtype PyTorch
+    implementation of the project's error rule, with the same adapters."""
+    inner = model.get_base_model()
+    dense = LlamaForCausalLM(inner.config).to(dtype).eval()
+    sd = {}
+    for name, mod in inner.named_modules():
+        if isinstance(mod, NF4Linear):
+            sd[name.removesuffix(".base_layer") + ".weight"] = reference_weight(mod).to(dtype)
+    for name, p in inner.named_parameters():
+        if "lora_" not in name and ".base_layer." not in name:
+            sd[name] = p.detach()
+    dense.load_state_dict(sd, strict=True)
+    twin = get_peft_model(dense, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    twin.load_state_dict({k: v for k, v in model.state_dict().items() if "lora_" in k}, strict=False)
+    return twin.eval()
+
+
+@pytest.mark.parametrize("mode", ["bf16-model", "fp32-model-autocast-bf16"])
+def test_bf16_numerics_within_twice_peft_unfused_error(dense_dir, mode):
+    """bf16 activations, fp32 adapters: our error against the float64 model is at most 2x that of PEFT's
+    own unfused bf16 computation over the same (decoded) weights, plus a bf16 rounding term."""
+    if mode == "bf16-model":
+        model = get_peft_model(lora_ops.quantize_model(
+            LlamaForCausalLM.from_pretrained(dense_dir, dtype=torch.bfloat16), progress=False),
+            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    else:
+        model = get_peft_model(_quantized(dense_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    _randomize_adapters(model)
+    model.eval()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype
+    ids = _ids()
+    with torch.no_grad():
+        ref = float64_twin(model)(input_ids=ids).logits
+        if mode == "bf16-model":
+            ours = model(input_ids=ids).logits
+            peft_ref = _dense_peft_twin(model, torch.bfloat16)(input_ids=ids).logits
+        else:
+            twin = _dense_peft_twin(model, torch.float32)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours = model(input_ids=ids).logits
+                peft_ref = twin(input_ids=ids).logits
+    err = (ours.double() - ref).abs().max().item()
+    err_peft = (peft_ref.double() - ref).abs().max().item()
+    assert err <= 2 * err_peft + 2**-8 * ref.abs().max().item(), (err, err_peft)
