@@ -81,7 +81,7 @@ def check_input(who: str, x: torch.Tensor, in_features: int) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{who}: x must be a tensor, got {type(x).__name__}")
     if x.dim() == 0:
-        raise ValueError(f"{who}: x must be [..., {in_features}], got a 0-d tensor")
+        raise ValueError(f"{who}: x must have at least one dimension [..., {in_features}], got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"{who}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}")
     if x.shape[-1] != in_features:
