@@ -348,3 +348,12 @@ def test_bf16_numerics_within_twice_peft_unfused_error(dense_dir, mode):
     err = (ours.double() - ref).abs().max().item()
     err_peft = (peft_ref.double() - ref).abs().max().item()
     assert err <= 2 * err_peft + 2**-8 * ref.abs().max().item(), (err, err_peft)
+
+
+def test_patch_peft_model_on_a_native_model_is_a_no_op(dense_dir):
+    """Older instructions said to patch: on a native model there is nothing to patch and nothing fails."""
+    pytest.importorskip("bitsandbytes", reason="patch_peft_model needs bitsandbytes")
+    from lora_ops.integrations import peft as lo_peft
+
+    report = lo_peft.patch_peft_model(_peft(dense_dir, randomize=False))
+    assert report == 0 and report.skipped == {}

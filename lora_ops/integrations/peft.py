@@ -96,6 +96,14 @@ def is_patched(module: nn.Module) -> bool:
     return _ORIGINAL_CLASS_ATTR in type(module).__dict__
 
 
+def _runs_lora_ops_natively(module: nn.Module) -> bool:
+    """A LoRA layer PEFT built over a lora_ops NF4Linear (:mod:`lora_ops.integrations.peft_native`):
+    it runs the fused op already; nothing to patch."""
+    from lora_ops.integrations.peft_native import LoraOpsLinear
+
+    return isinstance(module, LoraOpsLinear)
+
+
 def _skip_reason(module: nn.Module, bnb_linear4bit: type) -> str | None:
     """Why this PEFT LoRA layer cannot be patched, or None. PEFT wraps a bitsandbytes 4-bit base in
     either its bnb-specific ``lora.bnb.Linear4bit`` or (e.g. for hand-built models) its generic
@@ -165,7 +173,7 @@ def patch_peft_model(model: nn.Module, strict: bool = True) -> PatchReport:
         if not isinstance(module, lora_layer):
             continue
         n_lora += 1
-        if is_patched(module):
+        if is_patched(module) or _runs_lora_ops_natively(module):
             n_active += 1
             continue
         reason = _skip_reason(module, bnb_linear4bit)
