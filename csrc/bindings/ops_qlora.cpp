@@ -1,9 +1,14 @@
+// qlora_linear, qlora_matmul, lora_down, lora_outer, lora_dropout_mask (schemas and math:
+// csrc/torch_bindings.cpp, csrc/kernels/common/qlora_params.h): validation, output allocation and the
+// tensor -> params translation, once for every device.
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <cmath>
 
-#include "bindings/qlora_ops.h"
+#include "bindings/ops.h"
 #include "bindings/tensor_checks.h"
+#include "bindings/weight_arg.h"
 
 namespace lora_ops {
 namespace {
@@ -44,23 +49,17 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
   return s;
 }
 
-Nf4Weight make_weight(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                      const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
-                      const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t n, int64_t k,
-                      const char* op) {
-  TORCH_CHECK_VALUE(n > 0 && k > 0, op, ": out_features and in_features must be positive, got ", n, " and ", k);
-  TORCH_CHECK_VALUE(packed.numel() == (n * k + 1) / 2, op, ": the NF4 weight holds ", packed.numel(), " bytes but a [",
-                    n, ", ", k, "] weight needs ", (n * k + 1) / 2,
-                    " (in_features / out_features do not match the quantized weight)");
-  check_device(packed, x, op, "packed weight");
-  return make_nf4_weight(packed, absmax, absmax2, nested_code, offset, blocksize, n * k, op);
+// The NF4 weight of a QLoRA op: a 2-D [N, K] weight on x's device.
+Nf4WeightArg qlora_weight(const at::Tensor& x, at::TensorList w, at::IntArrayRef w_meta, const char* op) {
+  Nf4WeightArg weight = nf4_weight_arg(w, w_meta, op);
+  TORCH_CHECK_VALUE(weight.shape.size() == 2, op, ": the NF4 weight must be 2-D [N, K], got shape ", w_meta.slice(1));
+  check_device(w[0], x, op, "packed weight");
+  return weight;
 }
 
 void check_scale(double scale, const char* op) {
   TORCH_CHECK_VALUE(std::isfinite(scale), op, ": scale must be finite, got ", scale);
 }
-
-} // namespace
 
 DropoutParams make_dropout(double dropout_p, const std::optional<at::Tensor>& rng, int64_t cols, const char* op) {
   TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
@@ -80,16 +79,91 @@ DropoutParams make_dropout(double dropout_p, const std::optional<at::Tensor>& rn
   return d;
 }
 
-std::tuple<at::Tensor, at::Tensor>
-qlora_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
-                const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features, const at::Tensor& A,
-                const at::Tensor& B, const std::optional<at::Tensor>& bias, double scale, double dropout_p,
-                const std::optional<at::Tensor>& rng, const QloraBackend& be) {
+// Bias [n_out] in x's dtype or float32, on x's device; returns its kernel dtype.
+DType check_bias(const at::Tensor& bias, const at::Tensor& x, int64_t n_out, const char* op) {
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == n_out, op, ": bias must be [", n_out, "], got ", bias.sizes());
+  check_device(bias, x, op, "bias");
+  return side_dtype(bias, x, op, "bias");
+}
+
+// s [M, r] = drop(a2)·fᵀ: a2 [M, l] (2-D view), f [r, l], out [M, r] contiguous.
+LoraDownParams down_params(const at::Tensor& a2, DType a_dtype, const at::Tensor& f, DType f_dtype,
+                           const at::Tensor& out, const DropoutParams& dropout) {
+  LoraDownParams dp;
+  dp.m = a2.size(0);
+  dp.l = a2.size(1);
+  dp.rank = static_cast<int32_t>(f.size(0));
+  dp.a = a2.data_ptr();
+  dp.a_dtype = a_dtype;
+  dp.a_row_stride = a2.stride(0);
+  dp.a_col_stride = a2.stride(1);
+  dp.f = f.data_ptr();
+  dp.f_dtype = f_dtype;
+  dp.f_stride_q = f.stride(0);
+  dp.f_stride_l = f.stride(1);
+  dp.out = out.data_ptr();
+  dp.out_row_stride = f.size(0);
+  dp.dropout = dropout;
+  return dp;
+}
+
+// One qlora_matmul call: a2 [M, n_in] (2-D view) times op(W) into out [..., n_out] (contiguous), plus
+// the LoRA term scale·s·lora_wᵀ when s is defined (s [M, r] with unit column stride) and bias.
+struct MatmulOperands {
+  const Nf4WeightArg* weight;
+  bool transpose_w;
+  at::Tensor a2;
+  DType a_dtype;
+  at::Tensor s, lora_w, bias; // undefined: absent
+  DType lora_w_dtype = DType::kFloat32, bias_dtype = DType::kFloat32;
+  double scale = 1.0;
+  DropoutParams dropout;
+};
+
+void run_matmul(const Backend& be, const MatmulOperands& o, const at::Tensor& out) {
+  QloraMatmulParams mp;
+  mp.weight = o.weight->kernel;
+  mp.n = o.weight->shape[0];
+  mp.k = o.weight->shape[1];
+  mp.transpose_w = o.transpose_w;
+  mp.m = o.a2.size(0);
+  mp.a = o.a2.data_ptr();
+  mp.a_dtype = o.a_dtype;
+  mp.a_row_stride = o.a2.stride(0);
+  mp.a_col_stride = o.a2.stride(1);
+  mp.out = out.data_ptr();
+  mp.out_row_stride = o.transpose_w ? mp.k : mp.n;
+  mp.scale = o.scale;
+  mp.dropout = o.dropout;
+  if (o.s.defined()) {
+    mp.rank = static_cast<int32_t>(o.s.size(1));
+    mp.lora_s = o.s.data_ptr();
+    mp.lora_s_row_stride = o.s.stride(0);
+    mp.lora_w = o.lora_w.data_ptr();
+    mp.lora_w_dtype = o.lora_w_dtype;
+    mp.lora_w_stride_o = o.lora_w.stride(0);
+    mp.lora_w_stride_q = o.lora_w.stride(1);
+  }
+  if (o.bias.defined()) {
+    mp.bias = o.bias.data_ptr();
+    mp.bias_dtype = o.bias_dtype;
+  }
+  be.qlora_matmul(mp);
+}
+
+} // namespace
+
+std::tuple<at::Tensor, at::Tensor> qlora_linear_op(const Backend& be, const at::Tensor& x, at::TensorList w,
+                                                   at::IntArrayRef w_meta, const at::Tensor& A, const at::Tensor& B,
+                                                   const std::optional<at::Tensor>& bias, double scale,
+                                                   double dropout_p, const std::optional<at::Tensor>& rng) {
   constexpr const char* op = "qlora_linear";
-  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., K]");
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., K], got a 0-d tensor");
+  const c10::DeviceGuard guard(x.device());
+  const Nf4WeightArg weight = qlora_weight(x, w, w_meta, op);
+  const int64_t N = weight.shape[0], K = weight.shape[1];
+  TORCH_CHECK_VALUE(x.size(-1) == K, op, ": x has ", x.size(-1), " features but the weight is [", N, ", ", K, "]");
   const DType xt = qlora_dtype(x.scalar_type(), be.supports_float64, op, "x");
-  const int64_t K = x.size(-1), N = out_features;
   check_scale(scale, op);
   TORCH_CHECK_VALUE(A.dim() == 2 && A.size(1) == K, op, ": A must be [r, K] with K = ", K, " (x's last dim), got ",
                     A.sizes());
@@ -98,90 +172,48 @@ qlora_linear_op(const at::Tensor& x, const at::Tensor& packed, const at::Tensor&
   TORCH_CHECK_VALUE(B.dim() == 2 && B.size(1) == r, op, ": B must be [N, r] with the rank of A (r = ", r, "), got ",
                     B.sizes(), " (rank mismatch between A and B)");
   TORCH_CHECK_VALUE(B.size(0) == N, op, ": B must be [N, r] with N = out_features = ", N, ", got ", B.sizes());
-  const DType at_ = side_dtype(A, x, op, "A");
-  const DType bt = side_dtype(B, x, op, "B");
+  const DType a_dtype = side_dtype(A, x, op, "A");
   check_device(A, x, op, "A");
   check_device(B, x, op, "B");
-  QloraMatmulParams mp;
-  mp.weight = make_weight(x, packed, absmax, absmax2, nested_code, offset, blocksize, N, K, op);
+  MatmulOperands o{&weight, /*transpose_w=*/false, rows_view(x, K), xt};
+  o.lora_w = B;
+  o.lora_w_dtype = side_dtype(B, x, op, "B");
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == N, op, ": bias must be [N = ", N, "], got ", bias->sizes());
-    check_device(*bias, x, op, "bias");
-    mp.bias_dtype = side_dtype(*bias, x, op, "bias");
+    o.bias_dtype = check_bias(*bias, x, N, op);
+    o.bias = bias->contiguous();
   }
+  o.scale = scale;
   const DropoutParams drop = make_dropout(dropout_p, rng, K, op);
 
-  const at::Tensor x2 = rows_view(x, K);
-  const int64_t M = x2.size(0);
-  const auto acc_type = xt == DType::kFloat64 ? at::kDouble : at::kFloat;
+  const int64_t M = o.a2.size(0);
   at::Tensor y = new_output(out_shape(x, N), x.options());
-  at::Tensor s = new_output({M, r}, x.options().dtype(acc_type));
+  o.s = new_output({M, r}, x.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
   if (M == 0)
-    return {y, s};
-  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-
-  LoraDownParams dp;
-  dp.m = M;
-  dp.l = K;
-  dp.rank = static_cast<int32_t>(r);
-  dp.a = x2.data_ptr();
-  dp.a_dtype = xt;
-  dp.a_row_stride = x2.stride(0);
-  dp.a_col_stride = x2.stride(1);
-  dp.f = A.data_ptr();
-  dp.f_dtype = at_;
-  dp.f_stride_q = A.stride(0);
-  dp.f_stride_l = A.stride(1);
-  dp.out = s.data_ptr();
-  dp.out_row_stride = r;
-  dp.dropout = drop;
-  be.down(dp);
-
-  mp.n = N;
-  mp.k = K;
-  mp.transpose_w = false;
-  mp.m = M;
-  mp.a = x2.data_ptr();
-  mp.a_dtype = xt;
-  mp.a_row_stride = x2.stride(0);
-  mp.a_col_stride = x2.stride(1);
-  mp.out = y.data_ptr();
-  mp.out_row_stride = N;
-  mp.rank = static_cast<int32_t>(r);
-  mp.lora_s = s.data_ptr();
-  mp.lora_s_row_stride = r;
-  mp.lora_w = B.data_ptr();
-  mp.lora_w_dtype = bt;
-  mp.lora_w_stride_o = B.stride(0);
-  mp.lora_w_stride_q = B.stride(1);
-  mp.scale = scale;
-  mp.bias = bias.has_value() ? bias_c.data_ptr() : nullptr;
-  be.matmul(mp);
-  return {y, s};
+    return {y, o.s};
+  be.lora_down(down_params(o.a2, xt, A, a_dtype, o.s, drop)); // s = drop(x)·Aᵀ, then y uses it
+  run_matmul(be, o, y);
+  return {y, o.s};
 }
 
-at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const at::Tensor& absmax,
-                           const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
-                           const std::optional<at::Tensor>& offset, int64_t blocksize, int64_t out_features,
-                           int64_t in_features, bool transpose_w, const std::optional<at::Tensor>& lora_s,
+at::Tensor qlora_matmul_op(const Backend& be, const at::Tensor& a, at::TensorList w, at::IntArrayRef w_meta,
+                           bool transpose_w, const std::optional<at::Tensor>& lora_s,
                            const std::optional<at::Tensor>& lora_w, double scale, const std::optional<at::Tensor>& bias,
-                           double dropout_p, const std::optional<at::Tensor>& rng, const QloraBackend& be) {
+                           double dropout_p, const std::optional<at::Tensor>& rng) {
   constexpr const char* op = "qlora_matmul";
   TORCH_CHECK_VALUE(a.dim() >= 1, op, ": a must have at least one dimension");
+  const c10::DeviceGuard guard(a.device());
+  const Nf4WeightArg weight = qlora_weight(a, w, w_meta, op);
   const DType xt = qlora_dtype(a.scalar_type(), be.supports_float64, op, "a");
-  const int64_t N = out_features, K = in_features;
+  const int64_t N = weight.shape[0], K = weight.shape[1];
   const int64_t n_in = transpose_w ? N : K, n_out = transpose_w ? K : N;
   TORCH_CHECK_VALUE(a.size(-1) == n_in, op, ": a must be [..., ", n_in, "] (", transpose_w ? "out" : "in",
                     "_features), got ", a.sizes());
   check_scale(scale, op);
-  QloraMatmulParams mp;
-  mp.weight = make_weight(a, packed, absmax, absmax2, nested_code, offset, blocksize, N, K, op);
-  const at::Tensor a2 = rows_view(a, n_in);
-  const int64_t M = a2.size(0);
-  const auto acc_type = xt == DType::kFloat64 ? at::kDouble : at::kFloat;
+  MatmulOperands o{&weight, transpose_w, rows_view(a, n_in), xt};
+  const int64_t M = o.a2.size(0);
   TORCH_CHECK_VALUE(lora_s.has_value() == lora_w.has_value(), op, ": give both lora_s and lora_w, or neither");
-  at::Tensor s_c;
   if (lora_s.has_value()) {
+    const auto acc_type = xt == DType::kFloat64 ? at::kDouble : at::kFloat;
     TORCH_CHECK_VALUE(lora_s->dim() == 2 && lora_s->size(0) == M, op, ": lora_s must be [M = ", M, ", r], got ",
                       lora_s->sizes());
     TORCH_CHECK_TYPE(lora_s->scalar_type() == acc_type, op, ": lora_s must be ", acc_type, ", got ",
@@ -192,84 +224,52 @@ at::Tensor qlora_matmul_op(const at::Tensor& a, const at::Tensor& packed, const 
                       n_out, ", r = ", r, "], got ", lora_w->sizes());
     check_device(*lora_s, a, op, "lora_s");
     check_device(*lora_w, a, op, "lora_w");
-    s_c = lora_s->stride(1) == 1 ? *lora_s : lora_s->contiguous();
-    mp.rank = static_cast<int32_t>(r);
-    mp.lora_s = s_c.data_ptr();
-    mp.lora_s_row_stride = s_c.stride(0);
-    mp.lora_w = lora_w->data_ptr();
-    mp.lora_w_dtype = side_dtype(*lora_w, a, op, "lora_w");
-    mp.lora_w_stride_o = lora_w->stride(0);
-    mp.lora_w_stride_q = lora_w->stride(1);
+    o.s = lora_s->stride(1) == 1 ? *lora_s : lora_s->contiguous();
+    o.lora_w = *lora_w;
+    o.lora_w_dtype = side_dtype(*lora_w, a, op, "lora_w");
   }
-  at::Tensor bias_c;
   if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n_out, op, ": bias must be [", n_out, "], got ",
-                      bias->sizes());
-    check_device(*bias, a, op, "bias");
-    mp.bias_dtype = side_dtype(*bias, a, op, "bias");
-    bias_c = bias->contiguous();
-    mp.bias = bias_c.data_ptr();
+    o.bias_dtype = check_bias(*bias, a, n_out, op);
+    o.bias = bias->contiguous();
   }
-  mp.dropout = make_dropout(dropout_p, rng, K, op);
-  TORCH_CHECK_VALUE(!mp.dropout.enabled() || transpose_w, op,
+  o.scale = scale;
+  o.dropout = make_dropout(dropout_p, rng, K, op);
+  TORCH_CHECK_VALUE(!o.dropout.enabled() || transpose_w, op,
                     ": dropout applies to the LoRA term only in the transposed (dx) form; the forward applies it "
                     "when computing lora_s");
   at::Tensor out = new_output(out_shape(a, n_out), a.options());
   if (M == 0)
     return out;
-  mp.n = N;
-  mp.k = K;
-  mp.transpose_w = transpose_w;
-  mp.m = M;
-  mp.a = a2.data_ptr();
-  mp.a_dtype = xt;
-  mp.a_row_stride = a2.stride(0);
-  mp.a_col_stride = a2.stride(1);
-  mp.out = out.data_ptr();
-  mp.out_row_stride = n_out;
-  mp.scale = scale;
-  be.matmul(mp);
+  run_matmul(be, o, out);
   return out;
 }
 
-at::Tensor lora_down_op(const at::Tensor& a, const at::Tensor& f, double dropout_p,
-                        const std::optional<at::Tensor>& rng, const QloraBackend& be) {
+at::Tensor lora_down_op(const Backend& be, const at::Tensor& a, const at::Tensor& f, double dropout_p,
+                        const std::optional<at::Tensor>& rng) {
   constexpr const char* op = "lora_down";
   TORCH_CHECK_VALUE(a.dim() >= 1, op, ": a must have at least one dimension [..., l]");
+  const c10::DeviceGuard guard(a.device());
   const DType xt = qlora_dtype(a.scalar_type(), be.supports_float64, op, "a");
   const int64_t L = a.size(-1);
   TORCH_CHECK_VALUE(f.dim() == 2 && f.size(1) == L, op, ": f must be [r, ", L, "] (a's last dim), got ", f.sizes());
   const int64_t r = f.size(0);
   TORCH_CHECK_VALUE(r >= 1 && r <= kMaxLoraRank, op, ": rank must be in 1..", kMaxLoraRank, ", got ", r);
   check_device(f, a, op, "f");
-  LoraDownParams dp;
-  dp.f_dtype = side_dtype(f, a, op, "f");
-  dp.dropout = make_dropout(dropout_p, rng, L, op);
+  const DType f_dtype = side_dtype(f, a, op, "f");
+  const DropoutParams drop = make_dropout(dropout_p, rng, L, op);
   const at::Tensor a2 = rows_view(a, L);
-  const int64_t M = a2.size(0);
-  at::Tensor out = new_output({M, r}, a.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
-  if (M == 0)
+  at::Tensor out = new_output({a2.size(0), r}, a.options().dtype(xt == DType::kFloat64 ? at::kDouble : at::kFloat));
+  if (a2.size(0) == 0)
     return out;
-  dp.m = M;
-  dp.l = L;
-  dp.rank = static_cast<int32_t>(r);
-  dp.a = a2.data_ptr();
-  dp.a_dtype = xt;
-  dp.a_row_stride = a2.stride(0);
-  dp.a_col_stride = a2.stride(1);
-  dp.f = f.data_ptr();
-  dp.f_stride_q = f.stride(0);
-  dp.f_stride_l = f.stride(1);
-  dp.out = out.data_ptr();
-  dp.out_row_stride = r;
-  be.down(dp);
+  be.lora_down(down_params(a2, xt, f, f_dtype, out, drop));
   return out;
 }
 
-at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double scale, double dropout_p,
-                         const std::optional<at::Tensor>& rng, at::ScalarType out_dtype, const QloraBackend& be) {
+at::Tensor lora_outer_op(const Backend& be, const at::Tensor& left, const at::Tensor& right, double scale,
+                         double dropout_p, const std::optional<at::Tensor>& rng, at::ScalarType out_dtype) {
   constexpr const char* op = "lora_outer";
   TORCH_CHECK_VALUE(left.dim() >= 1 && right.dim() >= 1, op, ": left and right need at least one dimension");
+  const c10::DeviceGuard guard(left.device());
   const DType lt = qlora_dtype(left.scalar_type(), be.supports_float64, op, "left");
   const DType rt = qlora_dtype(right.scalar_type(), be.supports_float64, op, "right");
   const DType ot = qlora_dtype(out_dtype, be.supports_float64, op, "out_dtype");
@@ -298,7 +298,19 @@ at::Tensor lora_outer_op(const at::Tensor& left, const at::Tensor& right, double
   op_.scale = scale;
   op_.out = out.data_ptr();
   op_.out_dtype = ot;
-  be.outer(op_);
+  be.lora_outer(op_);
+  return out;
+}
+
+at::Tensor lora_dropout_mask_op(const Backend& be, int64_t rows, int64_t cols, double dropout_p, const at::Tensor& rng) {
+  constexpr const char* op = "lora_dropout_mask";
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0, op, ": rows and cols must be >= 0, got ", rows, ", ", cols);
+  DropoutMaskParams mp;
+  mp.rows = rows;
+  mp.dropout = make_dropout(dropout_p, rng, cols, op);
+  at::Tensor out = new_output({rows, cols}, at::TensorOptions().dtype(at::kBool));
+  mp.out = reinterpret_cast<uint8_t*>(out.data_ptr<bool>());
+  be.lora_dropout_mask(mp);
   return out;
 }
 
