@@ -40,7 +40,7 @@ def shard_error(shape: tuple[int, ...], blocksize: int, world_size: int) -> str 
     if world_size < 1 or n % world_size:
         return (f"{n} rows do not split evenly over {world_size} ranks (FSDP2 needs equal row chunks "
                 "for NF4 storage)")
-    if (n // world_size) * k % blocksize:
+    if world_size > 1 and (n // world_size) * k % blocksize:  # the last chunk may end in a partial block
         return (f"a chunk of {n // world_size} rows x {k} columns = {(n // world_size) * k} elements is not "
                 f"a multiple of the blocksize {blocksize}: the chunk would split a 4-bit block")
     return None
