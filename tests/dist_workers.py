@@ -46,9 +46,10 @@ def train(model, opt, rank: int = 0, world: int = 1) -> list[float]:
 
 def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
     """FSDP2 over the decoder layers and the root; records resident NF4 bytes, the bytes all-gathered
-    per step, the NF4 bytes the watched layers see in forward; saves model + optimizer with DCP."""
+    per step, the NF4 bytes the watched layers see in forward; saves model + optimizer with DCP
+    (folder/ckpt) and loads the single-process checkpoint folder/ckpt1 into a fresh sharded model."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.fsdp import fully_shard
 
     from lora_ops.distributed import check_shardable, make_nf4_shardable, nf4_storage_nbytes
@@ -63,15 +64,8 @@ def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
     after = nf4_storage_nbytes(model)
 
     seen = {}
-
-    def record(name):
-        def hook(module, _args):
-            w = module.weight  # inside forward: the all-gathered weight
-            seen[name] = {k: t.clone() for k, t in w.tensors().items() if t is not None}
-        return hook
-
     for name in WATCHED:
-        model.get_submodule(name).register_forward_pre_hook(record(name))
+        model.get_submodule(name).register_forward_pre_hook(_record(seen, name))
 
     gathered = [0]
     orig = dist.all_gather_single
@@ -89,11 +83,45 @@ def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
 
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "ckpt"))
-    adapters = {k: v.full_tensor() for k, v in msd.items() if ".lora_" in k}
-    moments = {fqn: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in st.items()}
-               for fqn, st in osd["state"].items()}
-    return {"losses": losses, "before": before, "after": after, "seen": seen, "gathered_bytes_per_step": gathered[0] / STEPS,
-            "adapters": adapters, "moments": moments}
+    adapters, moments = _full_state(msd, osd)
+
+    # The other way: the single-process checkpoint the test wrote loads into a sharded model of another
+    # seed; one forward records the bytes the watched layers see.
+    target = build_lora_ops_model(make_config("ci", "cpu", steps=STEPS, seed=1))
+    make_nf4_shardable(target)
+    for layer in target.model.layers:
+        fully_shard(layer)
+    fully_shard(target)
+    target_opt = optimizer(target)
+    tmsd, tosd = get_state_dict(target, target_opt)
+    state = {"model": tmsd, "optim": tosd}
+    dcp.load(state, checkpoint_id=str(folder / "ckpt1"))
+    set_state_dict(target, target_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    seen_loaded = {}
+    for name in WATCHED:
+        target.get_submodule(name).register_forward_pre_hook(_record(seen_loaded, name))
+    ids, labels = next(copy_batches(config()))
+    with torch.no_grad():
+        target(input_ids=ids, labels=labels)
+    loaded_adapters, loaded_moments = _full_state(*get_state_dict(target, target_opt))
+    return {"losses": losses, "before": before, "after": after, "seen": seen,
+            "gathered_bytes_per_step": gathered[0] / STEPS, "adapters": adapters, "moments": moments,
+            "seen_loaded": seen_loaded, "loaded_adapters": loaded_adapters, "loaded_moments": loaded_moments}
+
+
+def _record(store: dict, name: str):
+    def hook(module, _args):
+        w = module.weight  # inside forward: the all-gathered weight
+        store[name] = {k: t.clone() for k, t in w.tensors().items() if t is not None}
+    return hook
+
+
+def _full_state(msd, osd):
+    """The adapters and optimizer moments of a (possibly sharded) model/optimizer state dict, whole."""
+    full = (lambda v: v.full_tensor() if hasattr(v, "full_tensor") else v)
+    adapters = {k: full(v) for k, v in msd.items() if ".lora_" in k}
+    moments = {fqn: {k: full(v) for k, v in st.items()} for fqn, st in osd["state"].items()}
+    return adapters, moments
 
 
 def ddp_rank(rank: int, world: int, folder: Path) -> dict:

@@ -22,7 +22,7 @@ def single():
     model = build_lora_ops_model(W.config())
     opt = W.optimizer(model)
     losses = W.train(model, opt)
-    return {"losses": losses, "model": model}
+    return {"losses": losses, "model": model, "opt": opt}
 
 
 def assert_same_trajectory(got, want):
@@ -33,6 +33,11 @@ def assert_same_trajectory(got, want):
 
 
 def test_fsdp2_shards_nf4_bytes_trains_like_one_process_and_checkpoints(single, tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    msd, osd = get_state_dict(single["model"], single["opt"])  # the 1-process save the ranks load
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp_path / "ckpt1"))
     ranks = run_ranks(W.fsdp_rank, WORLD, tmp_path, timeout=240)
     for r in ranks:
         assert_same_trajectory(r["losses"], single["losses"])
@@ -61,10 +66,23 @@ def test_fsdp2_shards_nf4_bytes_trains_like_one_process_and_checkpoints(single, 
     root_bytes += sum(p.numel() * p.element_size() for p in ref.model.norm.parameters())
     assert ranks[0]["gathered_bytes_per_step"] == 2 * (nf4_bytes + float_bytes) - root_bytes
 
-    # A save on 2 ranks loads on 1: into a model built from another seed (other base, other adapters).
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    # A save on 1 process loaded on 2 ranks (into a sharded model of another seed): the same base bytes
+    # in forward, the same adapters and moments.
+    want_adapters, want_moments = W._full_state(msd, osd)
+    for r in ranks:
+        for name in W.WATCHED:
+            want = ref.get_submodule(name).weight.tensors()
+            for key, t in r["seen_loaded"][name].items():
+                assert torch.equal(t, want[key]), (name, key)
+        assert r["loaded_adapters"].keys() == want_adapters.keys()
+        for key, t in want_adapters.items():
+            assert torch.equal(r["loaded_adapters"][key], t), key
+        assert r["loaded_moments"].keys() == want_moments.keys()
+        for fqn, st in want_moments.items():
+            for k, v in st.items():
+                assert torch.equal(torch.as_tensor(r["loaded_moments"][fqn][k]), torch.as_tensor(v)), (fqn, k)
 
+    # A save on 2 ranks loads on 1: into a model built from another seed (other base, other adapters).
     target = build_lora_ops_model(make_config("ci", "cpu", steps=W.STEPS, seed=1))
     opt = W.optimizer(target)
     msd, osd = get_state_dict(target, opt)

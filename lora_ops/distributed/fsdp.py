@@ -109,10 +109,15 @@ class ShardableQLoRALinear(QLoRALinear):
         local = self._nf4_local()
         k, bs = local.shape[1], local.blocksize
         rows = (local.row_start, local.row_start + local.shape[0])
+        mine = self._parameters[_PARAM]
         for name in _SHARDED_KEYS:
             src = base[name]
             if isinstance(src, DTensor):
-                src = src.full_tensor()  # any sharding of the saved tensor: take the whole, keep our rows
+                if isinstance(mine, DTensor) and src.device_mesh == mine.device_mesh and \
+                        src.placements == mine.placements:  # sharded as we are: the local piece is our rows
+                    getattr(local, name).copy_(src.to_local().reshape(-1))
+                    continue
+                src = src.full_tensor()  # sharded otherwise (a collective): take the whole, keep our rows
             src = src.reshape(-1)
             if name == "packed":
                 part = src[rows[0] * k // 2 : rows[1] * k // 2]
