@@ -465,7 +465,9 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's layout: ``state[i] = {"step": f32 scalar, "exp_avg", "exp_avg_sq"}`` with
-        float32 moments shaped like parameter i, on the CPU (this gathers every page; may synchronize)."""
+        float32 moments shaped like parameter i, on the CPU (this gathers every page; may synchronize).
+        For an FSDP2-sharded (DTensor) parameter the moments are DTensors sharded like it, each rank
+        holding its shard's, so torch.distributed.checkpoint can save and reshard them."""
         sd = super().state_dict()
         full = self._store.read_all() if self._store is not None else None
         params = [p for g in self.param_groups for p in g["params"]]
