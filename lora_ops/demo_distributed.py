@@ -40,7 +40,7 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
         raise SystemExit("demo --distributed: start it with torchrun, e.g. "
                          "torchrun --nproc-per-node 2 -m lora_ops demo --distributed fsdp")
     cuda = cfg.device.startswith("cuda")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local_rank)
         cfg.device = f"cuda:{local_rank}"

@@ -2,11 +2,11 @@
 themselves. The oracle is the single-process run of the same model on the same global batches; the
 NF4 bytes are compared with the bytes quantize_nf4 wrote."""
 
+import dist_workers as W
 import pytest
 import torch
-
-import dist_workers as W
 from dist_spawn import run_ranks
+
 from lora_ops.demo import build_lora_ops_model, make_config
 from lora_ops.nn import QLoRALinear
 

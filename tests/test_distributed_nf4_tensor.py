@@ -3,8 +3,8 @@ bitsandbytes bytes of those rows, and shapes that would split a 4-bit block are 
 
 import pytest
 import torch
-
 from conftest import randn
+
 from lora_ops import quantize_nf4
 from lora_ops.distributed import NF4Tensor, check_shardable, make_nf4_shardable, shard_error
 from lora_ops.nn import QLoRALinear
