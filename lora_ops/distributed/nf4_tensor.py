@@ -129,7 +129,7 @@ class NF4Tensor(torch.Tensor):
         if (start * k) % self.blocksize or (stop * k) % self.blocksize and stop != self.shape[0]:
             raise ValueError(
                 f"NF4Tensor: rows {start}..{stop} of a [{self.shape[0]}, {k}] weight would split a 4-bit block "
-                f"of {self.blocksize} elements; " + (shard_error(tuple(self.shape), self.blocksize, 2) or "")
+                f"of {self.blocksize} elements (a row chunk must hold whole blocks)"
             )
         b0, b1 = start * k // self.blocksize, -(-stop * k // self.blocksize)
         return self._like(self.packed[start * k // 2 : stop * k // 2], self.absmax[b0:b1],
