@@ -1,6 +1,11 @@
-// Every lora_ops op schema, in one place. Implementations register themselves per dispatch key in
-// csrc/bindings/*_cpu.cpp and *_cuda.cpp (a file that is not compiled removes its impls cleanly);
-// fake (meta) kernels and autograd live next to the Python wrappers in lora_ops/ops/.
+// Every lora_ops op schema, in one place. The op bodies are csrc/bindings/ops_*.cpp; each device
+// registers all of them the same way (csrc/bindings/register_ops.h) from csrc/bindings/register_cpu.cpp
+// and register_cuda.cpp (a file that is not compiled removes its impls cleanly); fake (meta) kernels
+// and autograd live next to the Python wrappers in lora_ops/ops/.
+//
+// An NF4 weight is ONE value in every schema: `Tensor[] w, int[] w_meta` (lora_ops.NF4Weight.op_args):
+//   w = [packed, absmax] (plain, absmax f32 [nb]) or [packed, absmax u8 codes, absmax2, nested_code, offset]
+//   w_meta = [blocksize, *shape]; validated only by csrc/bindings/weight_arg.cpp.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -12,28 +17,23 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def("nf4_quantize(Tensor w, int blocksize) -> (Tensor packed, Tensor absmax)");
   // absmax f32 [nb] -> (qabsmax u8 [nb], absmax2 f32 [ceil(nb/256)], offset f32 []), nested blocksize 256.
   m.def("nf4_double_quantize(Tensor absmax, Tensor nested_code) -> (Tensor qabsmax, Tensor absmax2, Tensor offset)");
-  // Dense weight of `shape` in `dtype`. absmax: f32 (plain) or u8 codes with absmax2/nested_code/offset.
-  m.def(
-      "nf4_dequantize(Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? nested_code, Tensor? offset, "
-      "int blocksize, int[] shape, ScalarType dtype) -> Tensor");
+  // The dense weight [*w_meta[1:]] in `dtype`.
+  m.def("nf4_dequantize(Tensor[] w, int[] w_meta, ScalarType dtype) -> Tensor");
 
   // ---- Fused QLoRA linear -------------------------------------------------------------------------
   // Kernel seam: csrc/kernels/common/qlora_params.h. x [..., K] fp16/bf16/fp32 (fp64: CPU only); the weight
-  // is NF4 [N = out_features, K] given as (packed, absmax[, absmax2, nested_code, offset], blocksize);
-  // A [r, K], B [N, r] in x's dtype or fp32 (any strides); rng: int64 [2] CPU tensor (seed, offset),
+  // (w, w_meta) is NF4 [N, K]; A [r, K], B [N, r] in x's dtype or fp32 (any strides); rng: int64 [2] CPU tensor (seed, offset),
   // required when dropout_p > 0 (mask: csrc/kernels/common/dropout_rng.h). Autograd lives in
   // lora_ops/ops/qlora.py and composes the backward from the primitives below.
   // y [..., N] = x·Wᵀ + scale·s·Bᵀ + bias (x's dtype), s = drop(x)·Aᵀ [M, r] fp32 (saved for backward).
   m.def(
-      "qlora_linear(Tensor x, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? nested_code, Tensor? offset, "
-      "int blocksize, int out_features, Tensor A, Tensor B, Tensor? bias, float scale, float dropout_p, "
-      "Tensor? rng) -> (Tensor y, Tensor s)");
+      "qlora_linear(Tensor x, Tensor[] w, int[] w_meta, Tensor A, Tensor B, Tensor? bias, float scale, "
+      "float dropout_p, Tensor? rng) -> (Tensor y, Tensor s)");
   // The fused dequant-GEMM with LoRA epilogue. transpose_w=False: a [..., K] -> a·Wᵀ + scale·lora_s·lora_wᵀ + bias
   // [..., N]; transpose_w=True (dx): a [..., N] -> a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p) [..., K].
   // lora_s [M, r] fp32, lora_w [n_out, r] (B, or Aᵀ as a view); both absent for no LoRA term.
   m.def(
-      "qlora_matmul(Tensor a, Tensor packed, Tensor absmax, Tensor? absmax2, Tensor? nested_code, Tensor? offset, "
-      "int blocksize, int out_features, int in_features, bool transpose_w, Tensor? lora_s, Tensor? lora_w, "
+      "qlora_matmul(Tensor a, Tensor[] w, int[] w_meta, bool transpose_w, Tensor? lora_s, Tensor? lora_w, "
       "float scale, Tensor? bias, float dropout_p, Tensor? rng) -> Tensor");
   // [M, r] fp32 = drop(a)·fᵀ with a [..., l], f [r, l] (A, or Bᵀ as a view); dropout mask of a when p > 0.
   m.def("lora_down(Tensor a, Tensor f, float dropout_p, Tensor? rng) -> Tensor");
@@ -62,7 +62,7 @@ TORCH_LIBRARY(lora_ops, m) {
       "adamw_step_pages_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!) pages, Tensor pieces, Tensor hparams) "
       "-> ()");
   // CUDA unified memory for the `managed` paging backend (CUDA builds only; no tensor inputs, so these
-  // are registered as CompositeExplicitAutograd in csrc/bindings/adamw_cuda.cpp).
+  // are registered as CompositeExplicitAutograd in csrc/bindings/register_cuda.cpp).
   // A new f32 [numel] tensor in cudaMallocManaged memory, reported as on cuda:device; freed with cudaFree.
   m.def("managed_empty(int numel, int device) -> Tensor");
   // 1 if `device` supports concurrent managed access (prefetch + GPU/CPU coherence), else 0.

@@ -5,6 +5,8 @@ Public API (see README.md):
     nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
     PagedAdamW, PagingStats                 AdamW with paged float32 state (lora_ops.optim)
     QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
+    NF4Linear, quantize_model               a dense model's linears to frozen NF4, ready for PEFT
+                                            (lora_ops.nn, lora_ops.quantize, lora_ops.integrations.peft_native)
 """
 
 from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
@@ -14,7 +16,8 @@ from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
 from lora_ops.ops.adamw import adamw_step_
 from lora_ops.optim import PagedAdamW, PagingStats
 
-from lora_ops.nn import QLoRALinear
+from lora_ops.nn import NF4Linear, QLoRALinear
+from lora_ops.quantize import quantize_model
 from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
 
 __all__ = [
@@ -28,6 +31,8 @@ __all__ = [
     "PagedAdamW",
     "PagingStats",
     "QLoRALinear",
+    "NF4Linear",
+    "quantize_model",
     "qlora_linear",
     "qlora_matmul",
     "lora_dropout_mask",

@@ -247,6 +247,12 @@ VARIANTS = {
 }
 
 
+def lr_schedule(opt, steps: int):
+    """20-step warm-up, then cosine to 10% of the learning rate."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
+
+
 def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
     """Builds the ``variant`` model inside the memory measurement, fine-tunes its trainable parameters
     for cfg.steps steps and returns losses, tokens/s (after a few warm-up steps), peak memory, time."""
@@ -259,8 +265,7 @@ def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = _optimizer(opt_cuda if cfg.device.startswith("cuda") else opt_cpu, params, cfg.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(  # 20-step warm-up, cosine to 10%
-            opt, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / cfg.steps))))
+        sched = lr_schedule(opt, cfg.steps)
         batches = copy_batches(cfg)
         losses: list[float] = []
         bar = tqdm(range(cfg.steps), desc=f"{label:<27}", disable=not progress,
@@ -409,6 +414,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--in-process", action="store_true",
                    help="run every variant in this process (faster start; peak memory less exact)")
+    p.add_argument("--distributed", choices=["fsdp", "ddp"], default=None,
+                   help="under torchrun: fine-tune the lora_ops model on all ranks with FSDP2 (NF4 base sharded) "
+                        "or DDP (see lora_ops/demo_distributed.py); no comparison runs")
+    p.add_argument("--checkpoint", default=None,
+                   help="with --distributed: save model and optimizer there with torch.distributed.checkpoint")
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
@@ -431,6 +441,10 @@ def run(argv: list[str] | None = None) -> dict:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     size = "ci" if args.ci else (args.size if args.size != "auto" else ("medium" if device.startswith("cuda") else "small"))
     cfg = make_config(size, device, args.steps, args.seed, args.dropout, args.dtype)
+    if args.distributed:
+        from lora_ops.demo_distributed import run_distributed
+
+        return run_distributed(args.distributed, cfg, args.checkpoint)
     have_peft = _available("peft", "bitsandbytes")
     compare = args.compare
     if compare == "auto":

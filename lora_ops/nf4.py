@@ -12,6 +12,7 @@ import torch
 from lora_ops import bnb_cpu_layout
 from lora_ops import format as fmt
 from lora_ops.ops import nf4 as nf4_ops
+from lora_ops.ops._checks import explain_dispatch_error, weight_parts
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -84,18 +85,23 @@ class NF4Weight:
         }
 
     # ---- ops -----------------------------------------------------------------------------------------
+    def op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The weight as every op takes it, one value ``(w, w_meta)``: ``w = [packed, absmax]`` (plain)
+        or ``[packed, absmax codes, absmax2, nested_code, offset]`` (double-quantized), and
+        ``w_meta = [blocksize, *shape]``. The op validates it (csrc/bindings/weight_arg.cpp)."""
+        w = [self.packed.view(torch.uint8), self.absmax]
+        if self.nested:
+            w += [self.absmax2, self.nested_code, self.offset]
+        return w, [self.blocksize, *self.shape]
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[*shape]`` in ``dtype`` (default: the original dtype)."""
-        return nf4_ops.nf4_dequantize(
-            self.packed.view(torch.uint8),
-            self.absmax,
-            self.blocksize,
-            self.shape,
-            dtype or self.dtype,
-            self.absmax2,
-            self.nested_code,
-            self.offset,
-        )
+        w, w_meta = self.op_args()
+        try:
+            return torch.ops.lora_ops.nf4_dequantize(w, w_meta, dtype or self.dtype)
+        except NotImplementedError:
+            explain_dispatch_error("nf4_dequantize", **weight_parts(w))
+            raise
 
     def absmax_float(self) -> torch.Tensor:
         """The float32 absmax per block (reconstructed from the nested form when double-quantized)."""

@@ -28,6 +28,15 @@ state_dict keys: ``lora_A.weight``, ``lora_B.weight`` (PEFT's names without the 
 ``merge_to_nf4(inplace=True)``: loading a dict restores ``merged`` from it, so the LoRA term is never
 applied twice (a module loaded merged cannot ``unmerge()``: the original base is not in the dict).
 ``hf_base_state_dict(prefix)`` gives the base in Hugging Face 4-bit checkpoint keys instead.
+
+NF4Linear: the frozen NF4 base alone (no adapter), what :func:`lora_ops.quantize_model` puts in place of
+``nn.Linear`` and what PEFT wraps (:mod:`lora_ops.integrations.peft`). A subclass of ``nn.Linear`` as
+bitsandbytes' ``Linear4bit`` is, so ``target_modules="all-linear"`` finds it; same base buffers and
+``weight`` view as QLoRALinear, plus ``bias`` (a frozen Parameter) and ``compute_dtype``.
+
+    NF4Linear(weight: NF4Weight, bias=None, compute_dtype=None)
+    NF4Linear.from_linear(linear, blocksize=64, double_quant=True, compute_dtype=None)
+    layer(x)   x [..., in_features] -> [..., out_features] in x's dtype, differentiable w.r.t. x
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ import torch
 from torch import nn
 
 from lora_ops import format as fmt
+from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops import qlora as qlora_ops
 
@@ -65,7 +75,67 @@ def _zero_nf4(n: int, k: int, blocksize: int, double_quant: bool, dtype: torch.d
     )
 
 
-class QLoRALinear(nn.Module):
+def check_input(who: str, x: torch.Tensor, in_features: int) -> None:
+    """The module-level input rule: a floating tensor ``[..., in_features]`` (at least 1-D)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{who}: x must be a tensor, got {type(x).__name__}")
+    if x.dim() == 0:
+        raise ValueError(f"{who}: x must have at least one dimension [..., {in_features}], got a 0-d tensor")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{who}: x has {x.shape[-1]} features (last dim), the layer takes {in_features}")
+
+
+class _NF4Base:
+    """The frozen NF4 base as buffers ``weight_packed``, ``weight_absmax``, ... (shared by QLoRALinear
+    and NF4Linear): setting it, viewing it as an NF4Weight, and keeping its dtypes through ``.to()``."""
+
+    def _set_base(self, w: NF4Weight) -> None:
+        if tuple(w.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{type(self).__name__}: base weight shape {tuple(w.shape)} != "
+                f"({self.out_features}, {self.in_features})"
+            )
+        self.blocksize, self.base_dtype = w.blocksize, w.dtype
+        for name, t in w.tensors().items():
+            self.register_buffer(f"weight_{name}", t)
+
+    @property
+    def weight(self) -> NF4Weight:
+        """The frozen base as an :class:`NF4Weight` (shares the buffers)."""
+        return NF4Weight(
+            self.weight_packed,
+            self.weight_absmax,
+            self.blocksize,
+            (self.out_features, self.in_features),
+            self.base_dtype,
+            self.weight_absmax2,
+            self.weight_nested_code,
+            self.weight_offset,
+        )
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not cast the quantization state (absmax & co. are float32 by
+        # format): keep their dtype, follow only the device change.
+        saved = {f"weight_{k}": self._buffers.get(f"weight_{k}") for k in _BASE_KEYS}
+        super()._apply(fn, recurse)
+        for name, orig in saved.items():
+            new = self._buffers.get(name)
+            if orig is not None and new is not None and new.dtype != orig.dtype:
+                self._buffers[name] = orig.to(new.device)
+        return self
+
+    def hf_base_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The base weight (and bias) in Hugging Face 4-bit checkpoint keys: ``{prefix}weight``,
+        ``{prefix}weight.absmax``, ``{prefix}weight.quant_state.bitsandbytes__nf4``, ..."""
+        out = self.weight.hf_state_dict(f"{prefix}weight")
+        if self.bias is not None:
+            out[f"{prefix}bias"] = self.bias
+        return out
+
+
+class QLoRALinear(_NF4Base, nn.Module):
     """``y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W frozen in NF4 and A, B trainable.
 
     Adapters start like PEFT's: A Kaiming-uniform (a = sqrt(5)), B zeros, so the layer starts as the
@@ -114,16 +184,6 @@ class QLoRALinear(nn.Module):
         """PEFT's init: A ~ Kaiming-uniform(a=sqrt(5)), B = 0."""
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
-
-    def _set_base(self, w: NF4Weight) -> None:
-        if tuple(w.shape) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"QLoRALinear: base weight shape {tuple(w.shape)} != "
-                f"({self.out_features}, {self.in_features})"
-            )
-        self.blocksize, self.base_dtype = w.blocksize, w.dtype
-        for name, t in w.tensors().items():
-            self.register_buffer(f"weight_{name}", t)
 
     @classmethod
     def from_linear(
@@ -216,17 +276,6 @@ class QLoRALinear(nn.Module):
         layer.lora_B.weight = b
         return layer
 
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() must not cast the quantization state (absmax & co. are float32 by
-        # format): keep their dtype, follow only the device change.
-        saved = {f"weight_{k}": self._buffers.get(f"weight_{k}") for k in _BASE_KEYS}
-        super()._apply(fn, recurse)
-        for name, orig in saved.items():
-            new = self._buffers.get(name)
-            if orig is not None and new is not None and new.dtype != orig.dtype:
-                self._buffers[name] = orig.to(new.device)
-        return self
-
     # ---- merged state in state_dict -----------------------------------------------------------------
     _MERGED_KEY = "lora_merged"
 
@@ -246,31 +295,9 @@ class QLoRALinear(nn.Module):
             self._unmerged_base = None  # a kept original base belonged to the replaced weights
 
     # ---- views ---------------------------------------------------------------------------------------
-    @property
-    def weight(self) -> NF4Weight:
-        """The frozen base as an :class:`NF4Weight` (shares the buffers)."""
-        return NF4Weight(
-            self.weight_packed,
-            self.weight_absmax,
-            self.blocksize,
-            (self.out_features, self.in_features),
-            self.base_dtype,
-            self.weight_absmax2,
-            self.weight_nested_code,
-            self.weight_offset,
-        )
-
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The adapter under PEFT's adapter-file key names (``lora_A.weight``, ``lora_B.weight``)."""
         return {"lora_A.weight": self.lora_A.weight.detach(), "lora_B.weight": self.lora_B.weight.detach()}
-
-    def hf_base_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
-        """The base weight (and bias) in Hugging Face 4-bit checkpoint keys: ``{prefix}weight``,
-        ``{prefix}weight.absmax``, ``{prefix}weight.quant_state.bitsandbytes__nf4``, ..."""
-        out = self.weight.hf_state_dict(f"{prefix}weight")
-        if self.bias is not None:
-            out[f"{prefix}bias"] = self.bias
-        return out
 
     def extra_repr(self) -> str:
         return (
@@ -282,15 +309,20 @@ class QLoRALinear(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., in_features]`` (fp16/bf16/fp32) -> ``[..., out_features]`` in x's dtype."""
+        """x ``[..., in_features]`` (fp16/bf16/fp32) -> ``[..., out_features]`` in x's dtype.
+
+        Dropout masks follow torch's default CPU generator (``torch.manual_seed``), identically in eager
+        mode and under ``torch.compile`` (see :mod:`lora_ops.dropout_rng`)."""
+        check_input("QLoRALinear", x, self.in_features)
         bias = self.bias
         if self.merged:  # the adapter is folded into the base: base-only fused matmul
             if bias is not None and bias.dtype not in (x.dtype, torch.float32):
                 bias = bias.to(x.dtype)
             return qlora_ops.qlora_matmul(x, self.weight, bias=bias)
         p = self.lora_dropout_p if self.training else 0.0
+        rng = draw_dropout_rng() if p > 0 else None
         return qlora_ops.qlora_linear(
-            x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p
+            x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p, rng
         )
 
     # ---- merging -------------------------------------------------------------------------------------
@@ -342,3 +374,97 @@ class QLoRALinear(nn.Module):
         self._unmerged_base = None
         self.merged = False
         return {"restored": "exact"}
+
+
+# ---- the base alone -------------------------------------------------------------------------------------
+class _NF4MatmulFn(torch.autograd.Function):
+    """``x·Wᵀ (+ frozen bias)`` with the gradient for x only (``dx = dy·W``, the fused transposed
+    matmul): a frozen NF4 layer must pass gradients through to the adapters before it."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
+        w = NF4Weight(packed, absmax, blocksize, shape, dtype, absmax2, nested_code, offset)
+        ctx.save_for_backward(packed, absmax, absmax2, nested_code, offset)
+        ctx.blocksize, ctx.shape, ctx.dtype, ctx.x_dtype = blocksize, shape, dtype, x.dtype
+        return qlora_ops.qlora_matmul(x, w, bias=bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 10
+        packed, absmax, absmax2, nested_code, offset = ctx.saved_tensors
+        w = NF4Weight(packed, absmax, ctx.blocksize, ctx.shape, ctx.dtype, absmax2, nested_code, offset)
+        dx = qlora_ops.qlora_matmul(dy.to(ctx.x_dtype), w, transpose_w=True)
+        return (dx,) + (None,) * 9
+
+
+def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """bitsandbytes' rule for a 4-bit layer: the autocast dtype under ``torch.autocast``, else the
+    layer's ``compute_dtype``, else x's own dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return compute_dtype or x.dtype
+
+
+class NF4Linear(_NF4Base, nn.Linear):
+    """A frozen NF4 linear layer ``y = x·Wᵀ + bias`` (see the module docstring).
+
+    ``compute_dtype`` (bitsandbytes' ``bnb_4bit_compute_dtype``): x is cast to it for the matmul and
+    the output cast back to x's dtype; None computes in x's dtype. ``bias`` is a Parameter that starts
+    frozen (``requires_grad=False``); made trainable, it gets its gradient (added outside the op)."""
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
+                 compute_dtype: torch.dtype | None = None):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: there is no dense weight to allocate
+        if not isinstance(weight, NF4Weight):
+            raise TypeError(f"NF4Linear: weight must be an NF4Weight, got {type(weight).__name__}")
+        if len(weight.shape) != 2:
+            raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
+        self.out_features, self.in_features = weight.shape
+        self.compute_dtype = compute_dtype
+        self._set_base(weight)
+        if bias is not None:
+            if tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"NF4Linear: bias must be [{self.out_features}], got {tuple(bias.shape)}")
+            bias = nn.Parameter(bias.detach(), requires_grad=False)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None) -> NF4Linear:
+        """Quantizes ``linear.weight`` (its dtype becomes the base dtype); the bias is kept as is."""
+        w = linear.weight.detach()
+        return cls(quantize_nf4(w, blocksize, double_quant), linear.bias, compute_dtype)
+
+    def reset_parameters(self) -> None:  # nn.Linear's would re-draw a dense weight; the base is data
+        pass
+
+    def set_weight(self, weight: NF4Weight) -> None:
+        """Replaces the base (same shape), e.g. with a merged and re-quantized weight."""
+        self._set_base(weight)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"blocksize={self.blocksize}, double_quant={self.weight_absmax.dtype == torch.uint8}, "
+            f"base_dtype={self.base_dtype}, compute_dtype={self.compute_dtype}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., in_features]`` -> ``[..., out_features]`` in x's dtype."""
+        check_input("NF4Linear", x, self.in_features)
+        xc = x.to(compute_dtype_for(x, self.compute_dtype))
+        bias = self.bias
+        trainable_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
+        fused_bias = None if bias is None or trainable_bias else bias_for(bias, xc)
+        w = self.weight
+        y = _NF4MatmulFn.apply(xc, fused_bias, w.packed, w.absmax, w.absmax2, w.nested_code, w.offset,
+                               w.blocksize, w.shape, w.dtype)
+        if trainable_bias:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype)
+
+
+def bias_for(bias: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The fused ops take a bias in x's dtype or float32: anything else is cast to x's dtype."""
+    return bias if bias.dtype in (x.dtype, torch.float32) else bias.to(x.dtype)

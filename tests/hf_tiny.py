@@ -52,11 +52,17 @@ def load_bnb_4bit(path: Path, double_quant: bool = True, compute_dtype: torch.dt
 
 
 def reference_weight(linear4bit) -> torch.Tensor:
-    """The float64 dense weight of a bitsandbytes Linear4bit decoded by the spec oracle (reference.py)
-    from the raw bytes and quant state (bitsandbytes' own decode is not trusted)."""
-    from bnb_required import spec_absmax
-
+    """The float64 dense weight of a 4-bit layer (bitsandbytes Linear4bit or lora_ops NF4Linear) decoded
+    by the spec oracle (reference.py) from the raw bytes and quant state (neither library's own decode
+    is trusted)."""
     from lora_ops import reference
+    from lora_ops.nn import NF4Linear
+
+    if isinstance(linear4bit, NF4Linear):
+        w = linear4bit.weight
+        absmax = reference.nested_absmax(w.absmax, w.absmax2, w.offset) if w.nested else w.absmax
+        return reference.nf4_dequantize(w.packed, absmax, w.blocksize, w.shape, torch.float64)
+    from bnb_required import spec_absmax
 
     qs = linear4bit.weight.quant_state
     absmax = spec_absmax(qs)
@@ -65,24 +71,27 @@ def reference_weight(linear4bit) -> torch.Tensor:
 
 
 def float64_twin(peft_model, weights: dict | None = None):
-    """A dense float64 LlamaForCausalLM computing what a PEFT LoRA model over 4-bit layers should compute
-    in eval mode: each LoRA layer's weight is dequant(W) + sum of active adapters' scaling * B @ A, in
+    """A dense float64 LlamaForCausalLM computing what a PEFT LoRA model over 4-bit layers (or a model
+    of lora_ops NF4 layers without PEFT) should compute in eval mode: each LoRA layer's weight is dequant(W) + sum of active adapters' scaling * B @ A, in
     float64. ``weights`` (module path -> float64 [N, K]) overrides the decoded base weights."""
     from peft.tuners.lora.layer import LoraLayer
     from transformers import LlamaForCausalLM
 
-    inner = peft_model.get_base_model()
+    inner = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
     twin = LlamaForCausalLM(inner.config).to(torch.float64).eval()
     sd = {}
     for name, mod in inner.named_modules():
         if isinstance(mod, LoraLayer):
             w = (weights or {}).get(name)
             w = reference_weight(mod.get_base_layer()) if w is None else w
-            for a in mod.active_adapters:
+            for a in (a for a in mod.active_adapters if a in mod.lora_A):
                 w = w + mod.scaling[a] * (mod.lora_B[a].weight.double() @ mod.lora_A[a].weight.double())
             sd[name + ".weight"] = w
+    for name, mod in inner.named_modules():  # lora_ops NF4 layers without an adapter
+        if type(mod).__name__ == "NF4Linear" and not name.endswith("base_layer"):
+            sd[name + ".weight"] = reference_weight(mod)
     for name, p in inner.named_parameters():
-        if "lora_" not in name and ".base_layer." not in name:
+        if "lora_" not in name and ".base_layer." not in name and name not in sd:
             sd.setdefault(name, p.detach().double())
     twin.load_state_dict(sd, strict=True)
     return twin

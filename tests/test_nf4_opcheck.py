@@ -24,7 +24,7 @@ def test_opcheck_double_quantize(device, rng):
 @pytest.mark.parametrize("double_quant", [False, True])
 def test_opcheck_dequantize(device, rng, double_quant):
     q = lora_ops.quantize_nf4(randn(33, 70, generator=rng, device=device), 64, double_quant)
-    args = (q.packed, q.absmax, q.absmax2, q.nested_code, q.offset, 64, list(q.shape), torch.float16)
+    args = (*q.op_args(), torch.float16)
     torch.library.opcheck(ops.nf4_dequantize.default, args)
 
 
@@ -32,7 +32,7 @@ def test_compile_fullgraph_quantize_dequantize(device, rng):
     def roundtrip(w, code):
         packed, absmax = ops.nf4_quantize(w, 64)
         q, absmax2, offset = ops.nf4_double_quantize(absmax, code)
-        return ops.nf4_dequantize(packed, q, absmax2, code, offset, 64, list(w.shape), torch.bfloat16)
+        return ops.nf4_dequantize([packed, q, absmax2, code, offset], [64, *w.shape], torch.bfloat16)
 
     torch._dynamo.reset()
     compiled = torch.compile(roundtrip, fullgraph=True)

@@ -308,16 +308,14 @@ def test_rejections(rng):
         PagedAdamW([torch.randn(3, requires_grad=True)]).load_state_dict(ams.state_dict())
 
 
-def test_managed_falls_back_without_cuda(rng):
+def test_managed_on_cpu_parameters_is_a_clear_error(rng):
     params = make_params(rng, "cpu")
-    ref_params = clone_params(params)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        opt = run(PagedAdamW(params, paging="managed", page_size=PAGE), params, 3, seed=13)
-    assert any("managed" in str(w.message) for w in caught)
-    assert opt.paging_backend in ("explicit", "resident")
-    ref = run(PagedAdamW(ref_params, paging="none", page_size=PAGE), ref_params, 3, seed=13)
-    assert_state_close(opt, ref, params, ref_params, exact=True)
+    with pytest.raises(ValueError, match="paging='managed' .*needs CUDA parameters, got one on cpu"):
+        PagedAdamW(params, paging="managed", page_size=PAGE)
+    opt = PagedAdamW(params[:1], page_size=PAGE)
+    opt._paging = "managed"  # a later group is checked too
+    with pytest.raises(ValueError, match="needs CUDA parameters"):
+        opt.add_param_group({"params": params[1:]})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")

@@ -171,13 +171,7 @@ def test_dropout_same_mask_in_forward_and_backward(device, rng):
     keep_scale = reference.dropout_keep_scale(p)
     y, s = ops.qlora_linear(
         x,
-        wq.packed,
-        wq.absmax,
-        wq.absmax2,
-        wq.nested_code,
-        wq.offset,
-        wq.blocksize,
-        32,
+        *wq.op_args(),
         A,
         B,
         None,
@@ -251,7 +245,7 @@ torch.save(qlora_linear(x, wq, A, B, 0.5, b), sys.argv[1])
 # ---- opcheck and torch.compile ---------------------------------------------------------------------
 def _op_samples(device, rng):
     wq, x, A, B, bias = make_problem((3, 5), 40, 72, 4, bf16, device, generator=rng)
-    wt = (wq.packed, wq.absmax, wq.absmax2, wq.nested_code, wq.offset, wq.blocksize)
+    wt = wq.op_args()
     rng = make_rng(77, 1)
     xg = x.clone().requires_grad_()
     Ag, Bg = A.clone().requires_grad_(), B.clone().requires_grad_()
@@ -259,10 +253,10 @@ def _op_samples(device, rng):
     dy = torch.randn(3, 5, 40).to(bf16).to(device)
     u = ops.lora_down(dy, B.t(), 0.0, None)
     return [
-        (ops.qlora_linear, (xg, *wt, 40, Ag, Bg, bias, 0.5, 0.2, rng)),
-        (ops.qlora_linear, (x, *wt, 40, A, B, None, 0.5, 0.0, None)),
-        (ops.qlora_matmul, (x, *wt, 40, 72, False, s, B, 0.5, bias, 0.0, None)),
-        (ops.qlora_matmul, (dy, *wt, 40, 72, True, u, A.t(), 0.5, None, 0.2, rng)),
+        (ops.qlora_linear, (xg, *wt, Ag, Bg, bias, 0.5, 0.2, rng)),
+        (ops.qlora_linear, (x, *wt, A, B, None, 0.5, 0.0, None)),
+        (ops.qlora_matmul, (x, *wt, False, s, B, 0.5, bias, 0.0, None)),
+        (ops.qlora_matmul, (dy, *wt, True, u, A.t(), 0.5, None, 0.2, rng)),
         (ops.lora_down, (x, A, 0.2, rng)),
         (ops.lora_outer, (u, x, 0.5, 0.2, rng, torch.float32)),
         (ops.lora_outer, (dy, s, 0.5, 0.0, None, torch.float32)),
@@ -300,11 +294,11 @@ def test_compile_fullgraph_forward_backward_matches_eager(device, rng):
 # ---- bad input ---------------------------------------------------------------------------------------
 def test_bad_inputs_raise_clear_errors(rng):
     wq, x, A, B, bias = make_problem((4,), 32, 64, 4, bf16, "cpu", generator=rng)
-    wt = (wq.packed, wq.absmax, wq.absmax2, wq.nested_code, wq.offset, wq.blocksize)
+    wt = wq.op_args()
     with pytest.raises(ValueError, match="features"):
         qlora_linear(torch.randn(4, 60).to(bf16), wq, A, B, 1.0)
-    with pytest.raises(ValueError, match="do not match the quantized weight"):
-        ops.qlora_linear(torch.randn(4, 60).to(bf16), *wt, 32, A[:, :60], B, None, 1.0, 0.0, None)
+    with pytest.raises(RuntimeError, match="not match the quantized weight"):  # w_meta vs the bytes
+        ops.qlora_linear(torch.randn(4, 60).to(bf16), wt[0], [64, 32, 60], A[:, :60], B, None, 1.0, 0.0, None)
     with pytest.raises(ValueError, match=r"A must be \[r, K\]"):
         qlora_linear(x, wq, torch.randn(4, 65), B, 1.0)
     with pytest.raises(ValueError, match="rank mismatch"):
@@ -316,30 +310,30 @@ def test_bad_inputs_raise_clear_errors(rng):
     with pytest.raises(TypeError, match="x must be float32, float16 or bfloat16"):
         qlora_linear(torch.randint(0, 5, (4, 64)), wq, A, B, 1.0)
     with pytest.raises(TypeError, match="x's dtype"):
-        ops.qlora_linear(x, *wt, 32, A.double(), B, None, 1.0, 0.0, None)
+        ops.qlora_linear(x, *wt, A.double(), B, None, 1.0, 0.0, None)
     with pytest.raises(TypeError, match="x's dtype"):
-        ops.qlora_linear(x, *wt, 32, A, B, bias.to(torch.float16), 1.0, 0.0, None)
+        ops.qlora_linear(x, *wt, A, B, bias.to(torch.float16), 1.0, 0.0, None)
     with pytest.raises(ValueError, match="bias must be"):
         qlora_linear(x, wq, A, B, 1.0, torch.randn(31))
     with pytest.raises(ValueError, match="dropout_p must be in"):
         qlora_linear(x, wq, A, B, 1.0, None, 1.0, make_rng(1))
     with pytest.raises(ValueError, match="needs rng"):
-        ops.qlora_linear(x, *wt, 32, A, B, None, 1.0, 0.5, None)
+        ops.qlora_linear(x, *wt, A, B, None, 1.0, 0.5, None)
     with pytest.raises(TypeError, match="rng must be int64"):
-        ops.qlora_linear(x, *wt, 32, A, B, None, 1.0, 0.5, torch.zeros(2))
+        ops.qlora_linear(x, *wt, A, B, None, 1.0, 0.5, torch.zeros(2))
     with pytest.raises(ValueError, match="scale must be finite"):
         qlora_linear(x, wq, A, B, float("nan"))
     with pytest.raises(RuntimeError, match="move all inputs to one device"):
         qlora_linear(x, wq, A.to("meta"), B, 1.0)
     with pytest.raises(ValueError, match="dropout applies to the LoRA term only"):
-        ops.qlora_matmul(x, *wt, 32, 64, False, None, None, 1.0, None, 0.5, make_rng(1))
+        ops.qlora_matmul(x, *wt, False, None, None, 1.0, None, 0.5, make_rng(1))
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU build and a GPU")
 def test_mixed_devices_and_float64_on_cuda_raise():
     wq, x, A, B, _ = make_problem((4,), 32, 64, 4, bf16, "cuda", seed=41)
-    wt = (wq.packed, wq.absmax, wq.absmax2, wq.nested_code, wq.offset, wq.blocksize)
+    wt = wq.op_args()
     with pytest.raises(RuntimeError, match="one device"):
-        ops.qlora_linear(x, *wt, 32, A.cpu(), B, None, 1.0, 0.0, None)
+        ops.qlora_linear(x, *wt, A.cpu(), B, None, 1.0, 0.0, None)
     with pytest.raises(TypeError, match="float64"):
-        ops.qlora_linear(x.double(), *wt, 32, A.double(), B.double(), None, 1.0, 0.0, None)
+        ops.qlora_linear(x.double(), *wt, A.double(), B.double(), None, 1.0, 0.0, None)

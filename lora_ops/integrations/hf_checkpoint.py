@@ -8,7 +8,7 @@ linear layer ``P``, the keys of spec section 6 (``P.weight``, ``P.weight.absmax`
 :class:`~lora_ops.nf4.NF4Weight` objects plus the ordinary tensors, writes them back in the same
 form (byte-identical), reads/writes safetensors files (single or sharded), and turns a whole
 checkpoint directory into a transformers model whose quantized linears are lora_ops
-``QLoRALinear`` layers.
+``NF4Linear`` (PEFT-ready) or ``QLoRALinear`` layers.
 """
 
 from __future__ import annotations
@@ -155,13 +155,19 @@ def replace_linears_with_nf4(
     model: torch.nn.Module,
     weights: Mapping[str, NF4Weight],
     biases: Mapping[str, torch.Tensor] | None = None,
+    target_modules=None,
+    compute_dtype: torch.dtype | None = None,
     **qlora_kwargs,
 ) -> list[str]:
-    """Replaces each ``nn.Linear`` whose ``<path>.weight`` is a key of ``weights`` by a
-    :class:`lora_ops.nn.QLoRALinear` over that NF4 weight (shared, not copied); ``qlora_kwargs``
-    (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``, ``adapter_dtype``) go to
-    :func:`qlora_from_nf4`. ``biases`` maps ``<path>.bias`` to a bias tensor. Returns the replaced
-    module paths."""
+    """Replaces each ``nn.Linear`` whose ``<path>.weight`` is a key of ``weights`` by a lora_ops layer over
+    that NF4 weight (shared, not copied): a frozen :class:`lora_ops.nn.NF4Linear` (``compute_dtype``), or,
+    when ``qlora_kwargs`` are given (``r``, ``lora_alpha``, ``lora_dropout``, ``use_rslora``,
+    ``adapter_dtype``), a :class:`lora_ops.nn.QLoRALinear` for the layers matching ``target_modules``
+    (PEFT's rule, see :func:`lora_ops.quantize.matches_target`; None: all). ``biases`` maps
+    ``<path>.bias`` to a bias tensor. Returns the replaced module paths."""
+    from lora_ops.nn import NF4Linear
+    from lora_ops.quantize import matches_target
+
     replaced = []
     for key, w in weights.items():
         if not key.endswith(".weight"):
@@ -178,29 +184,46 @@ def replace_linears_with_nf4(
             bias = (biases or {}).get(path + ".bias")
             if bias is None:
                 raise KeyError(f"'{path}' has a bias but the checkpoint holds no '{path}.bias'")
-        setattr(parent, name, qlora_from_nf4(w, bias, **qlora_kwargs))
+        if qlora_kwargs and (target_modules is None or matches_target(path, target_modules)):
+            new = qlora_from_nf4(w, bias, **qlora_kwargs)
+        else:
+            new = NF4Linear(w, bias, compute_dtype)
+        setattr(parent, name, new)
         replaced.append(path)
     return replaced
 
 
-def load_quantized_model(path: str | os.PathLike, model_class=None, **qlora_kwargs) -> torch.nn.Module:
-    """A transformers model from a 4-bit checkpoint directory (``config.json`` + weights), its
-    quantized linears as ``QLoRALinear`` layers over the stored NF4 bytes; no bitsandbytes needed.
+def load_quantized_model(path: str | os.PathLike, model_class=None, target_modules=None,
+                         compute_dtype: torch.dtype | None = None, **qlora_kwargs) -> torch.nn.Module:
+    """A transformers model from a 4-bit checkpoint directory (``config.json`` + weights, as saved from a
+    bitsandbytes 4-bit model); no bitsandbytes needed. Every parameter is frozen except LoRA adapters.
 
-    ``model_class`` defaults to ``AutoModelForCausalLM``; ``qlora_kwargs`` (``r``, ``lora_alpha``,
-    ``lora_dropout``, ...) are passed to :func:`qlora_from_nf4` for every replaced layer."""
+    Without ``qlora_kwargs``: every quantized linear becomes a frozen :class:`lora_ops.nn.NF4Linear`,
+    ready for PEFT's ``get_peft_model`` (as after :func:`lora_ops.quantize_model`). With them (``r``,
+    ``lora_alpha``, ``lora_dropout``, ...): the quantized linears matching ``target_modules`` (PEFT's
+    rule; None: all) become :class:`lora_ops.nn.QLoRALinear` layers with fresh adapters, the others
+    ``NF4Linear``. ``model_class`` defaults to ``AutoModelForCausalLM``. A checkpoint without 4-bit
+    layers raises ``ValueError`` (quantize a dense model with :func:`lora_ops.quantize_model`)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lora_ops.nn import QLoRALinear
 
     path = Path(path)
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the NF4 layers are ours; no bitsandbytes quantizer
     weights, other = load_nf4_checkpoint(path)
+    if not weights:
+        raise ValueError(f"load_quantized_model: {path} holds no NF4 (4-bit) layers; load a dense model with "
+                         "transformers and call lora_ops.quantize_model(model)")
     dtype = next((w.dtype for w in weights.values()), torch.float32)
     with init_empty_weights(include_buffers=False):
-        model = (model_class or AutoModelForCausalLM).from_config(config, torch_dtype=dtype)
-    replaced = replace_linears_with_nf4(model, weights, other, **qlora_kwargs)
+        model = (model_class or AutoModelForCausalLM).from_config(config, dtype=dtype)
+    replaced = replace_linears_with_nf4(model, weights, other, target_modules, compute_dtype, **qlora_kwargs)
+    if qlora_kwargs and not any(isinstance(m, QLoRALinear) for m in model.modules()):
+        raise ValueError(f"load_quantized_model: target_modules={target_modules!r} matches none of the "
+                         f"quantized layers {sorted({p.rpartition('.')[2] for p in replaced})}")
     biases = {p + ".bias" for p in replaced}
     plain = {k: v for k, v in other.items() if k not in biases}
     _missing, unexpected = model.load_state_dict(plain, strict=False, assign=True)
@@ -211,16 +234,21 @@ def load_quantized_model(path: str | os.PathLike, model_class=None, **qlora_kwar
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
         raise KeyError(f"load_quantized_model: no checkpoint entry for {still_meta[:8]}")
+    for name, p in model.named_parameters():  # the base is frozen; only LoRA adapters train
+        p.requires_grad_(".lora_A." in name or ".lora_B." in name)
+    from lora_ops.quantize import enable_peft
+
+    enable_peft()
     return model
 
 
 def nf4_model_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict of a model whose NF4 layers are ``QLoRALinear`` in bitsandbytes' 4-bit layout
+    """The state dict of a model whose NF4 layers are ``QLoRALinear`` or ``NF4Linear`` in bitsandbytes' 4-bit layout
     (what :func:`load_quantized_model` reads back). LoRA adapter tensors are left out: save them
     separately (they are what changes during fine-tuning)."""
-    from lora_ops.nn import QLoRALinear
+    from lora_ops.nn import NF4Linear, QLoRALinear
 
-    qlora_paths = {n for n, m in model.named_modules() if isinstance(m, QLoRALinear)}
+    qlora_paths = {n for n, m in model.named_modules() if isinstance(m, (QLoRALinear, NF4Linear))}
     out: dict[str, torch.Tensor] = {}
     for key, value in model.state_dict().items():
         owner = key.rpartition(".")[0]

@@ -47,6 +47,7 @@ from torch import nn
 
 from lora_ops import bnb_cpu_layout
 from lora_ops import format as fmt
+from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
@@ -94,6 +95,14 @@ def _lora_layer_class() -> type | None:
 def is_patched(module: nn.Module) -> bool:
     """True when ``module`` is a PEFT 4-bit LoRA layer patched by :func:`patch_peft_model`."""
     return _ORIGINAL_CLASS_ATTR in type(module).__dict__
+
+
+def _runs_lora_ops_natively(module: nn.Module) -> bool:
+    """A LoRA layer PEFT built over a lora_ops NF4Linear (:mod:`lora_ops.integrations.peft_native`):
+    it runs the fused op already; nothing to patch."""
+    from lora_ops.integrations.peft_native import LoraOpsLinear
+
+    return isinstance(module, LoraOpsLinear)
 
 
 def _skip_reason(module: nn.Module, bnb_linear4bit: type) -> str | None:
@@ -165,7 +174,7 @@ def patch_peft_model(model: nn.Module, strict: bool = True) -> PatchReport:
         if not isinstance(module, lora_layer):
             continue
         n_lora += 1
-        if is_patched(module):
+        if is_patched(module) or _runs_lora_ops_natively(module):
             n_active += 1
             continue
         reason = _skip_reason(module, bnb_linear4bit)
@@ -298,4 +307,5 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         A = torch.cat([self.lora_A[a].weight.to(torch.float32) for a in adapters], dim=0)
         B = torch.cat([self.lora_B[a].weight.to(torch.float32) * float(self.scaling[a]) for a in adapters], dim=1)
         scale, p = 1.0, 0.0
-    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p).to(inp_dtype)
+    rng = draw_dropout_rng() if p > 0 else None  # torch's generator, same in eager and compiled runs
+    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p, rng).to(inp_dtype)

@@ -44,6 +44,14 @@ def check_one_device(
             raise RuntimeError(f"{op}: {name} must be a CPU tensor (it is read on the host), got {t.device}")
 
 
+# The tensors of an NF4 weight as the ops take it (NF4Weight.op_args), named as the C++ checks name them.
+_WEIGHT_PARTS = ("packed weight", "absmax", "absmax2", "nested_code", "offset")
+
+
+def weight_parts(w: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return dict(zip(_WEIGHT_PARTS, w))
+
+
 def explain_dispatch_error(op: str, **tensors: torch.Tensor | Iterable[torch.Tensor] | None) -> None:
     """Called after the dispatcher raised NotImplementedError: if a tensor is not dense (sparse,
     mkldnn, ...), raise a TypeError naming it instead of the dispatcher's generic message."""

@@ -86,12 +86,11 @@ def adamw_step_pages_(
     ``hparams``: float64 CPU ``[len(params), 7]`` as in :func:`adamw_step_`. Every piece is bounds-checked.
     """
     grads = list(grads)
-    for i, g in enumerate(grads):
-        if g.layout != torch.strided:
-            raise TypeError(
-                f"adamw_step_pages_: grads[{i}] is {g.layout}; sparse gradients are not supported"
-            )
-    _ops.adamw_step_pages_(list(params), grads, pages, pieces, hparams)
+    try:
+        _ops.adamw_step_pages_(list(params), grads, pages, pieces, hparams)
+    except NotImplementedError:
+        _raise_if_sparse("adamw_step_pages_", grads)
+        raise
 
 
 def hparams_row(

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
-from lora_ops.ops._checks import check_one_device, explain_dispatch_error
+from lora_ops.ops._checks import check_one_device, explain_dispatch_error, weight_parts
 
 _ops = torch.ops.lora_ops
 
@@ -33,10 +33,10 @@ def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
 
 
 @torch.library.register_fake("lora_ops::nf4_dequantize")
-def _nf4_dequantize_fake(packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
-    check_one_device("nf4_dequantize", "the weight", packed, absmax=absmax, absmax2=absmax2,
-                     nested_code=nested_code, offset=offset)
-    return packed.new_empty(tuple(shape), dtype=dtype)
+def _nf4_dequantize_fake(w, w_meta, dtype):
+    # The weight is one value (w, w_meta) = NF4Weight.op_args(): w_meta = [blocksize, *shape].
+    check_one_device("nf4_dequantize", "the weight", w[0], **weight_parts(w))
+    return w[0].new_empty(tuple(w_meta[1:]), dtype=dtype)
 
 
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +82,12 @@ def nf4_dequantize(
     """Dense weight ``[*shape]`` in ``dtype`` (float32/float16/bfloat16), bit-identical to the spec.
 
     ``absmax`` is float32 (plain) or the uint8 codes of a double-quantized absmax, in which case
-    ``absmax2``, ``nested_code`` and ``offset`` are required (decoded inside the same kernel).
+    ``absmax2``, ``nested_code`` and ``offset`` are required (decoded inside the same kernel). The
+    loose-parts form of :meth:`lora_ops.NF4Weight.dequantize`; the op checks every part.
     """
+    nested = [t for t in (absmax2, nested_code, offset) if t is not None]
     try:
-        return _ops.nf4_dequantize(packed, absmax, absmax2, nested_code, offset, blocksize, list(shape), dtype)
+        return _ops.nf4_dequantize([packed, absmax, *nested], [blocksize, *shape], dtype)
     except NotImplementedError:
         explain_dispatch_error(
             "nf4_dequantize", packed=packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code, offset=offset

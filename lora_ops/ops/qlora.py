@@ -10,7 +10,7 @@ Math (x viewed as [M, K], W = dequant(NF4) [N, K], A [r, K], B [N, r], drop(x) =
               dA = scale·uᵀ·drop(x)                  lora_outer(u, x, dropout on)
               dB = scale·dyᵀ·s                       lora_outer(dy, s)
 
-Saved for backward: x, s, A, B, the packed weight state and the rng tensor (the dropout mask is
+Saved for backward: x, s, A, B, the weight's tensors and the rng tensor (the dropout mask is
 regenerated from it). No gradient for W, absmax or bias; dA/dB come back in A's/B's own dtype.
 Every backward step is a custom op, so ``torch.compile(fullgraph=True)`` traces forward + backward.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
-from lora_ops.ops._checks import check_one_device, explain_dispatch_error
+from lora_ops.ops._checks import check_one_device, explain_dispatch_error, weight_parts
 
 _ops = torch.ops.lora_ops
 _ADAPTER_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -38,56 +38,21 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 # ---- fake (meta) kernels -----------------------------------------------------------------------
+# The weight is one value (w, w_meta) = NF4Weight.op_args(): w_meta = [blocksize, N, K].
 @torch.library.register_fake("lora_ops::qlora_linear")
-def _qlora_linear_fake(
-    x,
-    packed,
-    absmax,
-    absmax2,
-    nested_code,
-    offset,
-    blocksize,
-    out_features,
-    A,
-    B,
-    bias,
-    scale,
-    dropout_p,
-    rng,
-):
-    check_one_device(
-        "qlora_linear", "x", x, host={"rng": rng}, packed=packed, absmax=absmax, absmax2=absmax2,
-        nested_code=nested_code, offset=offset, A=A, B=B, bias=bias,
-    )
-    y = x.new_empty((*x.shape[:-1], out_features))
+def _qlora_linear_fake(x, w, w_meta, A, B, bias, scale, dropout_p, rng):
+    check_one_device("qlora_linear", "x", x, host={"rng": rng}, **weight_parts(w), A=A, B=B, bias=bias)
+    y = x.new_empty((*x.shape[:-1], w_meta[1]))
     s = x.new_empty((_rows(x.shape), A.shape[0]), dtype=_acc_dtype(x))
     return y, s
 
 
 @torch.library.register_fake("lora_ops::qlora_matmul")
-def _qlora_matmul_fake(
-    a,
-    packed,
-    absmax,
-    absmax2,
-    nested_code,
-    offset,
-    blocksize,
-    out_features,
-    in_features,
-    transpose_w,
-    lora_s,
-    lora_w,
-    scale,
-    bias,
-    dropout_p,
-    rng,
-):
+def _qlora_matmul_fake(a, w, w_meta, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng):
     check_one_device(
-        "qlora_matmul", "a", a, host={"rng": rng}, packed=packed, absmax=absmax, absmax2=absmax2,
-        nested_code=nested_code, offset=offset, lora_s=lora_s, lora_w=lora_w, bias=bias,
+        "qlora_matmul", "a", a, host={"rng": rng}, **weight_parts(w), lora_s=lora_s, lora_w=lora_w, bias=bias
     )
-    return a.new_empty((*a.shape[:-1], in_features if transpose_w else out_features))
+    return a.new_empty((*a.shape[:-1], w_meta[2] if transpose_w else w_meta[1]))
 
 
 @torch.library.register_fake("lora_ops::lora_down")
@@ -110,64 +75,29 @@ def _lora_dropout_mask_fake(rows, cols, dropout_p, rng):
 
 # ---- autograd of qlora_linear ------------------------------------------------------------------
 def _setup_context(ctx, inputs, output):
-    (
-        x,
-        packed,
-        absmax,
-        absmax2,
-        nested_code,
-        offset,
-        blocksize,
-        out_features,
-        A,
-        B,
-        _bias,
-        scale,
-        dropout_p,
-        rng,
-    ) = inputs
+    x, w, w_meta, A, B, _bias, scale, dropout_p, rng = inputs
     _, s = output
     ctx.mark_non_differentiable(s)
-    ctx.blocksize = blocksize
-    ctx.out_features = out_features
-    ctx.scale = scale
-    ctx.dropout_p = dropout_p
-    ctx.save_for_backward(x, s, A, B, packed, absmax, absmax2, nested_code, offset, rng)
+    ctx.w_meta, ctx.scale, ctx.dropout_p = w_meta, scale, dropout_p
+    ctx.save_for_backward(x, s, A, B, rng, *w)
 
 
 def _backward(ctx, grad_y, grad_s):
-    x, s, A, B, packed, absmax, absmax2, nested_code, offset, rng = ctx.saved_tensors
-    need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[8], ctx.needs_input_grad[9]
+    x, s, A, B, rng, *w = ctx.saved_tensors
+    need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
     dx = dA = dB = None
+    no_dw = [None] * len(w)  # one entry per tensor of the weight list (never differentiated)
     if grad_y is None:
-        return (None,) * 14
+        return None, no_dw, None, None, None, None, None, None, None
     dy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
-    n, k = ctx.out_features, x.shape[-1]
     u = _ops.lora_down(dy, B.t(), 0.0, None) if (need_dx or need_dA) else None  # dy·B, once
     if need_dx:
-        dx = _ops.qlora_matmul(
-            dy,
-            packed,
-            absmax,
-            absmax2,
-            nested_code,
-            offset,
-            ctx.blocksize,
-            n,
-            k,
-            True,
-            u,
-            A.t(),
-            ctx.scale,
-            None,
-            ctx.dropout_p,
-            rng,
-        )
+        dx = _ops.qlora_matmul(dy, w, ctx.w_meta, True, u, A.t(), ctx.scale, None, ctx.dropout_p, rng)
     if need_dA:
         dA = _ops.lora_outer(u, x, ctx.scale, ctx.dropout_p, rng, A.dtype)
     if need_dB:
         dB = _ops.lora_outer(dy, s, ctx.scale, 0.0, None, B.dtype)
-    return dx, None, None, None, None, None, None, None, dA, dB, None, None, None, None
+    return dx, no_dw, None, dA, dB, None, None, None, None
 
 
 torch.library.register_autograd("lora_ops::qlora_linear", _backward, setup_context=_setup_context)
@@ -211,36 +141,17 @@ def qlora_linear(
         dropout_p: LoRA dropout probability in [0, 1), applied to the LoRA branch only.
         rng: from :func:`make_rng`; drawn from torch's CPU generator when None and dropout_p > 0.
 
-    Returns ``y [..., N]`` in x's dtype. Differentiable w.r.t. x, A and B.
+    Returns ``y [..., N]`` in x's dtype. Differentiable w.r.t. x, A and B. Shapes, dtypes and devices
+    are checked by the op (csrc/bindings/ops_qlora.cpp), with messages naming the argument.
     """
-    n, k = weight.shape
-    if x.dim() == 0:
-        raise ValueError("qlora_linear: x must have at least one dimension [..., K], got a 0-d tensor")
-    if x.shape[-1] != k:
-        raise ValueError(f"qlora_linear: x has {x.shape[-1]} features but the weight is [{n}, {k}]")
-    check_one_device("qlora_linear", "x", x, weight=weight.packed, A=A, B=B, bias=bias)
+    w, w_meta = weight.op_args()
     A, B = _adapter(A, x), _adapter(B, x)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
     if dropout_p > 0 and rng is None:
         rng = make_rng()
     try:
-        y, _ = _ops.qlora_linear(
-            x,
-            weight.packed,
-            weight.absmax,
-            weight.absmax2,
-            weight.nested_code,
-            weight.offset,
-            weight.blocksize,
-            n,
-            A,
-            B,
-            bias,
-            float(scale),
-            float(dropout_p),
-            rng,
-        )
+        y, _ = _ops.qlora_linear(x, w, w_meta, A, B, bias, float(scale), float(dropout_p), rng)
     except NotImplementedError:
         explain_dispatch_error("qlora_linear", x=x, A=A, B=B, bias=bias, rng=rng)
         raise
@@ -267,33 +178,14 @@ def qlora_matmul(
     """The fused dequant-GEMM: ``a·Wᵀ + scale·lora_s·lora_wᵀ + bias`` (``a [..., K] -> [..., N]``), or with
     ``transpose_w`` ``a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p)`` (``a [..., N] -> [..., K]``, the dx form).
     ``lora_s``: float32 ``[M, r]``; ``lora_w``: ``[n_out, r]`` (any strides). Not differentiable."""
-    n, k = weight.shape
+    w, w_meta = weight.op_args()
     try:
-        return _qlora_matmul(a, weight, n, k, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng)
+        return _ops.qlora_matmul(
+            a, w, w_meta, transpose_w, lora_s, lora_w, float(scale), bias, float(dropout_p), rng
+        )
     except NotImplementedError:
         explain_dispatch_error("qlora_matmul", a=a, lora_s=lora_s, lora_w=lora_w, bias=bias, rng=rng)
         raise
-
-
-def _qlora_matmul(a, weight, n, k, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng):
-    return _ops.qlora_matmul(
-        a,
-        weight.packed,
-        weight.absmax,
-        weight.absmax2,
-        weight.nested_code,
-        weight.offset,
-        weight.blocksize,
-        n,
-        k,
-        transpose_w,
-        lora_s,
-        lora_w,
-        float(scale),
-        bias,
-        float(dropout_p),
-        rng,
-    )
 
 
 def lora_dropout_mask(rows: int, cols: int, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:

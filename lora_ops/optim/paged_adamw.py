@@ -23,8 +23,24 @@ _ALIGN = 16  # elements: every parameter's state starts 64-byte aligned inside i
 _PAGING = ("explicit", "managed", "none")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (an FSDP2-sharded parameter or its gradient), else ``t``: AdamW is
+    elementwise, so each rank updates the state of its own shard."""
+    return getattr(t, "_local_tensor", t) if type(t).__name__ == "DTensor" else t
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
+
+
+def _like_param(moment: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A moment of the local shard as a DTensor sharded like ``p`` (for torch.distributed.checkpoint),
+    or as is for a plain parameter."""
+    if type(p).__name__ != "DTensor":
+        return moment
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(moment, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
 class _Layout:
@@ -49,7 +65,7 @@ class _Layout:
         self.index[id(p)] = i
         start = _round_up(self.end, _ALIGN)
         self.offset.append(start)
-        self.end = start + p.numel()
+        self.end = start + _local(p).numel()
         pe = self.page_elems
         while len(self.pieces) * pe < self.end:
             self.pieces.append([])
@@ -78,7 +94,7 @@ class _Layout:
         return self._table, self._page_rows
 
     def pages_of(self, i: int) -> range:
-        n = self.params[i].numel()
+        n = _local(self.params[i]).numel()
         if n == 0:
             return range(0)
         return range(self.offset[i] // self.page_elems, (self.offset[i] + n - 1) // self.page_elems + 1)
@@ -93,8 +109,9 @@ class PagedAdamW(torch.optim.Optimizer):
         lr, betas, eps, weight_decay, maximize: as torch.optim.AdamW (per group).
         amsgrad: must be False (not implemented; rejected with ValueError).
         paging: ``"explicit"`` (default) a budgeted device page pool with a pinned host backing store;
-            ``"managed"`` CUDA unified memory with prefetch (falls back to ``"explicit"`` with a warning
-            where the GPU lacks concurrent managed access or the state exceeds free GPU memory);
+            ``"managed"`` CUDA unified memory with prefetch (CUDA parameters only: ValueError otherwise;
+            falls back to ``"explicit"`` with a warning where the GPU lacks concurrent managed access,
+            lora_ops was built without CUDA, or the state exceeds free GPU memory);
             ``"none"`` all state resident on the device. With ``"explicit"`` and a budget that holds the
             whole state, nothing pages and the step is the resident one (``paging_backend == "resident"``).
         state_budget_bytes: device bytes for state pages (explicit). Default: on CUDA the free memory
@@ -164,7 +181,7 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"PagedAdamW: invalid weight_decay {wd}")
         if group.get("amsgrad", False):
             raise ValueError("PagedAdamW: amsgrad=True is not supported (use torch.optim.AdamW for AMSGrad)")
-        for p in group["params"]:
+        for p in map(_local, group["params"]):
             if p.is_complex():
                 raise TypeError("PagedAdamW: complex parameters are not supported")
             if p.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -175,6 +192,11 @@ class PagedAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         self._check_group(self.param_groups[-1])
+        if self._paging == "managed":  # unified memory is a CUDA feature: on the CPU it is a mistake
+            not_cuda = next((p.device for p in self.param_groups[-1]["params"] if p.device.type != "cuda"), None)
+            if not_cuda is not None:
+                raise ValueError(f"PagedAdamW: paging='managed' (CUDA unified memory) needs CUDA parameters, "
+                                 f"got one on {not_cuda}; use paging='explicit' (the default) or 'none'")
 
     # -- copy / pickle ----------------------------------------------------------------------------
     # torch's Optimizer pickles only defaults, state and param_groups. The page store is keyed by
@@ -235,11 +257,11 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise ValueError(f"PagedAdamW: state of parameter {k} must have both exp_avg and exp_avg_sq")
             i = self._layout.index[id(p)]
             for row, name in ((0, "exp_avg"), (1, "exp_avg_sq")):
-                src = mom[name].detach().to("cpu", torch.float32).reshape(-1)
-                if src.numel() != p.numel():
+                src = _local(mom[name].detach()).to("cpu", torch.float32).reshape(-1)
+                if src.numel() != _local(p).numel():
                     raise ValueError(
                         f"PagedAdamW: {name} of parameter {k} has {src.numel()} elements, "
-                        f"the parameter {p.numel()}"
+                        f"the parameter {_local(p).numel()}"
                     )
                 self._scatter(full, i, row, src)
         store.write_all(full)
@@ -353,7 +375,7 @@ class PagedAdamW(torch.optim.Optimizer):
             if not with_grad:
                 continue
             for p in with_grad:
-                g = p.grad
+                g = _local(p.grad)
                 if g.layout != torch.strided or g.dtype != p.dtype:
                     if g.layout != torch.strided:
                         raise RuntimeError("PagedAdamW does not support sparse gradients")
@@ -371,8 +393,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 if "step" not in st:
                     st["step"] = self._steps[i]  # a view: counted in bulk below
                 active_idx.append(i)
-                active_params.append(p)
-                g = p.grad
+                active_params.append(_local(p))
+                g = _local(p.grad)
                 active_grads.append(g if g.is_contiguous() else g.contiguous())
             beta1, beta2 = group["betas"]
             row = adamw_ops.hparams_row(
@@ -440,7 +462,7 @@ class PagedAdamW(torch.optim.Optimizer):
 
     # -- state_dict in torch.optim.AdamW's layout ------------------------------------------------
     def _param_moments(self, full: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self._layout.params[i]
+        p = _local(self._layout.params[i])
         off, n = self._layout.offset[i], p.numel()
         flat = full.view(full.shape[0], 2, -1)
         m = flat[:, 0].reshape(-1)[off : off + n].clone().view(p.shape)
@@ -449,7 +471,9 @@ class PagedAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim.AdamW's layout: ``state[i] = {"step": f32 scalar, "exp_avg", "exp_avg_sq"}`` with
-        float32 moments shaped like parameter i, on the CPU (this gathers every page; may synchronize)."""
+        float32 moments shaped like parameter i, on the CPU (this gathers every page; may synchronize).
+        For an FSDP2-sharded (DTensor) parameter the moments are DTensors sharded like it, each rank
+        holding its shard's, so torch.distributed.checkpoint can save and reshard them."""
         sd = super().state_dict()
         full = self._store.read_all() if self._store is not None else None
         params = [p for g in self.param_groups for p in g["params"]]
@@ -460,7 +484,8 @@ class PagedAdamW(torch.optim.Optimizer):
                 st["step"] = st["step"].clone()
                 li = self._layout.index.get(id(params[idx]))
                 if full is not None and li is not None:
-                    st["exp_avg"], st["exp_avg_sq"] = self._param_moments(full, li)
+                    moments = self._param_moments(full, li)
+                    st["exp_avg"], st["exp_avg_sq"] = (_like_param(m, params[idx]) for m in moments)
             out_state[idx] = st
         sd["state"] = out_state
         return sd

@@ -1,4 +1,4 @@
-// CPU (C++/OpenMP) NF4 kernels. Torch-free: called by csrc/bindings/nf4_cpu.cpp.
+// CPU (C++/OpenMP) NF4 kernels. Torch-free: called by csrc/bindings/register_cpu.cpp.
 #pragma once
 #include <cstdint>
 

@@ -1,8 +1,9 @@
 // CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
 //
-//   small M (forward, M <= gemv_max_m() = 16): per 4 W rows, decode them into an L1 buffer (AVX2: 8 codes
+//   Which path runs is chosen by choose_matmul_path (cpu/qlora_cpu_path.h), not here.
+//   small M (forward, row-dot): per 4 W rows, decode them into an L1 buffer (AVX2: 8 codes
 //     per step via variable shifts + two vpermps table lookups) and dot them with each x row.
-//   small M (dx, M <= axpy_max_m() = 16): threads own column ranges of W, decode each W row segment once
+//   small M (dx, axpy): threads own column ranges of W, decode each W row segment once
 //     and axpy it into every row's fp32 accumulator.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
 //     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
@@ -17,8 +18,8 @@
 //   rounds once to the output dtype. Never a dense W, never an [M, N] fp32 buffer.
 //
 // AVX2/FMA/F16C code lives in functions with __attribute__((target(...))) selected at run time with
-// __builtin_cpu_supports, so the library itself runs on any x86-64 (no -march=native). Setting the
-// environment variable LORA_OPS_NO_AVX2=1 forces the portable path (tests use it).
+// __builtin_cpu_supports, so the library itself runs on any x86-64 (no -march=native). The binding layer
+// calls select_cpu_kernels once at load (LORA_OPS_NO_AVX2=1 forces the portable path; tests use it).
 #include "cpu/qlora_cpu.h"
 
 #include <omp.h>
@@ -48,26 +49,18 @@ constexpr int kNR = 16;      // micro-kernel columns (two ymm vectors)
 constexpr int kPanel = 64;   // output columns per thread task (4 micro-panels)
 constexpr int64_t kKB = 256; // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256; // rows of x converted to fp32 at a time (bounds every buffer)
-int64_t gemv_max_m() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("LORA_OPS_GEMV_MAX_M");
-    return e ? std::atoll(e) : int64_t(16);
-  }();
-  return v;
-} // forward uses the row-dot path up to this M
 
-bool detect_avx2() {
+bool cpu_has_avx2_fma_f16c() {
 #ifdef LORA_OPS_X86
-  const char* off = std::getenv("LORA_OPS_NO_AVX2");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0')
-    return false;
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
   return false;
 #endif
 }
-const bool kUseAvx2 = detect_avx2();
+// Constant-initialized (portable) until select_cpu_kernels() runs at library load, so the order of
+// static initializers across files does not matter.
+bool g_use_avx2 = false;
 
 // ---- element conversion -------------------------------------------------------------------------
 template <typename Acc> Acc load_elem(const void* base, DType t, int64_t i) {
@@ -128,7 +121,7 @@ template <typename Acc> void load_row(const void* src, DType t, int64_t offset, 
     case DType::kFloat16:
 #ifdef LORA_OPS_X86
       if constexpr (std::is_same_v<Acc, float>) {
-        if (kUseAvx2) {
+        if (g_use_avx2) {
           fp16_row_to_float_avx2(static_cast<const uint16_t*>(src) + offset, n, dst);
           return;
         }
@@ -233,7 +226,7 @@ LORA_AVX2 void decode_segment_avx2(const Nf4Weight& w, DType t, int64_t f, int64
 
 void decode_segment(const Nf4Weight& w, DType t, int64_t f, int64_t len, float* dst) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2)
+  if (g_use_avx2)
     return decode_segment_avx2(w, t, f, len, dst);
 #endif
   decode_segment_portable(w, t, f, len, dst);
@@ -331,7 +324,7 @@ LORA_AVX2 inline void transpose8x8_avx2(const float* src, int64_t lds, float* ds
 
 float dot(const float* a, const float* b, int64_t n) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2)
+  if (g_use_avx2)
     return dot_avx2(a, b, n);
 #endif
   return dot_portable(a, b, n);
@@ -399,7 +392,7 @@ LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_
 template <int MR>
 void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc, bool accumulate) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2)
+  if (g_use_avx2)
     return ukernel_avx2<MR>(x, ldx, pw, kb, c, ldc, accumulate);
 #endif
   ukernel_portable<MR>(x, ldx, pw, kb, c, ldc, accumulate);
@@ -516,7 +509,7 @@ struct Epilogue {
   void store_row(int64_t m, int64_t o0, int64_t ow, const float* c) const {
     const int64_t base = m * p.out_row_stride + o0;
 #ifdef LORA_OPS_X86
-    if (kUseAvx2 && p.a_dtype != DType::kFloat32) {
+    if (g_use_avx2 && p.a_dtype != DType::kFloat32) {
       store_row_16bit_avx2(static_cast<uint16_t*>(p.out) + base, c, ow, p.a_dtype);
       return;
     }
@@ -560,7 +553,7 @@ void matmul_gemv(const QloraMatmulParams& p) {
       const int64_t ow = std::min(kRows, N - o0);
       int64_t t = 0;
 #ifdef LORA_OPS_X86
-      if (kUseAvx2) {
+      if (g_use_avx2) {
         for (; t + 4 <= ow; t += 4) {
           decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr); // 4 consecutive W rows
           float d[4];
@@ -589,13 +582,6 @@ void matmul_gemv(const QloraMatmulParams& p) {
 // and stream every W row segment once, decoding it into an L1 buffer and adding a[m, n] times it to
 // each row's fp32 accumulator (an axpy; no transposition of W, long contiguous decode runs).
 constexpr int64_t kAxpyCols = 512;
-int64_t axpy_max_m() {
-  static const int64_t v = [] {
-    const char* e = std::getenv("LORA_OPS_AXPY_MAX_M");
-    return e ? std::atoll(e) : int64_t(16);
-  }();
-  return v;
-}
 
 void axpy_portable(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -613,7 +599,7 @@ LORA_AVX2 void axpy_avx2(float a, const float* x, float* y, int64_t n) {
 #endif
 void axpy(float a, const float* x, float* y, int64_t n) {
 #ifdef LORA_OPS_X86
-  if (kUseAvx2)
+  if (g_use_avx2)
     return axpy_avx2(a, x, y, n);
 #endif
   axpy_portable(a, x, y, n);
@@ -662,7 +648,7 @@ void dequant_panel(const QloraMatmulParams& p, int64_t o0, int64_t ow, int64_t i
   const int64_t K = p.k;
   const int n_micro = static_cast<int>((ow + kNR - 1) / kNR);
 #ifdef LORA_OPS_X86
-  if (!p.transpose_w && kUseAvx2) {
+  if (!p.transpose_w && g_use_avx2) {
     // 8 W rows are decoded into tmp [8][kKB], then 8x8 tiles are transposed into the micro-panel.
     for (int64_t t0 = 0; t0 < n_micro * kNR; t0 += 8) {
       for (int64_t rr = 0; rr < 8; ++rr) {
@@ -965,18 +951,23 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
 
 } // namespace
 
-bool qlora_cpu_uses_avx2() { return kUseAvx2; }
+void select_cpu_kernels(bool allow_avx2) { g_use_avx2 = allow_avx2 && cpu_has_avx2_fma_f16c(); }
 
-void qlora_matmul(const QloraMatmulParams& p) {
+bool qlora_cpu_uses_avx2() { return g_use_avx2; }
+
+void qlora_matmul(const QloraMatmulParams& p, CpuMatmulPath path) {
   if (p.m == 0)
     return;
-  if (p.a_dtype == DType::kFloat64)
+  switch (path) {
+  case CpuMatmulPath::kFloat64:
     return matmul_f64(p);
-  if (!p.transpose_w && p.m <= gemv_max_m())
+  case CpuMatmulPath::kRowDot:
     return matmul_gemv(p);
-  if (p.transpose_w && p.m <= axpy_max_m())
+  case CpuMatmulPath::kAxpy:
     return matmul_axpy_transposed(p);
-  matmul_gemm(p);
+  case CpuMatmulPath::kGemm:
+    return matmul_gemm(p);
+  }
 }
 
 void lora_down(const LoraDownParams& p) {

@@ -1,4 +1,4 @@
-// CUDA NF4 kernels' launchers. Torch-free: called by csrc/bindings/nf4_cuda.cpp. Every launcher
+// CUDA NF4 kernels' launchers. Torch-free: called by csrc/bindings/register_cuda.cpp. Every launcher
 // enqueues its work on `stream`, never synchronizes, and returns the first CUDA error it met
 // (invalid arguments -> cudaErrorInvalidValue). All pointers are device pointers; any alignment is
 // accepted (16-byte vector paths are used when the pointers allow them).

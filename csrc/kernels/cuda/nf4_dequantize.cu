@@ -19,6 +19,7 @@
 // last full segment, and every element when a pointer is not 16-byte aligned, go through a
 // one-element-per-thread path.
 #include "common/nf4_format.h"
+#include "cuda/dtype_switch.cuh"
 #include "cuda/nf4_cuda.h"
 #include "cuda/nf4_device.cuh"
 
@@ -187,13 +188,8 @@ cudaError_t nf4_dequantize(const Nf4DequantizeParams& p, cudaStream_t stream) {
   while ((1 << args.log2_blocksize) < w.blocksize) ++args.log2_blocksize;
   args.out = p.out;
   args.vector_ok = is_aligned(w.packed, 16) && is_aligned(p.out, 16);
-  switch (p.out_dtype) {
-    case DType::kFloat32: return dispatch_nested<float>(args, nested, stream);
-    case DType::kFloat16: return dispatch_nested<__half>(args, nested, stream);
-    case DType::kBFloat16: return dispatch_nested<__nv_bfloat16>(args, nested, stream);
-    default: break;  // float64 is CPU-only (QLoRA gradcheck path)
-  }
-  return cudaErrorInvalidValue;
+  return with_cuda_type(p.out_dtype,
+                        [&](auto tag) { return dispatch_nested<typename decltype(tag)::type>(args, nested, stream); });
 }
 
 }  // namespace lora_ops::cuda

@@ -12,6 +12,7 @@
 #include <cmath>
 
 #include "common/nf4_format.h"
+#include "cuda/dtype_switch.cuh"
 #include "cuda/nf4_cuda.h"
 #include "cuda/nf4_device.cuh"
 
@@ -171,13 +172,8 @@ cudaError_t nf4_quantize(const Nf4QuantizeParams& p, cudaStream_t stream) {
   if (p.numel < 0 || !nf4_valid_blocksize(p.blocksize)) return cudaErrorInvalidValue;
   if (p.numel == 0) return cudaSuccess;
   if (p.input == nullptr || p.packed == nullptr || p.absmax == nullptr) return cudaErrorInvalidValue;
-  switch (p.input_dtype) {
-    case DType::kFloat32: return dispatch_blocksize<float>(p, stream);
-    case DType::kFloat16: return dispatch_blocksize<__half>(p, stream);
-    case DType::kBFloat16: return dispatch_blocksize<__nv_bfloat16>(p, stream);
-    default: break;  // float64 is CPU-only (QLoRA gradcheck path)
-  }
-  return cudaErrorInvalidValue;
+  return with_cuda_type(p.input_dtype,
+                        [&](auto tag) { return dispatch_blocksize<typename decltype(tag)::type>(p, stream); });
 }
 
 }  // namespace lora_ops::cuda

@@ -1,7 +1,7 @@
 // CUDA launchers of the fused QLoRA linear (seam: common/qlora_params.h). Torch-free: called by
-// csrc/bindings/qlora_cuda.cpp, which chooses between the qlora_matmul paths (dispatch rule and
-// crossover constants live there). Every launcher enqueues on `stream`, never synchronizes, and
-// returns the first CUDA error (invalid or unsupported arguments -> cudaErrorInvalidValue).
+// csrc/bindings/register_cuda.cpp; cuda/qlora_cuda_path.h chooses the qlora_matmul path. Every
+// launcher enqueues on `stream`, never synchronizes, and returns the first CUDA error (invalid or
+// unsupported arguments -> cudaErrorInvalidValue).
 // All pointers are device pointers; fp64 is not supported on the GPU.
 //
 //   path        file             M          dtypes              layout needs

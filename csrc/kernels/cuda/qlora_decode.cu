@@ -21,6 +21,7 @@
 //   FMA against the MT rows of x into fp32 accumulators acc[MT][4].
 //   End: butterfly-shuffle sum over the 32 lanes; splits == 1 -> epilogue (LoRA s·Bᵀ, bias) and store;
 //   else fp32 partials to the workspace and qlora_splitk_finish (qlora_ffma.cu) sums them in order.
+#include "cuda/dtype_switch.cuh"
 #include "cuda/qlora_cuda.h"
 #include "cuda/qlora_device.cuh"
 
@@ -369,20 +370,11 @@ int qlora_decode_splits(const QloraMatmulParams& p, int sms) {
 
 cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
   if (!qlora_decode_supported(p) || splits < 1) return cudaErrorInvalidValue;
-  if (p.transpose_w) {
-    switch (p.a_dtype) {
-      case DType::kFloat32: return dispatch_rows_t<float>(p, splits, workspace, stream);
-      case DType::kFloat16: return dispatch_rows_t<__half>(p, splits, workspace, stream);
-      case DType::kBFloat16: return dispatch_rows_t<__nv_bfloat16>(p, splits, workspace, stream);
-      default: return cudaErrorInvalidValue;
-    }
-  }
-  switch (p.a_dtype) {
-    case DType::kFloat32: return dispatch_rows<float>(p, splits, workspace, stream);
-    case DType::kFloat16: return dispatch_rows<__half>(p, splits, workspace, stream);
-    case DType::kBFloat16: return dispatch_rows<__nv_bfloat16>(p, splits, workspace, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return with_cuda_type(p.a_dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    return p.transpose_w ? dispatch_rows_t<T>(p, splits, workspace, stream)
+                         : dispatch_rows<T>(p, splits, workspace, stream);
+  });
 }
 
 }  // namespace lora_ops::cuda

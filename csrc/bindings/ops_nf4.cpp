@@ -1,15 +1,18 @@
-#include "bindings/nf4_ops.h"
-
+// nf4_quantize, nf4_double_quantize, nf4_dequantize (schemas: csrc/torch_bindings.cpp).
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 
 #include <limits>
 
+#include "bindings/ops.h"
 #include "bindings/tensor_checks.h"
+#include "bindings/weight_arg.h"
 
 namespace lora_ops {
 
-std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const at::Tensor& w_in, int64_t blocksize, const Nf4Backend& be) {
+std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const Backend& be, const at::Tensor& w_in, int64_t blocksize) {
   constexpr const char* op = "nf4_quantize";
+  const c10::DeviceGuard guard(w_in.device());
   check_blocksize(blocksize, op);
   TORCH_CHECK_TYPE(!w_in.is_complex() && at::isFloatingType(w_in.scalar_type()), op,
                    ": weight must be a float32, float16 or bfloat16 tensor, got ", w_in.scalar_type());
@@ -28,15 +31,15 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const at::Tensor& w_in, int64
   p.blocksize = static_cast<int32_t>(blocksize);
   p.packed = packed.data_ptr<uint8_t>();
   p.absmax = absmax.data_ptr<float>();
-  const bool nonfinite = be.quantize(p, absmax);
+  const bool nonfinite = be.nf4_quantize(p, absmax);
   TORCH_CHECK_VALUE(!nonfinite, op, ": the weight contains NaN or Inf, which NF4 cannot represent");
   return {packed, absmax};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const at::Tensor& absmax,
-                                                                      const at::Tensor& nested_code,
-                                                                      const Nf4Backend& be) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const Backend& be, const at::Tensor& absmax,
+                                                                      const at::Tensor& nested_code) {
   constexpr const char* op = "nf4_double_quantize";
+  const c10::DeviceGuard guard(absmax.device());
   TORCH_CHECK_TYPE(absmax.scalar_type() == at::kFloat, op, ": absmax must be float32, got ",
                    absmax.scalar_type());
   TORCH_CHECK(absmax.numel() > 0, op, ": absmax is empty");
@@ -62,22 +65,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const at::
   p.nested_code = nested_code.data_ptr<float>();
   p.qabsmax = qabsmax.data_ptr<uint8_t>();
   p.absmax2 = absmax2.data_ptr<float>();
-  be.double_quantize(p);
+  be.nf4_double_quantize(p);
   return {qabsmax, absmax2, offset.reshape({})};
 }
 
-at::Tensor nf4_dequantize_op(const at::Tensor& packed, const at::Tensor& absmax,
-                             const std::optional<at::Tensor>& absmax2, const std::optional<at::Tensor>& nested_code,
-                             const std::optional<at::Tensor>& offset, int64_t blocksize, at::IntArrayRef shape,
-                             at::ScalarType dtype, const Nf4Backend& be) {
+at::Tensor nf4_dequantize_op(const Backend& be, at::TensorList w, at::IntArrayRef w_meta, at::ScalarType dtype) {
   constexpr const char* op = "nf4_dequantize";
-  const int64_t numel = shape_numel(shape, op);
+  const Nf4WeightArg weight = nf4_weight_arg(w, w_meta, op);
+  const c10::DeviceGuard guard(weight.device);
   Nf4DequantizeParams p;
-  p.weight = make_nf4_weight(packed, absmax, absmax2, nested_code, offset, blocksize, numel, op);
+  p.weight = weight.kernel;
   p.out_dtype = kernel_dtype(dtype, op, "dtype");
-  at::Tensor out = new_output(shape, packed.options().dtype(dtype));
+  at::Tensor out = new_output(weight.shape, w[0].options().dtype(dtype));
   p.out = out.data_ptr();
-  be.dequantize(p);
+  be.nf4_dequantize(p);
   return out;
 }
 

@@ -1,15 +1,21 @@
-// Validation and hyper-parameter folding of adamw_step_ and adamw_step_pages_ (see adamw_ops.h).
+// adamw_step_ and adamw_step_pages_ (schemas: csrc/torch_bindings.cpp): validation, and the folding
+// of each hparams row as torch.optim.AdamW does (in float64, then rounded to float32 once).
+#include <c10/core/DeviceGuard.h>
+
 #include <cmath>
 #include <vector>
 
-#include "bindings/adamw_ops.h"
-
-#include <ATen/ops/empty.h> // tensor_checks.h uses at::empty without including it
-
+#include "bindings/ops.h"
 #include "bindings/tensor_checks.h"
 
 namespace lora_ops {
 namespace {
+
+// Number of float64 columns of `hparams`: lr, beta1, beta2, weight_decay, eps, step, maximize.
+constexpr int64_t kAdamwHparamCols = 7;
+// Columns of the int64 `pieces` table of adamw_step_pages_: param index, begin, end (elements of the
+// flattened param), slot (first index of `pages`), offset (element offset inside the slot's page).
+constexpr int64_t kAdamwPieceCols = 5;
 
 void check_member(const at::Tensor& t, const at::Tensor& ref, at::ScalarType dtype, int64_t i, const char* list,
                   const char* op) {
@@ -75,28 +81,29 @@ AdamwHyper check_param(at::TensorList params, at::TensorList grads, const double
   return fold_hparams(hparam_rows + i * kAdamwHparamCols, i, op);
 }
 
-void run(std::vector<AdamwTensor>& tensors, std::vector<AdamwHyper>& hypers, const at::Tensor& ref,
-         AdamwKernel kernel) {
+void run(const Backend& be, std::vector<AdamwTensor>& tensors, std::vector<AdamwHyper>& hypers,
+         const at::Tensor& ref) {
   if (tensors.empty())
     return;
+  const c10::DeviceGuard guard(ref.device());
   AdamwStepParams sp;
   sp.tensors = tensors.data();
   sp.n_tensors = static_cast<int64_t>(tensors.size());
   sp.hypers = hypers.data();
   sp.n_hypers = static_cast<int64_t>(hypers.size());
-  kernel(sp, ref);
+  be.adamw_step(sp);
 }
 
 } // namespace
 
-void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                   const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel) {
+void adamw_step_op(const Backend& be, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, const at::Tensor& hparams) {
   constexpr const char* op = "adamw_step_";
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_VALUE(static_cast<int64_t>(exp_avgs.size()) == n && static_cast<int64_t>(exp_avg_sqs.size()) == n, op,
                     ": params, grads, exp_avgs and exp_avg_sqs must have the same length, got ", n, ", ", grads.size(),
                     ", ", exp_avgs.size(), ", ", exp_avg_sqs.size());
-  check_lists_and_hparams(params, grads, hparams, device_type, op);
+  check_lists_and_hparams(params, grads, hparams, be.device_type, op);
   const at::Tensor hp = hparams.contiguous();
   std::vector<AdamwHyper> hypers;
   std::vector<AdamwTensor> tensors;
@@ -120,13 +127,13 @@ void adamw_step_op(at::TensorList params, at::TensorList grads, at::TensorList e
     tensors.push_back(t);
   }
   if (n > 0)
-    run(tensors, hypers, params[0], kernel);
+    run(be, tensors, hypers, params[0]);
 }
 
-void adamw_step_pages_op(at::TensorList params, at::TensorList grads, const at::Tensor& pages, const at::Tensor& pieces,
-                         const at::Tensor& hparams, c10::DeviceType device_type, AdamwKernel kernel) {
+void adamw_step_pages_op(const Backend& be, at::TensorList params, at::TensorList grads, at::Tensor& pages,
+                         const at::Tensor& pieces, const at::Tensor& hparams) {
   constexpr const char* op = "adamw_step_pages_";
-  check_lists_and_hparams(params, grads, hparams, device_type, op);
+  check_lists_and_hparams(params, grads, hparams, be.device_type, op);
   const int64_t n = static_cast<int64_t>(params.size());
   TORCH_CHECK_TYPE(pages.scalar_type() == at::kFloat, op, ": pages must be float32, got ", pages.scalar_type());
   TORCH_CHECK_VALUE(pages.dim() == 3 && pages.size(1) == 2, op, ": pages must be [n_slots, 2, page_elems], got ",
@@ -178,7 +185,7 @@ void adamw_step_pages_op(at::TensorList params, at::TensorList grads, const at::
     t.dtype = kernel_dtype(p.scalar_type(), op, "params");
     tensors.push_back(t);
   }
-  run(tensors, hypers, params[0], kernel);
+  run(be, tensors, hypers, params[0]);
 }
 
 } // namespace lora_ops

@@ -1,0 +1,22 @@
+// Every environment variable lora_ops reads, parsed here and nowhere else (the kernels never read the
+// environment). All are for tests and benchmarks; the defaults are what users get.
+#pragma once
+#include <cstdint>
+
+namespace lora_ops {
+
+struct EnvOverrides {
+  bool poison_outputs = false;       // LORA_OPS_POISON_OUTPUTS=1: fill new outputs with 0xFF (NaN) first
+  bool no_avx2 = false;              // LORA_OPS_NO_AVX2=1: the portable CPU kernels
+  int64_t cpu_row_dot_max_m = -1;    // LORA_OPS_GEMV_MAX_M: CPU forward row-dot crossover (-1: the table's)
+  int64_t cpu_axpy_max_m = -1;       // LORA_OPS_AXPY_MAX_M: CPU dx axpy crossover (-1: the table's)
+};
+
+// Read once, at the first call (library load).
+const EnvOverrides& env_overrides();
+
+// LORA_OPS_QLORA_FORCE = decode | mma | ffma (CUDA qlora_matmul path), or nullptr when unset. Read at
+// each call, not once: tests and benchmarks switch it between calls in one process.
+const char* qlora_forced_path();
+
+} // namespace lora_ops

@@ -1,0 +1,51 @@
+// The CPU backend: the torch-free kernels of csrc/kernels/cpu/, registered for the CPU dispatch key.
+// qlora_matmul's kernel is chosen by cpu::choose_matmul_path from the CPU crossover table (with the
+// benchmark overrides of env_overrides.h applied here, once).
+#include <torch/library.h>
+
+#include "bindings/env_overrides.h"
+#include "bindings/register_ops.h"
+#include "cpu/adamw_cpu.h"
+#include "cpu/nf4_cpu.h"
+#include "cpu/qlora_cpu.h"
+#include "cpu/qlora_cpu_path.h"
+
+namespace lora_ops {
+namespace {
+
+cpu::CpuCrossover crossover_table() {
+  cpu::CpuCrossover t = cpu::kCpuCrossover;
+  const EnvOverrides& env = env_overrides();
+  if (env.cpu_row_dot_max_m >= 0)
+    t.row_dot_max_m = env.cpu_row_dot_max_m;
+  if (env.cpu_axpy_max_m >= 0)
+    t.axpy_max_m = env.cpu_axpy_max_m;
+  return t;
+}
+
+void qlora_matmul(const QloraMatmulParams& p) {
+  static const cpu::CpuCrossover table = crossover_table();
+  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, table));
+}
+
+const Backend kCpuBackend{
+    c10::DeviceType::CPU,
+    /*supports_float64=*/true,
+    [](const Nf4QuantizeParams& p, const at::Tensor&) { return cpu::nf4_quantize(p) > 0; },
+    &cpu::nf4_double_quantize,
+    &cpu::nf4_dequantize,
+    &qlora_matmul,
+    &cpu::lora_down,
+    &cpu::lora_outer,
+    &cpu::dropout_mask,
+    &cpu::adamw_step,
+};
+
+} // namespace
+
+TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
+  cpu::select_cpu_kernels(/*allow_avx2=*/!env_overrides().no_avx2);
+  register_ops<&kCpuBackend>(m);
+}
+
+} // namespace lora_ops
