@@ -198,24 +198,29 @@ class QLoRALinear(_NF4Base, nn.Module):
         adapter_dtype: torch.dtype = torch.float32,
     ) -> QLoRALinear:
         """Quantizes ``linear.weight`` to NF4 (its dtype becomes the base dtype); bias is kept frozen."""
-        w = linear.weight.detach()
-        layer = cls(
-            linear.in_features,
-            linear.out_features,
-            r,
-            alpha,
-            dropout,
-            linear.bias is not None,
-            use_rslora,
-            blocksize,
-            double_quant,
-            w.dtype,
-            adapter_dtype,
-            w.device,
-        )
-        layer._set_base(quantize_nf4(w, blocksize, double_quant))
-        if linear.bias is not None:
-            layer.bias = linear.bias.detach().clone()
+        base = quantize_nf4(linear.weight.detach(), blocksize, double_quant)
+        bias = linear.bias.detach().clone() if linear.bias is not None else None
+        return cls.from_nf4(base, r, alpha, dropout, use_rslora, bias, adapter_dtype)
+
+    @classmethod
+    def from_nf4(
+        cls,
+        base: NF4Weight,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        bias: torch.Tensor | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
+    ) -> QLoRALinear:
+        """A layer over an existing NF4 base ``[out, in]`` and an optional frozen bias, both shared (not
+        copied); new adapters with PEFT's init."""
+        out_f, in_f = base.shape
+        layer = cls(in_f, out_f, r, alpha, dropout, False, use_rslora, base.blocksize, base.nested, base.dtype,
+                    adapter_dtype, base.device)
+        layer._set_base(base)
+        if bias is not None:
+            layer.bias = bias.detach()
         return layer
 
     @classmethod
@@ -238,26 +243,7 @@ class QLoRALinear(_NF4Base, nn.Module):
                 "device first, as bitsandbytes quantizes on .to()/.cuda())"
             )
         base = NF4Weight.from_bnb(weight.data, qs)
-        out_f, in_f = base.shape
-        bias = getattr(linear4bit, "bias", None)
-        layer = cls(
-            in_f,
-            out_f,
-            r,
-            alpha,
-            dropout,
-            False,
-            use_rslora,
-            base.blocksize,
-            base.nested,
-            base.dtype,
-            adapter_dtype,
-            base.device,
-        )
-        layer._set_base(base)
-        if bias is not None:
-            layer.bias = bias.detach()
-        return layer
+        return cls.from_nf4(base, r, alpha, dropout, use_rslora, getattr(linear4bit, "bias", None), adapter_dtype)
 
     @classmethod
     def from_peft(cls, lora_layer: nn.Module, adapter_name: str = "default") -> QLoRALinear:

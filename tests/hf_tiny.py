@@ -95,3 +95,11 @@ def float64_twin(peft_model, weights: dict | None = None):
             sd.setdefault(name, p.detach().double())
     twin.load_state_dict(sd, strict=True)
     return twin
+
+
+@torch.no_grad()
+def randomize_adapters(model):
+    """Random (non-zero) LoRA A and B, so the LoRA branch matters in a comparison."""
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.normal_(0, 0.05 if "lora_B" in name else 0.2)

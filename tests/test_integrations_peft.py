@@ -9,7 +9,7 @@ import warnings
 
 import pytest
 import torch
-from hf_tiny import load_bnb_4bit, save_random_llama
+from hf_tiny import load_bnb_4bit, randomize_adapters, save_random_llama
 
 from lora_ops.integrations import peft as lo_peft
 
@@ -34,15 +34,10 @@ def _peft_model(dense_dir, compute_dtype=torch.float32, dtype=torch.float32, **l
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = get_peft_model(model, LoraConfig(**kw))
-    _randomize_adapters(pm)
+    randomize_adapters(pm)
     return pm
 
 
-@torch.no_grad()
-def _randomize_adapters(model):
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.normal_(0, 0.05 if "lora_B" in name else 0.2)
 
 
 def _lora_params(model) -> dict[str, torch.nn.Parameter]:
@@ -168,7 +163,7 @@ def test_multiple_active_adapters_with_rslora(dense_dir):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]))
-    _randomize_adapters(model)
+    randomize_adapters(model)
     model.base_model.set_adapter(["default", "other"])
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert layer.active_adapters == ["default", "other"] and layer.scaling["other"] == pytest.approx(8 / 2)

@@ -16,7 +16,7 @@ from lora_ops.nn import NF4Linear
 
 pytest.importorskip("peft", reason="CI installs peft; these tests need it")
 pytest.importorskip("transformers", reason="CI installs transformers; these tests build a tiny Llama")
-from hf_tiny import float64_twin, reference_weight, save_random_llama  # noqa: E402
+from hf_tiny import float64_twin, randomize_adapters, reference_weight, save_random_llama  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
@@ -46,15 +46,10 @@ def _peft(dense_dir, randomize=True, **lora_kw):
     kw.update(lora_kw)
     pm = get_peft_model(_quantized(dense_dir), LoraConfig(**kw))
     if randomize:
-        _randomize_adapters(pm)
+        randomize_adapters(pm)
     return pm
 
 
-@torch.no_grad()
-def _randomize_adapters(model):
-    for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.normal_(0, 0.05 if "lora_B" in name else 0.2)
 
 
 def _ids(batch=3, seq=11):
@@ -163,7 +158,7 @@ def test_disable_adapter_is_the_quantized_base(dense_dir):
 def test_several_adapters_with_rslora_and_dropout(dense_dir):
     model = _peft(dense_dir)
     model.add_adapter("other", LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]))
-    _randomize_adapters(model)
+    randomize_adapters(model)
     model.base_model.set_adapter(["default", "other"])
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.scaling["other"] == pytest.approx(8 / 2)  # alpha / sqrt(r)
@@ -177,7 +172,7 @@ def test_several_adapters_with_rslora_and_dropout(dense_dir):
     # with dropout: each adapter its own mask; the expectation over masks is the eval output
     model2 = _peft(dense_dir, lora_dropout=0.4, target_modules=["q_proj"])
     model2.add_adapter("b", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.4, target_modules=["q_proj"]))
-    _randomize_adapters(model2)
+    randomize_adapters(model2)
     model2.base_model.set_adapter(["default", "b"])
     layer = model2.base_model.model.model.layers[1].self_attn.q_proj
     x = torch.randn(32, layer.in_features)
@@ -246,7 +241,7 @@ def test_an_adapter_trained_on_a_bitsandbytes_model_loads_onto_the_lora_ops_mode
         warnings.simplefilter("ignore")
         bnb_model = get_peft_model(load_bnb_4bit(dense_dir),
                                    LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    _randomize_adapters(bnb_model)
+    randomize_adapters(bnb_model)
     bnb_model.save_pretrained(tmp_path / "bnb_adapter")
     ours = PeftModel.from_pretrained(_quantized(dense_dir), tmp_path / "bnb_adapter").eval()
     assert len(_lora_layers(ours)) == N_LINEARS
@@ -330,7 +325,7 @@ def test_bf16_numerics_within_twice_peft_unfused_error(dense_dir, mode):
             LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     else:
         model = get_peft_model(_quantized(dense_dir), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    _randomize_adapters(model)
+    randomize_adapters(model)
     model.eval()
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.lora_A["default"].weight.dtype == torch.float32  # PEFT's autocast_adapter_dtype

@@ -109,6 +109,8 @@ LoraDownParams down_params(const at::Tensor& a2, DType a_dtype, const at::Tensor
 // One qlora_matmul call: a2 [M, n_in] (2-D view) times op(W) into out [..., n_out] (contiguous), plus
 // the LoRA term scale·s·lora_wᵀ when s is defined (s [M, r] with unit column stride) and bias.
 struct MatmulOperands {
+  MatmulOperands(const Nf4WeightArg& w, bool t, at::Tensor a, DType d)
+      : weight(&w), transpose_w(t), a2(std::move(a)), a_dtype(d) {}
   const Nf4WeightArg* weight;
   bool transpose_w;
   at::Tensor a2;
@@ -174,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor> qlora_linear_op(const Backend& be, const at::
   const DType a_dtype = side_dtype(A, x, op, "A");
   check_device(A, x, op, "A");
   check_device(B, x, op, "B");
-  MatmulOperands o{&weight, /*transpose_w=*/false, rows_view(x, K), xt};
+  MatmulOperands o(weight, /*transpose_w=*/false, rows_view(x, K), xt);
   o.lora_w = B;
   o.lora_w_dtype = side_dtype(B, x, op, "B");
   if (bias.has_value()) {
@@ -208,7 +210,7 @@ at::Tensor qlora_matmul_op(const Backend& be, const at::Tensor& a, at::TensorLis
   TORCH_CHECK_VALUE(a.size(-1) == n_in, op, ": a must be [..., ", n_in, "] (", transpose_w ? "out" : "in",
                     "_features), got ", a.sizes());
   check_scale(scale, op);
-  MatmulOperands o{&weight, transpose_w, rows_view(a, n_in), xt};
+  MatmulOperands o(weight, transpose_w, rows_view(a, n_in), xt);
   const int64_t M = o.a2.size(0);
   TORCH_CHECK_VALUE(lora_s.has_value() == lora_w.has_value(), op, ": give both lora_s and lora_w, or neither");
   if (lora_s.has_value()) {

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from lora_ops import _native  # noqa: F401  (registers the ops)
+from lora_ops import format as fmt
 from lora_ops.ops._checks import check_one_device, explain_dispatch_error, weight_parts
 
 _ops = torch.ops.lora_ops
@@ -27,7 +28,7 @@ def _nf4_double_quantize_fake(absmax: torch.Tensor, nested_code: torch.Tensor):
     n = absmax.numel()
     return (
         absmax.new_empty((n,), dtype=torch.uint8),
-        absmax.new_empty((-(-n // 256),), dtype=torch.float32),
+        absmax.new_empty((-(-n // fmt.NESTED_BLOCKSIZE),), dtype=torch.float32),
         absmax.new_empty((), dtype=torch.float32),
     )
 

@@ -134,7 +134,7 @@ def qlora_linear(
     Args:
         x: ``[..., K]`` float16 / bfloat16 / float32 (float64 on CPU only), any strides.
         weight: NF4Weight of shape ``[N, K]`` (plain or double-quantized absmax, any blocksize).
-        A: ``[r, K]``, B: ``[N, r]`` (r in 1..256), in x's dtype or float32 (other dtypes are cast to
+        A: ``[r, K]``, B: ``[N, r]`` (r in 1..``lora_ops.format.MAX_LORA_RANK``), in x's dtype or float32 (other dtypes are cast to
             float32 here, differentiably).
         scale: LoRA scaling (``alpha / r`` or ``alpha / sqrt(r)``).
         bias: frozen ``[N]`` (x's dtype or float32; cast otherwise), never differentiated.

@@ -533,12 +533,19 @@ struct Epilogue {
   }
 };
 
+// All M rows of a ([M, cols], any strides and dtype) as one contiguous fp32 block: the small-M paths
+// read each row once per W row, so they convert up front.
+std::vector<float> rows_to_f32(const QloraMatmulParams& p, int64_t cols) {
+  std::vector<float> out(static_cast<size_t>(p.m * cols));
+  for (int64_t m = 0; m < p.m; ++m)
+    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, cols, out.data() + m * cols);
+  return out;
+}
+
 // Forward with few rows: each thread decodes whole W rows (one output column each) into an L1 buffer.
 void matmul_gemv(const QloraMatmulParams& p) {
   const int64_t K = p.k, N = p.n, M = p.m;
-  std::vector<float> x32(static_cast<size_t>(M * K));
-  for (int64_t m = 0; m < M; ++m)
-    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, K, x32.data() + m * K);
+  const std::vector<float> x32 = rows_to_f32(p, K);
   const Epilogue ep(p);
   constexpr int64_t kRows = kPanel; // W rows per task: the epilogue works on 64 columns at a time
   const int64_t n_tasks = (N + kRows - 1) / kRows;
@@ -607,9 +614,7 @@ void axpy(float a, const float* x, float* y, int64_t n) {
 
 void matmul_axpy_transposed(const QloraMatmulParams& p) {
   const int64_t K = p.k, N = p.n, M = p.m;
-  std::vector<float> a32(static_cast<size_t>(M * N));
-  for (int64_t m = 0; m < M; ++m)
-    load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, N, a32.data() + m * N);
+  const std::vector<float> a32 = rows_to_f32(p, N);
   const Epilogue ep(p);
   const int64_t n_tasks = (K + kAxpyCols - 1) / kAxpyCols;
 #pragma omp parallel
