@@ -30,9 +30,18 @@ struct CpuCrossover {
   int64_t slab_rows_bytes;      // fp32 activation copy of the slab path (M is chunked beyond it)
 };
 
-// Measured on a 2-core AMD EPYC (AVX2), bf16, 4096x4096: bench/notes_qlora_cpu.md. Override for
-// benchmarks with LORA_OPS_GEMV_MAX_M / LORA_OPS_AXPY_MAX_M (read by the binding layer).
-constexpr CpuCrossover kCpuCrossover{16, 16, 64, 64, 64, 64, 4 << 20, 64 << 20};
+// A slab_min_m_* value that no M reaches: the slab path is off for that dtype kind and form.
+constexpr int64_t kSlabNever = INT64_MAX;
+
+// Measured on a 2-core AMD EPYC (AVX2; lscpu "AMD EPYC"), bf16 and fp32, 4096x4096 and 1024x1024:
+// bench/notes_qlora_cpu.md. Row-dot / axpy up to M = 16. The slab path (ATen's MKL sgemm) never beat the
+// 6x16 AVX2 kernel consistently there: 0.71-0.99x of its speed for M = 32..512 and 8192, 0.99-1.05x at
+// M = 2048 (bench/results/cpu_crossover*/), so it is off on this CPU kind. NOT measured on an AVX-512 /
+// AVX-512 BF16 Xeon (none was available): measure there with bench/bench_cpu_crossover.py before
+// enabling it. Overrides for tests and benchmarks: LORA_OPS_GEMV_MAX_M, LORA_OPS_AXPY_MAX_M,
+// LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES, LORA_OPS_SLAB_ROWS_BYTES (read by the binding layer).
+// Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of fp32 rows.
+constexpr CpuCrossover kCpuCrossover{16, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
 
 inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCrossover& table) {
   if (p.a_dtype == DType::kFloat64)
