@@ -10,6 +10,10 @@ struct EnvOverrides {
   bool no_avx2 = false;              // LORA_OPS_NO_AVX2=1: the portable CPU kernels
   int64_t cpu_row_dot_max_m = -1;    // LORA_OPS_GEMV_MAX_M: CPU forward row-dot crossover (-1: the table's)
   int64_t cpu_axpy_max_m = -1;       // LORA_OPS_AXPY_MAX_M: CPU dx axpy crossover (-1: the table's)
+  int64_t cpu_slab_min_m = -1;       // LORA_OPS_SLAB_MIN_M: smallest M of the CPU slab GEMM, every dtype
+                                     // and form (-1: the table's; huge: never)
+  int64_t cpu_slab_bytes = -1;       // LORA_OPS_SLAB_BYTES: CPU slab GEMM's W scratch (-1: the table's)
+  int64_t cpu_slab_rows_bytes = -1;  // LORA_OPS_SLAB_ROWS_BYTES: its fp32 activation chunk (-1: the table's)
 };
 
 // Read once, at the first call (library load).

@@ -1,9 +1,11 @@
 // The CPU backend: the torch-free kernels of csrc/kernels/cpu/, registered for the CPU dispatch key.
 // qlora_matmul's kernel is chosen by cpu::choose_matmul_path from the CPU crossover table (with the
-// benchmark overrides of env_overrides.h applied here, once).
+// benchmark overrides of env_overrides.h applied here, once); its large-M path (kSlabGemm) calls ATen's
+// GEMM and so runs here, in qlora_slab_cpu.cpp.
 #include <torch/library.h>
 
 #include "bindings/env_overrides.h"
+#include "bindings/qlora_slab_cpu.h"
 #include "bindings/register_ops.h"
 #include "cpu/adamw_cpu.h"
 #include "cpu/nf4_cpu.h"
@@ -20,12 +22,22 @@ cpu::CpuCrossover crossover_table() {
     t.row_dot_max_m = env.cpu_row_dot_max_m;
   if (env.cpu_axpy_max_m >= 0)
     t.axpy_max_m = env.cpu_axpy_max_m;
+  if (env.cpu_slab_min_m >= 0)
+    t.slab_min_m_fwd_16bit = t.slab_min_m_dx_16bit = t.slab_min_m_fwd_fp32 = t.slab_min_m_dx_fp32 =
+        env.cpu_slab_min_m;
+  if (env.cpu_slab_bytes > 0)
+    t.slab_bytes = env.cpu_slab_bytes;
+  if (env.cpu_slab_rows_bytes > 0)
+    t.slab_rows_bytes = env.cpu_slab_rows_bytes;
   return t;
 }
 
 void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();
-  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, table));
+  const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table);
+  if (path == cpu::CpuMatmulPath::kSlabGemm)
+    return qlora_matmul_slab_cpu(p, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here, not in the kernels
+  cpu::qlora_matmul(p, path);
 }
 
 const Backend kCpuBackend{

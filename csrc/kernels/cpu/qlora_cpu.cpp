@@ -972,6 +972,39 @@ void qlora_matmul(const QloraMatmulParams& p, CpuMatmulPath path) {
     return matmul_axpy_transposed(p);
   case CpuMatmulPath::kGemm:
     return matmul_gemm(p);
+  case CpuMatmulPath::kSlabGemm: // runs in the binding layer (ATen's GEMM); never reaches the kernels
+    return matmul_gemm(p);
+  }
+}
+
+void nf4_decode_range(const Nf4Weight& w, DType value_dtype, int64_t e0, int64_t e1, float* dst) {
+  if (e1 > e0)
+    decode_segment(w, value_dtype, e0, e1 - e0, dst);
+}
+
+void nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                       int64_t c1, float* dst, int64_t ld) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = r0; r < r1; ++r)
+    nf4_decode_range(w, value_dtype, r * row_len + c0, r * row_len + c1, dst + (r - r0) * ld);
+}
+
+void qlora_finish_tile(const QloraMatmulParams& p, int64_t m0, int64_t mb, int64_t o0, int64_t ow, float* acc,
+                       int64_t ld) {
+  const Epilogue ep(p);
+  const int64_t n_panels = (ow + kPanel - 1) / kPanel;
+#pragma omp parallel
+  {
+    std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < n_panels; ++panel) {
+      const int64_t c0 = o0 + panel * kPanel;
+      const int64_t cw = std::min<int64_t>(kPanel, o0 + ow - c0);
+      if (p.rank > 0)
+        ep.load_lora_panel(c0, cw, lw.data());
+      for (int64_t m = 0; m < mb; ++m)
+        ep.finish_row(m0 + m, c0, cw, acc + m * ld + (c0 - o0), lw.data());
+    }
   }
 }
 

@@ -11,19 +11,37 @@ namespace lora_ops::cpu {
 enum class CpuMatmulPath {
   kRowDot,  // forward, few rows: decode W rows into L1 and dot them with each x row
   kAxpy,    // dx, few rows: decode W row segments once, axpy them into each row's accumulator
-  kGemm,    // cache-blocked dequantize-panel + 6x16 register-tiled GEMM
+  kGemm,     // cache-blocked dequantize-panel + 6x16 register-tiled GEMM
+  kSlabGemm, // large M: W dequantized in bounded slabs, ATen's fp32 GEMM (MKL/oneDNN), LoRA folded into K;
+             // runs in the binding layer (csrc/bindings/qlora_slab_cpu.cpp), the kernels stay torch-free
   kFloat64, // reference-grade float64 path (gradcheck)
 };
 
-// Largest M of each small-M path (larger M -> kGemm).
+// Largest M of each small-M path, smallest M of the slab GEMM (kGemm in between), per activation
+// dtype kind and form (forward y / backward dx), and the slab path's W scratch budget.
 struct CpuCrossover {
   int64_t row_dot_max_m;
   int64_t axpy_max_m;
+  int64_t slab_min_m_fwd_16bit; // bf16 / fp16 activations, forward
+  int64_t slab_min_m_dx_16bit;  // bf16 / fp16 activations, dx
+  int64_t slab_min_m_fwd_fp32;  // fp32 activations, forward
+  int64_t slab_min_m_dx_fp32;   // fp32 activations, dx
+  int64_t slab_bytes;           // fp32 W slab scratch of the slab path (one slab, reused)
+  int64_t slab_rows_bytes;      // fp32 activation copy of the slab path (M is chunked beyond it)
 };
 
-// Measured on a 2-core AMD EPYC (AVX2), bf16, 4096x4096: bench/notes_qlora_cpu.md. Override for
-// benchmarks with LORA_OPS_GEMV_MAX_M / LORA_OPS_AXPY_MAX_M (read by the binding layer).
-constexpr CpuCrossover kCpuCrossover{16, 16};
+// A slab_min_m_* value that no M reaches: the slab path is off for that dtype kind and form.
+constexpr int64_t kSlabNever = INT64_MAX;
+
+// Measured on a 2-core AMD EPYC (AVX2; lscpu "AMD EPYC"), bf16 and fp32, 4096x4096 and 1024x1024:
+// bench/notes_qlora_cpu.md. Row-dot / axpy up to M = 16. The slab path (ATen's MKL sgemm) never beat the
+// 6x16 AVX2 kernel consistently there: 0.71-0.99x of its speed for M = 32..512 and 8192, 0.99-1.05x at
+// M = 2048 (bench/results/cpu_crossover*/), so it is off on this CPU kind. NOT measured on an AVX-512 /
+// AVX-512 BF16 Xeon (none was available): measure there with bench/bench_cpu_crossover.py before
+// enabling it. Overrides for tests and benchmarks: LORA_OPS_GEMV_MAX_M, LORA_OPS_AXPY_MAX_M,
+// LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES, LORA_OPS_SLAB_ROWS_BYTES (read by the binding layer).
+// Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of fp32 rows.
+constexpr CpuCrossover kCpuCrossover{16, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
 
 inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCrossover& table) {
   if (p.a_dtype == DType::kFloat64)
@@ -32,6 +50,11 @@ inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCro
     return CpuMatmulPath::kRowDot;
   if (p.transpose_w && p.m <= table.axpy_max_m)
     return CpuMatmulPath::kAxpy;
+  const bool fp32 = p.a_dtype == DType::kFloat32;
+  const int64_t slab_min_m = p.transpose_w ? (fp32 ? table.slab_min_m_dx_fp32 : table.slab_min_m_dx_16bit)
+                                           : (fp32 ? table.slab_min_m_fwd_fp32 : table.slab_min_m_fwd_16bit);
+  if (p.m >= slab_min_m)
+    return CpuMatmulPath::kSlabGemm;
   return CpuMatmulPath::kGemm;
 }
 

@@ -1,0 +1,98 @@
+"""The CPU slab GEMM path of qlora_matmul (W dequantized in slabs, ATen's GEMM, LoRA folded into K;
+csrc/bindings/qlora_slab_cpu.cpp) against the float64 reference: forward and all gradients.
+
+The path is chosen from the crossover table read once at library load, so the cases run in a fresh
+process with the overrides LORA_OPS_SLAB_MIN_M=1 (every M takes the slab path) and tiny slab / row
+budgets (many slabs and several M chunks even for these small shapes, slab edges inside quantization
+blocks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from lora_ops import reference
+from lora_ops.ops.qlora import make_rng, qlora_linear
+from qlora_utils import assert_close_rule, dense_weight, make_problem, torch_same_dtype
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+# (x leading shape, N, K, r, x dtype, adapter dtype, blocksize, double quant, dropout p, bias)
+CASES = [
+    ((3, 7), 33, 45, 5, bf16, fp32, 32, True, 0.0, True),  # 3-D x, odd N and K, blocks straddle rows
+    ((19,), 129, 77, 256, bf16, bf16, 64, True, 0.2, False),  # r = 256, dropout (dx LoRA term unfolded)
+    ((23,), 101, 200, 16, fp32, fp32, 64, False, 0.0, True),  # fp32 activations, plain absmax
+    ((2, 9), 67, 131, 7, fp16, fp32, 128, True, 0.3, True),  # fp16, odd rank, dropout + bias
+    ((41,), 257, 96, 64, bf16, fp32, 64, True, 0.0, True),  # N one past a slab multiple
+]
+
+# Tiny budgets: slabs of 16 columns (the minimum width), M chunks of a few rows.
+SLAB_ENV = {"LORA_OPS_SLAB_MIN_M": "1", "LORA_OPS_SLAB_BYTES": "1", "LORA_OPS_SLAB_ROWS_BYTES": "4096"}
+
+
+def check_case(case, seed: int) -> torch.Tensor:
+    """Forward + backward of one case against the float64 reference (the shared error rule); returns y."""
+    m_shape, n, k, r, dtype, adt, bs, dq, p, has_bias = case
+    g = torch.Generator().manual_seed(seed)
+    wq, x, A, B, bias = make_problem(m_shape, n, k, r, dtype, "cpu", adt, bs, dq, bias=has_bias, generator=g)
+    scale, dseed, offset = 0.75, 99 + k, 5
+    w = dense_weight(wq, dtype)
+    xo, Ao, Bo = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    y = qlora_linear(xo, wq, Ao, Bo, scale, bias, p, make_rng(dseed, offset))
+    dy = torch.randn(y.shape, generator=g).to(dtype)
+    y.backward(dy)
+
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    bias64 = bias.double() if bias is not None else None
+    y64, _ = reference.qlora_linear(x64, w, A64, B64, scale, bias64, p, dseed, offset)
+    y64.backward(dy.double())
+    xp, Ap, Bp = (t.detach().clone().requires_grad_() for t in (x, A, B))
+    yp = torch_same_dtype(xp, w, Ap, Bp, scale, bias, p, dseed, offset)
+    yp.backward(dy)
+
+    what = f"case {case}"
+    assert_close_rule(y, y64, yp, dtype, f"{what}: y")
+    assert_close_rule(xo.grad, x64.grad, xp.grad, dtype, f"{what}: dx")
+    assert_close_rule(Ao.grad, A64.grad, Ap.grad, adt, f"{what}: dA")
+    assert_close_rule(Bo.grad, B64.grad, Bp.grad, adt, f"{what}: dB")
+    return y.detach()
+
+
+_SCRIPT = r"""
+import sys, torch
+sys.path.insert(0, 'tests')
+import test_qlora_slab_path as t
+seed = int(sys.argv[2])
+ys = [t.check_case(c, seed + i) for i, c in enumerate(t.CASES)]
+torch.save(ys[2], sys.argv[1])  # the fp32 case: compared with the default path below
+"""
+
+
+def test_slab_path_matches_reference(tmp_path):
+    seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
+    out = str(tmp_path / "slab_y.pt")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **SLAB_ENV)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run(
+        [sys.executable, "-c", _SCRIPT, out, str(seed)],
+        cwd=root,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, f"seed {seed}\n" + res.stderr[-4000:]
+    y_slab = torch.load(out)
+    # This process runs the default table, where M = 23 takes the kGemm kernel. Same
+    # values up to summation order, and not bit-equal: proof that the other process took another path.
+    m_shape, n, k, r, dtype, adt, bs, dq, p, has_bias = CASES[2]
+    g = torch.Generator().manual_seed(seed + 2)
+    wq, x, A, B, bias = make_problem(m_shape, n, k, r, dtype, "cpu", adt, bs, dq, bias=has_bias, generator=g)
+    y = qlora_linear(x, wq, A, B, 0.75, bias, p, make_rng(99 + k, 5))
+    torch.testing.assert_close(y_slab, y, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(y_slab, y)
