@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -84,3 +88,14 @@ def assert_close_rule(ours: torch.Tensor, ref: torch.Tensor, plain: torch.Tensor
     assert err <= bound, f"{what}: max error {err:.3g} > 2 * plain-PyTorch error {err_plain:.3g} + atol"
     mean_rel = ((ours - ref).abs().mean() / ref.abs().mean().clamp_min(1e-30)).item()
     assert mean_rel <= MEAN_REL[dtype], f"{what}: mean relative error {mean_rel:.3g} > {MEAN_REL[dtype]}"
+
+
+def run_script_in_fresh_process(script: str, args: list[str], env_overrides: dict[str, str], timeout: int) -> None:
+    """Runs ``python -c script *args`` from the repository root with ``env_overrides`` set (for settings
+    the library reads once at load, e.g. LORA_OPS_NO_AVX2) and asserts it succeeded."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, **env_overrides)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-c", script, *args], cwd=root, env=env, check=False,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(args)}\n" + res.stderr[-4000:]

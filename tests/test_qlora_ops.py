@@ -4,12 +4,18 @@ opcheck, torch.compile and error paths."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from qlora_utils import DEVICES, HAS_CUDA, assert_close_rule, dense_weight, make_problem, torch_same_dtype
+from qlora_utils import (
+    DEVICES,
+    HAS_CUDA,
+    assert_close_rule,
+    dense_weight,
+    make_problem,
+    run_script_in_fresh_process,
+    torch_same_dtype,
+)
 
 from lora_ops import reference
 from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
@@ -218,19 +224,7 @@ wq, x, A, B, b = make_problem((17,), 70, 300, 8, torch.float32, 'cpu', seed=17)
 torch.save(qlora_linear(x, wq, A, B, 0.5, b), sys.argv[1])
 """
     out = os.path.join(os.environ.get("PYTEST_TMPDIR", "/tmp"), f"qlora_portable_{os.getpid()}.pt")
-    env = dict(os.environ, LORA_OPS_NO_AVX2="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(
-        [sys.executable, "-c", script, out],
-        cwd=root,
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
+    run_script_in_fresh_process(script, [out], {"LORA_OPS_NO_AVX2": "1"}, timeout=120)
     y_portable = torch.load(out)
     os.remove(out)
     wq, x, A, B, b = make_problem((17,), 70, 300, 8, fp32, "cpu", seed=17)

@@ -8,15 +8,11 @@ blocks)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import torch
 
 from lora_ops import reference
 from lora_ops.ops.qlora import make_rng, qlora_linear
-from qlora_utils import assert_close_rule, dense_weight, make_problem, torch_same_dtype
+from qlora_utils import assert_close_rule, dense_weight, make_problem, run_script_in_fresh_process, torch_same_dtype
 
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
@@ -74,19 +70,7 @@ torch.save(ys[2], sys.argv[1])  # the fp32 case: compared with the default path 
 def test_slab_path_matches_reference(tmp_path):
     seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
     out = str(tmp_path / "slab_y.pt")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, **SLAB_ENV)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    res = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, out, str(seed)],
-        cwd=root,
-        env=env,
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert res.returncode == 0, f"seed {seed}\n" + res.stderr[-4000:]
+    run_script_in_fresh_process(_SCRIPT, [out, str(seed)], SLAB_ENV, timeout=300)
     y_slab = torch.load(out)
     # This process runs the default table, where M = 23 takes the kGemm kernel. Same
     # values up to summation order, and not bit-equal: proof that the other process took another path.
