@@ -9,10 +9,16 @@ blocks)."""
 from __future__ import annotations
 
 import torch
+from qlora_utils import (
+    assert_close_rule,
+    dense_weight,
+    make_problem,
+    run_script_in_fresh_process,
+    torch_same_dtype,
+)
 
 from lora_ops import reference
 from lora_ops.ops.qlora import make_rng, qlora_linear
-from qlora_utils import assert_close_rule, dense_weight, make_problem, run_script_in_fresh_process, torch_same_dtype
 
 bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 
