@@ -51,15 +51,25 @@ def test_report_without_bench_sources_fails_clearly(tmp_path):
     import sys
     from pathlib import Path
 
+    import site as site_module
+
     import lora_ops
+    import lora_ops._C as compiled
 
     site = tmp_path / "site"
     shutil.copytree(Path(lora_ops.__file__).parent, site / "lora_ops",
                     ignore=shutil.ignore_patterns("__pycache__"))
+    if not (site / "lora_ops" / Path(compiled.__file__).name).exists():  # an editable install keeps it apart
+        shutil.copy2(compiled.__file__, site / "lora_ops")
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHONPATH=str(site))
-    run = subprocess.run([sys.executable, "-m", "lora_ops", "report", "--quick", "--device", "cpu", "--out", str(out)],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    # -S: no .pth files, so an editable install's import hook cannot send `lora_ops` back to the checkout;
+    # site-packages stays importable through PYTHONPATH (torch).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), *site_module.getsitepackages()]))
+    where = subprocess.run([sys.executable, "-S", "-c", "import lora_ops; print(lora_ops.__file__)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert where.stdout.strip() == str(site / "lora_ops" / "__init__.py"), where.stdout + where.stderr
+    run = subprocess.run([sys.executable, "-S", "-m", "lora_ops", "report", "--quick", "--device", "cpu", "--out",
+                          str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 2, run.stdout + run.stderr
     assert "no benchmark sources" in run.stderr and "source checkout" in run.stderr, run.stderr
     assert not (out / "report.md").exists()
