@@ -48,7 +48,6 @@ import torch
 from torch import nn
 
 from lora_ops import format as fmt
-from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops import qlora as qlora_ops
 
@@ -298,7 +297,7 @@ class QLoRALinear(_NF4Base, nn.Module):
         """x ``[..., in_features]`` (fp16/bf16/fp32) -> ``[..., out_features]`` in x's dtype.
 
         Dropout masks follow torch's default CPU generator (``torch.manual_seed``), identically in eager
-        mode and under ``torch.compile`` (see :mod:`lora_ops.dropout_rng`)."""
+        mode and under ``torch.compile`` (see :func:`lora_ops.ops.qlora.draw_dropout_rng`)."""
         check_input("QLoRALinear", x, self.in_features)
         bias = self.bias
         if self.merged:  # the adapter is folded into the base: base-only fused matmul
@@ -306,10 +305,7 @@ class QLoRALinear(_NF4Base, nn.Module):
                 bias = bias.to(x.dtype)
             return qlora_ops.qlora_matmul(x, self.weight, bias=bias)
         p = self.lora_dropout_p if self.training else 0.0
-        rng = draw_dropout_rng() if p > 0 else None
-        return qlora_ops.qlora_linear(
-            x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p, rng
-        )
+        return qlora_ops.qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p)
 
     # ---- merging -------------------------------------------------------------------------------------
     def _delta(self) -> torch.Tensor:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from lora_ops import QLoRALinear, make_rng
-from lora_ops.dropout_rng import draw_dropout_rng
+from lora_ops.ops.qlora import draw_dropout_rng
 
 
 def test_draw_is_make_rng_from_the_default_generator_also_compiled():

@@ -47,7 +47,6 @@ from torch import nn
 
 from lora_ops import bnb_cpu_layout
 from lora_ops import format as fmt
-from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import NF4Weight
 from lora_ops.ops import qlora as qlora_ops
 
@@ -307,5 +306,4 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         A = torch.cat([self.lora_A[a].weight.to(torch.float32) for a in adapters], dim=0)
         B = torch.cat([self.lora_B[a].weight.to(torch.float32) * float(self.scaling[a]) for a in adapters], dim=1)
         scale, p = 1.0, 0.0
-    rng = draw_dropout_rng() if p > 0 else None  # torch's generator, same in eager and compiled runs
-    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p, rng).to(inp_dtype)
+    return qlora_ops.qlora_linear(xc, weight, A, B, scale, bias, p).to(inp_dtype)

@@ -38,7 +38,6 @@ from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from lora_ops import format as fmt
-from lora_ops.dropout_rng import draw_dropout_rng
 from lora_ops.nf4 import quantize_nf4
 from lora_ops.nn import NF4Linear, bias_for, check_input, compute_dtype_for
 from lora_ops.ops import qlora as qlora_ops
@@ -115,8 +114,7 @@ class LoraOpsLinear(PeftLoraLinear):
             first, rest = active[0], active[1:]
             p = drops[first]
             y = qlora_ops.qlora_linear(xc, base.weight, self.lora_A[first].weight, self.lora_B[first].weight,
-                                       float(self.scaling[first]), fused_bias, p,
-                                       draw_dropout_rng() if p > 0 else None)
+                                       float(self.scaling[first]), fused_bias, p)
         if trainable_bias:
             y = y + bias.to(y.dtype)
         for a in rest:  # PEFT's own arithmetic: an independent dropout mask per adapter

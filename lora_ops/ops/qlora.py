@@ -119,6 +119,23 @@ def make_rng(seed: int | torch.Tensor | None = None, offset: int = 0) -> torch.T
     return torch.tensor([int(seed), int(offset)], dtype=torch.int64)
 
 
+# Why the default rng is drawn by an op, not inline: Inductor lowers torch.randint to its own Philox
+# stream, so a seed drawn inline in a compiled forward would differ from the eager one. As a custom op
+# tagged nondeterministic_seeded the draw runs as is at run time (eager == compiled for one
+# torch.manual_seed), is never merged with another draw and never recomputed in the backward.
+@torch.library.custom_op("lora_ops_py::draw_dropout_rng", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def draw_dropout_rng() -> torch.Tensor:
+    """A fresh ``(seed, offset)`` int64 CPU tensor, the seed drawn from torch's default CPU generator
+    (:func:`make_rng` with ``seed=None``): what ``qlora_linear(..., rng=None)`` uses when dropout_p > 0."""
+    return make_rng()
+
+
+@draw_dropout_rng.register_fake
+def _draw_dropout_rng_fake() -> torch.Tensor:
+    return torch.empty(2, dtype=torch.int64, device="cpu")
+
+
 def qlora_linear(
     x: torch.Tensor,
     weight,
@@ -139,7 +156,8 @@ def qlora_linear(
         scale: LoRA scaling (``alpha / r`` or ``alpha / sqrt(r)``).
         bias: frozen ``[N]`` (x's dtype or float32; cast otherwise), never differentiated.
         dropout_p: LoRA dropout probability in [0, 1), applied to the LoRA branch only.
-        rng: from :func:`make_rng`; drawn from torch's CPU generator when None and dropout_p > 0.
+        rng: from :func:`make_rng`; when None and dropout_p > 0, drawn from torch's default CPU generator
+            by :func:`draw_dropout_rng` (the same in eager mode and under ``torch.compile``).
 
     Returns ``y [..., N]`` in x's dtype. Differentiable w.r.t. x, A and B. Shapes, dtypes and devices
     are checked by the op (csrc/bindings/ops_qlora.cpp), with messages naming the argument.
@@ -149,7 +167,7 @@ def qlora_linear(
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
     if dropout_p > 0 and rng is None:
-        rng = make_rng()
+        rng = draw_dropout_rng()
     try:
         y, _ = _ops.qlora_linear(x, w, w_meta, A, B, bias, float(scale), float(dropout_p), rng)
     except NotImplementedError:
