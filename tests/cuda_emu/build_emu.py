@@ -29,7 +29,7 @@ KERNELS = ROOT / "csrc" / "kernels"
 
 # The .cu files of the fused QLoRA linear (each its own translation unit: they share helper names in
 # anonymous namespaces).
-QLORA_UNITS = ("qlora_decode.cu", "qlora_ffma.cu", "lora_small.cu", "qlora_mma.cu")
+QLORA_UNITS = ("qlora_decode.cu", "qlora_ffma.cu", "lora_small.cu", "qlora_mma.cu", "qlora_tc_decode.cu")
 
 
 def cuda_include_dir() -> str | None:

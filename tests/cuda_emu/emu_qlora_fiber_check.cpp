@@ -7,7 +7,7 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | lora | mask | edge
+// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | tc_decode | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
@@ -232,8 +232,10 @@ DropoutParams make_dropout(double prob, int64_t cols, uint64_t offset) {
 }
 
 // ---- qlora_matmul -----------------------------------------------------------------------------------
-enum class Path { kDecode, kFfma, kMma };
-const char* pname(Path p) { return p == Path::kDecode ? "decode" : p == Path::kFfma ? "ffma" : "mma"; }
+enum class Path { kDecode, kFfma, kMma, kTcDecode };
+const char* pname(Path p) {
+  return p == Path::kDecode ? "decode" : p == Path::kFfma ? "ffma" : p == Path::kMma ? "mma" : "tc_decode";
+}
 
 struct MatmulCase {
   Path path = Path::kFfma;
@@ -320,7 +322,10 @@ void check_matmul(const MatmulCase& c) {
   cudaError_t err = cudaSuccess;
   std::vector<float> ws;
   int splits = c.splits;
-  if (splits == 0) splits = c.path == Path::kDecode ? cuda::qlora_decode_splits(p, 132) : cuda::qlora_ffma_splits(p, 132);
+  if (splits == 0)
+    splits = c.path == Path::kDecode     ? cuda::qlora_decode_splits(p, 132)
+             : c.path == Path::kTcDecode ? cuda::qlora_tc_decode_splits(p, 132)
+                                         : cuda::qlora_ffma_splits(p, 132);
   switch (c.path) {
     case Path::kDecode:
       if (!cuda::qlora_decode_supported(p)) {
@@ -340,6 +345,14 @@ void check_matmul(const MatmulCase& c) {
         return;
       }
       err = cuda::qlora_mma(p, nullptr);
+      break;
+    case Path::kTcDecode:
+      if (!cuda::qlora_tc_decode_supported(p)) {
+        expect(false, name + ": qlora_tc_decode_supported() rejected a supported case");
+        return;
+      }
+      ws.assign(cuda::qlora_splitk_workspace_bytes(p, splits) / 4 + 1, std::nanf(""));
+      err = cuda::qlora_tc_decode(p, splits, ws.data(), nullptr);
       break;
   }
   expect(err == cudaSuccess, name + ": launcher returned an error");
@@ -700,6 +713,89 @@ void run_mma() {
       check_onehot(Path::kMma, tr, 64, 136, fast ? 96 : 72, fast ? DType::kFloat16 : DType::kBFloat16, true, 32, 1);
 }
 
+// Tensor-core weight-streaming forward (M <= 64): every n8-tile instance (M = 1, 3, 8 | 9, 16 | 17, 32 |
+// 33, 63, 64), N tails (rows past N in the 16-row CTA), K = 64 (one lane chunk), 192 (partial super step),
+// 2112 (a partial round: warps without a super step), 4352 .. 12288 (full rounds, the steady loop), K splits
+// (1, 2, 3, the launcher's own), blocksizes 64 .. 2048, nested and plain absmax, padded rows of x.
+void run_tc_decode() {
+  MatmulCase c;
+  c.path = Path::kTcDecode;
+  int i = 0;
+  for (int64_t m : {1, 3, 8, 9, 16, 17, 32, 33, 63, 64}) {
+    for (int64_t k : {192, 2112}) {
+      c.m = m;
+      c.k = (i % 5 == 4) ? 64 : k;
+      c.n = i % 3 == 0 ? 40 : i % 3 == 1 ? 136 : 16;
+      c.dt = i % 2 == 0 ? DType::kBFloat16 : DType::kFloat16;
+      c.nested = i % 3 != 1;
+      c.bs = c.k == 64 || c.k == 192 ? 64 : (i % 4 == 1 ? 2048 : i % 4 == 3 ? 128 : 64);
+      c.rank = i % 4 == 0 ? 0 : i % 4 == 1 ? 8 : i % 4 == 2 ? 16 : 1;
+      c.lora_fp32 = i % 2 == 1;
+      c.bias = i % 3;
+      c.splits = c.k > 1024 && i % 3 == 0 ? 3 : (i % 4 == 2 ? 0 : 1);
+      c.a_row_pad = i % 2 == 0 ? 0 : 8;
+      ++i;
+      check_matmul(c);
+    }
+  }
+  // The unmasked steady-state loop runs for rounds 0 .. full - kStages - 1 (kStages = 4 rounds of 2048
+  // columns): K = 12288 gives 6 full rounds (2 steady), K = 10304 five full rounds and a partial super step.
+  c.m = 5; c.n = 24; c.k = 12288; c.bs = 64; c.nested = true; c.splits = 1; c.rank = 16; c.dt = DType::kBFloat16;
+  check_matmul(c);
+  c.m = 16; c.n = 16; c.k = 10304; c.bs = 1024; c.nested = false; c.dt = DType::kFloat16;
+  check_matmul(c);
+  c.m = 40; c.n = 40; c.k = 4352; c.bs = 128; c.nested = true; c.splits = 2;
+  check_matmul(c);
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    check_onehot(Path::kTcDecode, false, 64, 40, 2112, t, t == DType::kBFloat16, 64, 1);
+    check_onehot(Path::kTcDecode, false, 7, 17, 4352, t, t != DType::kBFloat16, 128, 2);
+    check_onehot(Path::kTcDecode, false, 9, 16, 12288, t, true, 64, 1);
+  }
+}
+
+// qlora_tc_decode_supported must refuse what the kernel cannot take.
+void run_tc_decode_predicates() {
+  Weight w(40, 128, 64, false, 0), w_odd(40, 128, 64, false, 1), w32(40, 128, 32, false, 0),
+      w4096(40, 128, 4096, false, 0);
+  Buf a(64 * 200 * 4 + 64);
+  QloraMatmulParams p;
+  p.weight = w.view;
+  p.n = 40;
+  p.k = 128;
+  p.m = 64;
+  p.a = a.ptr;
+  p.a_dtype = DType::kBFloat16;
+  p.a_row_stride = 128;
+  expect(cuda::qlora_tc_decode_supported(p), "tc_decode_supported: aligned bf16 case refused");
+  QloraMatmulParams q = p;
+  q.m = 65;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted M = 65");
+  q = p;
+  q.a_dtype = DType::kFloat32;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted fp32 activations");
+  q = p;
+  q.transpose_w = true;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted the transposed form");
+  q = p;
+  q.k = 96;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted K % 64 != 0");
+  q = p;
+  q.a = a.ptr + 2;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted a misaligned x");
+  q = p;
+  q.a_row_stride = 132;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted x rows not 16-byte aligned");
+  q = p;
+  q.weight = w_odd.view;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted misaligned packed codes");
+  q = p;
+  q.weight = w32.view;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted blocksize 32");
+  q = p;
+  q.weight = w4096.view;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted blocksize 4096");
+}
+
 void run_lora() {
   int i = 0;
   for (int64_t m : {1, 5, 17, 130})
@@ -770,6 +866,8 @@ int main(int argc, char** argv) {
   if (want("decode_t")) run_decode_t();
   if (want("ffma")) run_ffma();
   if (want("mma")) run_mma();
+  if (want("tc_decode")) run_tc_decode_predicates();
+  if (want("tc_decode")) run_tc_decode();
   std::printf("emulated CUDA QLoRA kernels (%s, schedule %d) vs CPU kernels: %d checks, %d failures (%lld CTAs run)\n",
               group.c_str(), lora_emu::g_policy, g_checks, g_failures, lora_emu::g_ctas);
   return g_failures == 0 ? 0 : 1;

@@ -5,6 +5,9 @@
 // All pointers are device pointers; fp64 is not supported on the GPU.
 //
 //   path        file             M          dtypes              layout needs
+//   tc decode   qlora_tc_decode  1 .. 64    fp16 / bf16         forward only: K % 64 == 0, blocksize 64 ..
+//               .cu                                             2048, packed and a rows 16-byte aligned,
+//                                                               a col stride 1
 //   decode      qlora_decode.cu  1 .. 16    fp16 / bf16 / fp32  forward: K % 32 == 0, packed and a rows
 //                                                               16-byte aligned, a col stride 1
 //               (transposed)     1 .. 4     fp16 / bf16 / fp32  K % 32 == 0, packed 16-byte aligned
@@ -35,6 +38,16 @@ bool qlora_decode_supported(const QloraMatmulParams& p);
 int qlora_decode_splits(const QloraMatmulParams& p, int sms);
 size_t qlora_splitk_workspace_bytes(const QloraMatmulParams& p, int splits);
 cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// ---- tensor-core weight-streaming path (M <= kTcDecodeMaxRows, forward, fp16 / bf16, sm80+) ------------
+constexpr int64_t kTcDecodeMaxRows = 64;
+// True when qlora_tc_decode.cu can take p (K % 64 == 0, blocksize 64 .. 2048, 16-byte aligned codes and x
+// rows, unit column stride).
+bool qlora_tc_decode_supported(const QloraMatmulParams& p);
+// K splits on a device with `sms` multiprocessors (1 unless N is too small to fill the SMs); the
+// workspace is qlora_splitk_workspace_bytes(p, splits).
+int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms);
+cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
 
 // ---- tensor-core path (fp16 / bf16, sm80+) ----------------------------------------------------------
 bool qlora_mma_supported(const QloraMatmulParams& p);
