@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """A short fused-QLoRA micro-benchmark for scripts/gpu_check.sh (<= --budget seconds, default 80).
 
-qlora_matmul (no LoRA term, forward) on each forced path (LORA_OPS_QLORA_FORCE = decode | mma | ffma;
-decode only for M <= 16, ffma only for M <= 256 to keep the budget) against dense bf16 (x @ Wᵀ with
+qlora_matmul (no LoRA term, forward) on each forced path (LORA_OPS_QLORA_FORCE = tc_decode | decode | mma | ffma;
+tc_decode only for M <= 64, decode only for M <= 16, ffma only for M <= 256 to keep the budget) against dense bf16 (x @ Wᵀ with
 torch) and dequantize + matmul (and bitsandbytes' matmul_4bit when it imports), for layers 4096x4096
 and 14336x4096 (N x K) and M in {1, 16, 64, 256, 4096}, bf16.
 Timing: each measured call is one of R calls captured in a CUDA graph, R different weight copies in
@@ -101,8 +101,9 @@ def main() -> int:
         for m in ms:
             x = torch.randn(m, k, generator=g).to(dt).to(dev)
             methods = {}
-            for path in ("decode", "mma", "ffma"):
-                if (path == "decode" and m > 16) or (path == "ffma" and m > 256) or dev.type != "cuda":
+            for path in ("tc_decode", "decode", "mma", "ffma"):
+                if ((path == "decode" and m > 16) or (path == "tc_decode" and m > 64) or (path == "ffma" and m > 256)
+                        or dev.type != "cuda"):
                     continue
                 methods[f"fused-{path}"] = (path, [lambda w=w: lora_ops.qlora_matmul(x, w) for w in wqs], wq0.nbytes)
             if dev.type != "cuda":

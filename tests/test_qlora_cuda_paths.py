@@ -1,4 +1,4 @@
-"""CUDA-only tests of the individual qlora_matmul kernels (decode, tensor core, FFMA), forced with
+"""CUDA-only tests of the individual qlora_matmul kernels (tc decode, decode, tensor core, FFMA), forced with
 LORA_OPS_QLORA_FORCE so that each path is checked on shapes the automatic dispatch would not give it:
 split-K, each M regime, K not a multiple of 32 or 64, N tails, unaligned / strided activations, the
 transposed (dx) form with dropout. Oracle: float64 on the dequantized weight rounded to the compute
@@ -44,6 +44,10 @@ CASES = [
     (16, 1000, 2048, "decode", [torch.float16]),                                  # largest decode M
     (5, 130, 96, "decode", [torch.bfloat16]),                                     # K = 3 chunks (idle lanes)
     (4, 520, 1056, "decode", [torch.bfloat16, torch.float32]),                    # dx form: 2 column CTAs, N split
+    (1, 4096, 4096, "tc_decode", [torch.bfloat16, torch.float16]),               # decode shape, 2 full rounds
+    (16, 72, 2112, "tc_decode", [torch.bfloat16]),                               # N tail, masked last round
+    (64, 136, 192, "tc_decode", [torch.float16]),                                # largest M, 8 n8 tiles
+    (33, 40, 8192, "tc_decode", [torch.bfloat16]),                               # small N: K splits
     (1, 64, 256, "mma", [torch.bfloat16, torch.float16]),                         # M = 1 padded to a tile
     (17, 136, 96, "mma", [torch.bfloat16]),                                       # K % 64 != 0 (fast path)
     (100, 200, 200, "mma", [torch.float16, torch.bfloat16]),                      # K % 32 != 0 (scalar path)
@@ -81,7 +85,7 @@ def test_forced_path(monkeypatch, m, n, k, path, dtypes, transpose):
             _check(out, ref, dtype, f"{path} {dtype} bs={blocksize} dq={dq} T={transpose}")
 
 
-@pytest.mark.parametrize("path", ["decode", "mma", "ffma"])
+@pytest.mark.parametrize("path", ["tc_decode", "decode", "mma", "ffma"])
 def test_strided_and_unaligned_activations(monkeypatch, path):
     """A column-strided x and a row view at an odd element offset must take the scalar paths (or be
     rejected by the decode kernel's conditions and fall back) and still be exact."""
@@ -107,7 +111,7 @@ def test_paths_agree_with_cpu(monkeypatch):
     wq, dense = _problem(m, n, k, 8, dtype, 64, True, gen)
     a = torch.randn(m, k, generator=gen).to(dtype)
     cpu = qlora_matmul(a, wq.to("cpu")).double()
-    for path in ("decode", "mma", "ffma"):
+    for path in ("tc_decode", "decode", "mma", "ffma"):
         monkeypatch.setenv("LORA_OPS_QLORA_FORCE", path)
         _check(qlora_matmul(a.cuda(), wq), cpu, dtype, f"{path} vs cpu")
 

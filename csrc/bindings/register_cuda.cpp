@@ -31,12 +31,15 @@ bool nf4_quantize(const Nf4QuantizeParams& p, const at::Tensor& absmax) {
 
 // LORA_OPS_QLORA_FORCE (env_overrides.h) as a path, or nullptr.
 const cuda::CudaMatmulPath* forced_path() {
-  static constexpr cuda::CudaMatmulPath kDecode = cuda::CudaMatmulPath::kDecode,
+  static constexpr cuda::CudaMatmulPath kTcDecode = cuda::CudaMatmulPath::kTcDecode,
+                                        kDecode = cuda::CudaMatmulPath::kDecode,
                                         kTensorCore = cuda::CudaMatmulPath::kTensorCore,
                                         kFfma = cuda::CudaMatmulPath::kFfma;
   const char* f = qlora_forced_path();
   if (f == nullptr)
     return nullptr;
+  if (std::strcmp(f, "tc_decode") == 0)
+    return &kTcDecode;
   if (std::strcmp(f, "decode") == 0)
     return &kDecode;
   if (std::strcmp(f, "mma") == 0)
@@ -51,6 +54,12 @@ void qlora_matmul(const QloraMatmulParams& p) {
   const int cc_major = current_device_attr(cudaDevAttrComputeCapabilityMajor);
   const int sms = current_device_attr(cudaDevAttrMultiProcessorCount);
   switch (cuda::choose_matmul_path(p, cuda::kCudaCrossover, cc_major, forced_path())) {
+  case cuda::CudaMatmulPath::kTcDecode: {
+    const int splits = cuda::qlora_tc_decode_splits(p, sms);
+    Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));
+    check_cuda(cuda::qlora_tc_decode(p, splits, ws.ptr(), current_stream()), op);
+    return;
+  }
   case cuda::CudaMatmulPath::kDecode: {
     const int splits = cuda::qlora_decode_splits(p, sms);
     Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));

@@ -9,18 +9,23 @@
 
 namespace lora_ops::cuda {
 
-enum class CudaMatmulPath { kDecode, kTensorCore, kFfma };
+enum class CudaMatmulPath { kTcDecode, kDecode, kTensorCore, kFfma };
 
 // Largest M of the decode kernel, per form (larger M -> tensor-core kernel, or FFMA where it can't).
 struct CudaCrossover {
-  int64_t decode_max_m;   // forward
-  int64_t decode_max_m_t; // transposed (dx)
+  int64_t tc_decode_max_m; // forward, fp16 / bf16: the tensor-core weight-streaming kernel
+  int64_t decode_max_m;    // forward, other dtypes (fp32) or layouts the tc kernel refuses
+  int64_t decode_max_m_t;  // transposed (dx)
 };
 
-// NOT YET MEASURED ON A GPU: these follow the kernels' design limits (the decode kernel keeps M <= 16
-// accumulator rows per lane, its transposed form M <= 4), not timings. bench/bench_qlora.py on a GPU
-// must set them; the measured table goes to bench/dispatch_qlora.md.
-constexpr CudaCrossover kCudaCrossover{16, 4};
+// NOT YET MEASURED ON A GPU: these follow the kernels' design limits (the tc decode kernel covers M <= 64
+// with 8 n8 tiles, the CUDA-core decode kernel keeps M <= 16 accumulator rows per lane, its transposed form
+// M <= 4) and their SASS instruction counts per weight (scripts/sass_report.py: the tc kernel issues about
+// half the instructions of the CUDA-core decode at M = 1 and a seventh at M = 16), not timings. The tc
+// kernel's crossover against the 64 x 64-tile mma kernel depends on N and K (a 4096-wide layer gives
+// the mma kernel only 64 CTAs); scripts/gpu_microbench.py on a GPU must set these from measurements.
+constexpr CudaCrossover kCudaCrossover{64, 16, 4};
+static_assert(kCudaCrossover.tc_decode_max_m <= kTcDecodeMaxRows, "the tc decode kernel supports at most 64 rows");
 static_assert(kCudaCrossover.decode_max_m <= kDecodeMaxRows, "the decode kernel supports at most 16 rows");
 static_assert(kCudaCrossover.decode_max_m_t <= kDecodeMaxRowsT, "the transposed decode kernel supports 4 rows");
 
@@ -29,7 +34,10 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
                                          const CudaMatmulPath* forced) {
   const bool tc_ok = p.a_dtype != DType::kFloat32 && cc_major >= 8 && qlora_mma_supported(p);
   const bool decode_ok = qlora_decode_supported(p);
+  const bool tc_decode_ok = cc_major >= 8 && qlora_tc_decode_supported(p);
   if (forced != nullptr) {
+    if (*forced == CudaMatmulPath::kTcDecode && tc_decode_ok)
+      return CudaMatmulPath::kTcDecode;
     if (*forced == CudaMatmulPath::kDecode && decode_ok)
       return CudaMatmulPath::kDecode;
     if (*forced == CudaMatmulPath::kTensorCore && tc_ok)
@@ -37,6 +45,8 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
     if (*forced == CudaMatmulPath::kFfma)
       return CudaMatmulPath::kFfma;
   }
+  if (tc_decode_ok && p.m <= table.tc_decode_max_m)
+    return CudaMatmulPath::kTcDecode;
   if (decode_ok && p.m <= (p.transpose_w ? table.decode_max_m_t : table.decode_max_m))
     return CudaMatmulPath::kDecode;
   return tc_ok ? CudaMatmulPath::kTensorCore : CudaMatmulPath::kFfma;
