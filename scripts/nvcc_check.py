@@ -5,7 +5,8 @@
    for sm_80 and sm_90a, warnings as errors, and parses ptxas' resource report per kernel per arch.
    A kernel that spills registers fails the check unless its .cu file carries a line comment
        // lora_ops: allow-spill <kernel-substring> <reason>
-   (the substring is matched against the demangled kernel name).
+   (the substring is matched against the demangled kernel name; quote it when it has spaces:
+   "qlora_x_kernel<__half, 2, false>").
 2. Syntax-checks every csrc/bindings/*_cuda.cpp with the host compiler against torch's headers plus
    the CUDA toolkit's include dir, with -DLORA_OPS_WITH_CUDA, so binding code that no CUDA build has
    compiled yet is at least type-checked here. A CPU-only torch wheel still ships c10/cuda/*.h; only
@@ -41,7 +42,7 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "-Werror", "all-warnings", "-Xptxas", "-v",
 # With -Werror all-warnings this makes ptxas itself fail on a spill; dropped for a file that carries an
 # allow-spill comment (the parsed report then still fails every kernel the comment does not name).
 WARN_SPILLS = ["-Xptxas", "-warn-spills"]
-ALLOW_SPILL = re.compile(r"//\s*lora_ops:\s*allow-spill\s+(\S+)\s+(.+)$")
+ALLOW_SPILL = re.compile(r'//\s*lora_ops:\s*allow-spill\s+(?:"([^"]+)"|(\S+))\s+(.+)$')
 
 RE_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
 RE_PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
@@ -121,7 +122,7 @@ def allowed_spills(src: Path) -> list[tuple[str, str]]:
     out = []
     for line in src.read_text().splitlines():
         if m := ALLOW_SPILL.search(line):
-            out.append((m.group(1), m.group(2).strip()))
+            out.append((m.group(1) or m.group(2), m.group(3).strip()))
     return out
 
 
