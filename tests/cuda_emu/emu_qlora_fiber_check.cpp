@@ -746,6 +746,12 @@ void run_tc_decode() {
   check_matmul(c);
   c.m = 40; c.n = 40; c.k = 4352; c.bs = 128; c.nested = true; c.splits = 2;
   check_matmul(c);
+  // Rows that start inside a quantization block (K % blocksize != 0): the staged absmax of each row begin
+  // at a block that the previous row ends in.
+  c.m = 3; c.n = 33; c.k = 192; c.bs = 128; c.nested = false; c.splits = 1; c.dt = DType::kBFloat16;
+  check_matmul(c);
+  c.m = 12; c.n = 20; c.k = 2880; c.bs = 256; c.nested = true; c.splits = 0;
+  check_matmul(c);
   for (DType t : {DType::kFloat16, DType::kBFloat16}) {
     check_onehot(Path::kTcDecode, false, 64, 40, 2112, t, t == DType::kBFloat16, 64, 1);
     check_onehot(Path::kTcDecode, false, 7, 17, 4352, t, t != DType::kBFloat16, 128, 2);
@@ -794,6 +800,14 @@ void run_tc_decode_predicates() {
   q = p;
   q.weight = w4096.view;
   expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted blocksize 4096");
+  // Very long rows: the staged absmax of a split (16 rows x blocks x 4 B) must stay within 64 KiB, so the
+  // launcher splits K even when the rows alone fill the SMs.
+  q = p;
+  q.n = int64_t{1} << 16;
+  q.k = int64_t{1} << 20;
+  expect(cuda::qlora_tc_decode_splits(q, 132) >= 17, "tc_decode_splits: staged absmax of a split exceed 64 KiB");
+  q.k = 4096;
+  expect(cuda::qlora_tc_decode_splits(q, 132) == 1, "tc_decode_splits: split a layer whose rows fill the SMs");
 }
 
 void run_lora() {

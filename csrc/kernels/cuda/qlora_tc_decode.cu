@@ -26,12 +26,13 @@
 //   table of code PAIRS (c[v >> 4], c[v & 15]) as float: two FMULs by the block absmax and one paired
 //   conversion give the A register, i.e. exactly T(c[code]·absmax) per element (the contract of
 //   common/qlora_params.h). A lane's 64 columns lie in one quantization block (K % 64 == 0, blocksize
-//   >= 64), so a super step needs two absmax values per lane, fetched one round ahead (nested: the 8-bit
-//   code and absmax2, decoded when they have landed).
+//   >= 64), so a super step needs two absmax values per lane: before the main loop (while the ring's first
+//   copies are in flight) the CTA decodes the absmax of every block its 16 rows touch in the split (nested
+//   included) into shared memory, and the main loop reads one float per row per round.
 //
 //   Steady state: the rounds in which every lane of every warp is inside the split run an unmasked copy of
-//   the body; the last kStages rounds (refills past the end) and a partial last super step (K % 256 != 0)
-//   run a masked copy.
+//   the body (unrolled by two); the last kStages rounds (refills past the end) and a partial last super
+//   step (K % 256 != 0) run a masked copy.
 //
 // Needs: K % 64 == 0, blocksize 64 .. 2048, packed codes 16-byte aligned, x with unit column stride and
 // 16-byte aligned rows (qlora_tc_decode_supported).
@@ -39,9 +40,7 @@
 // SASS cost (scripts/sass_report.py, baseline in scripts/sass_baseline.json): per packed byte one shift and
 // one mask (table offset), one LDS.64, two FMUL and one F2FP, i.e. 3 instructions per weight before the
 // ring, x loads, absmax fetches and loop control are added.
-//
-// lora_ops: allow-spill "qlora_tc_decode_kernel<__half, 2, false>" sm_80 only: 8 bytes stored before the main loop and reloaded after it (two loop bounds), none inside
-// lora_ops: allow-spill "qlora_tc_decode_kernel<__nv_bfloat16, 2, false>" as above
+
 #include "cuda/mma_ptx.cuh"
 #include "cuda/qlora_cuda.h"
 #include "cuda/qlora_device.cuh"
@@ -59,13 +58,7 @@ constexpr int kRowBytes = kLaneCols / 2;  // packed bytes per lane per row per s
 constexpr int kStageBytes = 32 * 2 * kRowBytes;  // rows g and g + 8 of the 32 lanes
 constexpr int kRingBytes = kWarps * kStages * kStageBytes;
 constexpr int64_t kRoundCols = static_cast<int64_t>(kWarps) * kStepCols;  // columns per round of the 8 warps
-static_assert(kThreads == 256, "one thread per entry of the 256-entry pair table and dynamic map");
-
-template <int NT>
-constexpr int smem_bytes() {  // the ring, reused by the cross-warp reduction after the main loop
-  const int red = kWarps * kRows * 8 * NT * 4;
-  return red > kRingBytes ? red : kRingBytes;
-}
+static_assert(kThreads == 256, "one thread per entry of the 256-entry pair table");
 
 // Word i (0..3) of a 16-byte vector; i is a compile-time constant after unrolling.
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
@@ -84,47 +77,25 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int shift, float 
   return pack2(nf4_decode(c.x, amax), nf4_decode(c.y, amax), T{});
 }
 
-// One W row of a lane: its packed bytes and its quantization block at the lane's current super step.
-// Both advance by a fixed amount per round (kRoundCols is a multiple of every supported blocksize).
-struct LaneRow {
-  const uint8_t* codes;  // 32 packed bytes of this super step
-  uint32_t block;        // quantization block of those 64 columns (blocks < 2^32: numel < 2^38)
-};
-
-// What a super step needs to know its absmax: plain -> the value; nested -> the 8-bit code and absmax2
-// (decoded one step later, when the loads have landed).
-struct AmaxSource {
-  uint32_t code = 0;
-  float value = 0.0f;
-};
-
-template <bool kNested>
-__device__ __forceinline__ AmaxSource fetch_amax(const Nf4Weight& w, uint32_t b) {
-  AmaxSource s;
-  if constexpr (kNested) {
-    s.code = __ldg(w.qabsmax + b);
-    s.value = __ldg(w.absmax2 + (b >> 8));  // kNestedBlocksize = 256 blocks per absmax2
-  } else {
-    s.value = __ldg(w.absmax + b);
-  }
-  return s;
+// Shared-memory slots per W row for the absmax of the blocks a split touches: the split's columns plus one
+// block of misalignment (K % blocksize need not be 0, so a row may start inside a block).
+__host__ __device__ inline int64_t amax_slots(int64_t steps_per_split, int log2_bs) {
+  return ((steps_per_split * kStepCols + (int64_t{1} << log2_bs) - 1) >> log2_bs) + 1;
 }
-static_assert(kNestedBlocksize == 256, "fetch_amax divides by 256 with a shift");
+constexpr int64_t kMaxAmaxBytes = 64 * 1024;  // beyond this the host splits K further
 
-template <bool kNested>
-__device__ __forceinline__ float finish_amax(const AmaxSource& s, const float* dyn_map, float offset) {
-  if constexpr (kNested) return nf4_nested_absmax(dyn_map[s.code], s.value, offset);
-  return s.value;
+int64_t smem_bytes(int nt, int64_t steps_per_split, int log2_bs) {
+  // the ring and the staged absmax; after the main loop the cross-warp reduction reuses the space
+  const int64_t main = kRingBytes + kRows * amax_slots(steps_per_split, log2_bs) * 4;
+  const int64_t red = static_cast<int64_t>(kWarps) * kRows * 8 * nt * 4;
+  return main > red ? main : red;
 }
 
-template <typename T, int NT, bool kNested>
+template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads)
     qlora_tc_decode_kernel(const QloraMatmulParams p, int64_t steps_per_split, float* ws, int log2_bs) {
   extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float dyn_map[256];
   tc_pairs[threadIdx.x] = make_float2(kNf4CodebookDevice[threadIdx.x >> 4], kNf4CodebookDevice[threadIdx.x & 15]);
-  if (kNested) dyn_map[threadIdx.x] = __ldg(p.weight.nested_code + threadIdx.x);
-  __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int64_t N = p.n, K = p.k;
@@ -133,27 +104,24 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = (K + kStepCols - 1) / kStepCols;
   const int64_t sb = static_cast<int64_t>(blockIdx.y) * steps_per_split;
   const int64_t se = sb + steps_per_split < total ? sb + steps_per_split : total;
-  const int64_t col_end = se * kStepCols < K ? se * kStepCols : K;  // this split's columns end here
+  const int64_t col_begin = sb * kStepCols;                          // this split's columns begin here
+  const int64_t col_end = se * kStepCols < K ? se * kStepCols : K;  // and end here
   // Rounds of the 8 warps: in the first `full` ones every warp has 256 valid columns.
   const int64_t full_steps = se * kStepCols <= K ? se - sb : se - sb - 1;
   const int full = full_steps > 0 ? static_cast<int>(full_steps / kWarps) : 0;
   const int rounds = se > sb ? static_cast<int>((se - sb + kWarps - 1) / kWarps) : 0;
-  const float offset = weight_offset(p.weight);
   const int64_t col0 = (sb + warp) * kStepCols + kLaneCols * t;  // this lane's first column
   // Rounds in which this lane's 64 columns are inside the split (K % 64 == 0: a chunk is all in or out).
   const int64_t in_rounds = col0 < col_end ? (col_end - col0 + kRoundCols - 1) / kRoundCols : 0;
   const int lane_rounds = static_cast<int>(in_rounds < rounds ? in_rounds : rounds);
 
   // Rows g and g + 8 (rows past N read row N - 1: their outputs are never stored).
-  LaneRow rows[2];
+  const uint8_t* codes[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int64_t n = n0 + g + 8 * h < N ? n0 + g + 8 * h : N - 1;
-    const int64_t flat = n * K + col0;
-    rows[h].codes = p.weight.packed + flat / 2;
-    rows[h].block = static_cast<uint32_t>(flat >> log2_bs);
+    codes[h] = p.weight.packed + (n * K + col0) / 2;
   }
-  const uint32_t block_step = static_cast<uint32_t>(kRoundCols >> log2_bs);
   // x rows 8j + g (rows past M repeat row M - 1: their columns of the product are never stored).
   const T* xrow[NT];
 #pragma unroll
@@ -166,21 +134,55 @@ __global__ void __launch_bounds__(kThreads)
   // stage layout: [row half h][chunk q][lane] 16 B  (conflict-free: 32 lanes x 16 B per (h, q))
   constexpr int kChunkStride = 32 * 16;
 
-  // Codes of round i into stage i % kStages; `masked` checks the round against the split (an empty group
-  // past the end keeps the group count uniform).
-  const auto issue = [&](int i, uint32_t stage_off, bool masked) {
+  // Codes of round `i` into the stage at `stage_off`, from `at[h]` (this lane's bytes of row half h in that
+  // round); `masked` checks the round against the split (an empty group past the end keeps the group
+  // count uniform; a lane outside the split copies zeros from its first, valid, address).
+  const auto issue = [&](int i, const uint8_t* const (&at)[2], uint32_t stage_off, bool masked) {
     if (!masked || i < rounds) {
-      const int64_t d = static_cast<int64_t>(i) * kRoundCols;
       const bool in = !masked || i < lane_rounds;
       const SmemAddr dst = ring + stage_off;
 #pragma unroll
       for (int h = 0; h < 2; ++h)
 #pragma unroll
         for (int q = 0; q < 2; ++q)
-          cp_async16(dst + (2 * h + q) * kChunkStride, rows[h].codes + (in ? d / 2 : 0) + 16 * q, in);
+          cp_async16(dst + (2 * h + q) * kChunkStride, (in ? at[h] : codes[h]) + 16 * q, in);
     }
     cp_async_commit();
   };
+  // The code stream starts before anything else waits on memory.
+  const uint8_t* fill[2] = {codes[0], codes[1]};  // the round the next issue refills
+#pragma unroll
+  for (int i = 0; i < kStages; ++i) {
+    issue(i, fill, static_cast<uint32_t>(i) * kStageBytes, true);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) fill[h] += kRoundCols / 2;
+  }
+
+  // The absmax of every block the CTA's 16 rows touch in this split, decoded once (nested included):
+  // row r's blocks from first(r) = (n·K + col_begin) >> log2_bs on, at amax_s[r·slots + j]. One shared
+  // load per row per round in the main loop instead of a global (nested: three-load) decode.
+  const int slots = static_cast<int>(amax_slots(steps_per_split, log2_bs));
+  float* amax_s = reinterpret_cast<float*>(smem + kRingBytes);
+  {
+    const float offset = weight_offset(p.weight);
+    for (int e = threadIdx.x; e < kRows * slots; e += kThreads) {
+      const int r = e / slots, j = e % slots;
+      const int64_t n = n0 + r < N ? n0 + r : N - 1;
+      const int64_t b = ((n * K + col_begin) >> log2_bs) + j;
+      amax_s[e] = col_end > col_begin && b <= ((n * K + col_end - 1) >> log2_bs)
+                      ? weight_block_absmax(p.weight, offset, b)
+                      : 0.0f;
+    }
+  }
+  // This lane's slot of rows g, g + 8 at round 0; + i·(kRoundCols >> log2_bs) at round i.
+  int amax_at[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = n0 + g + 8 * h < N ? n0 + g + 8 * h : N - 1;
+    amax_at[h] = (g + 8 * h) * slots + static_cast<int>(((n * K + col0) >> log2_bs) - ((n * K + col_begin) >> log2_bs));
+  }
+  const int amax_step = static_cast<int>(kRoundCols >> log2_bs);
+  __syncthreads();  // pair table and absmax staged
 
   float acc[NT][4];
 #pragma unroll
@@ -188,18 +190,17 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.0f;
 
-  // One round: absmax (fetched a round ago), x, the codes from the ring, 16 mma steps per n8 tile.
-  AmaxSource src[2];
+  // One round: absmax, x, the codes from the ring, 16 mma steps per n8 tile, then the refill. The x
+  // pointers, the refill pointers and the absmax slot advance by one round each time.
+  const T* xat[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) xat[j] = xrow[j];
+  const float* amax_p[2] = {amax_s + amax_at[0], amax_s + amax_at[1]};
   const auto round = [&](int i, bool masked) {
-    const int64_t d = static_cast<int64_t>(i) * kRoundCols;
     const bool in = !masked || i < lane_rounds;
     float amax[2];
 #pragma unroll
-    for (int h = 0; h < 2; ++h) amax[h] = in ? finish_amax<kNested>(src[h], dyn_map, offset) : 0.0f;
-    if (!masked || i + 1 < lane_rounds) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) src[h] = fetch_amax<kNested>(p.weight, rows[h].block + (i + 1) * block_step);
-    }
+    for (int h = 0; h < 2; ++h) amax[h] = in ? *amax_p[h] : 0.0f;
     cp_async_wait<kStages - 1>();  // round i's group is complete (this lane's own copies)
     const uint32_t stage_off = static_cast<uint32_t>(i % kStages) * kStageBytes;
     const unsigned char* slot = ring_ptr + stage_off;
@@ -212,7 +213,7 @@ __global__ void __launch_bounds__(kThreads)
         uint4 xv[NT];  // x words 8q + 2wi .. +3 of each tile: the B registers of steps 2wi, 2wi + 1
 #pragma unroll
         for (int j = 0; j < NT; ++j)
-          xv[j] = in ? __ldg(reinterpret_cast<const uint4*>(xrow[j] + d) + 4 * q + wi) : make_uint4(0, 0, 0, 0);
+          xv[j] = in ? __ldg(reinterpret_cast<const uint4*>(xat[j]) + 4 * q + wi) : make_uint4(0, 0, 0, 0);
         const uint32_t wg = word_of(cg, wi), wh = word_of(ch, wi);
 #pragma unroll
         for (int e = 0; e < 2; ++e) {  // step s = 8q + 2wi + e uses bytes 2e, 2e + 1 of the words
@@ -227,21 +228,23 @@ __global__ void __launch_bounds__(kThreads)
         }
       }
     }
-    issue(i + kStages, stage_off, masked);  // the stage just read: its registers are consumed
+    issue(i + kStages, fill, stage_off, masked);  // the stage just read: its registers are consumed
+#pragma unroll
+    for (int j = 0; j < NT; ++j) xat[j] += kRoundCols;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      fill[h] += kRoundCols / 2;
+      amax_p[h] += amax_step;
+    }
   };
 
-#pragma unroll
-  for (int i = 0; i < kStages; ++i) issue(i, static_cast<uint32_t>(i) * kStageBytes, true);
-  if (lane_rounds > 0) {
-#pragma unroll
-    for (int h = 0; h < 2; ++h) src[h] = fetch_amax<kNested>(p.weight, rows[h].block);
-  }
-  // Steady state: every lane's round, its next absmax and the round it refills are all inside the split.
+  // Steady state: every lane's round and the round it refills are inside the split.
   const int steady = full > kStages ? full - kStages : 0;
+#pragma unroll 2
   for (int i = 0; i < steady; ++i) round(i, false);
   for (int i = steady; i < rounds; ++i) round(i, true);
   cp_async_wait<0>();
-  __syncthreads();  // every warp is done with the ring: reuse it for the reduction
+  __syncthreads();  // every warp is done with the ring and the absmax: reuse them for the reduction
 
   // acc[j] = D[16 rows][8 columns] of n8 tile j: d0 (g, 2t), d1 (g, 2t + 1), d2 (g + 8, 2t), d3 (g + 8, 2t + 1).
   constexpr int kCols = 8 * NT;
@@ -273,36 +276,32 @@ __global__ void __launch_bounds__(kThreads)
 
 int64_t super_steps(const QloraMatmulParams& p) { return (p.k + kStepCols - 1) / kStepCols; }
 
-template <typename T, int NT, bool kNested>
+template <typename T, int NT>
 cudaError_t launch(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
   const int64_t total = super_steps(p);
   const int64_t sps = (total + splits - 1) / splits;
   const int64_t eff = (total + sps - 1) / sps;
-  if (eff > 65535 || (eff > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
-  auto kernel = qlora_tc_decode_kernel<T, NT, kNested>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes<NT>());
+  const int log2_bs = log2_blocksize(p.weight.blocksize);
+  if (eff > 65535 || (eff > 1 && workspace == nullptr) || kRows * amax_slots(sps, log2_bs) * 4 > kMaxAmaxBytes)
+    return cudaErrorInvalidValue;
+  auto kernel = qlora_tc_decode_kernel<T, NT>;
+  const int smem = static_cast<int>(smem_bytes(NT, sps, log2_bs));
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>((p.n + kRows - 1) / kRows), static_cast<unsigned>(eff));
-  kernel<<<grid, kThreads, smem_bytes<NT>(), stream>>>(
-      p, sps, eff > 1 ? workspace : nullptr, log2_blocksize(p.weight.blocksize));
+  kernel<<<grid, kThreads, smem, stream>>>(p, sps, eff > 1 ? workspace : nullptr, log2_bs);
   err = cudaGetLastError();
   if (err != cudaSuccess || eff == 1) return err;
   return qlora_splitk_finish(p, static_cast<int>(eff), workspace, stream);
 }
 
-template <typename T, bool kNested>
-cudaError_t dispatch_rows(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
-  // Four column-count instances (n8 mma tiles over M); columns past M are zero and never stored.
-  if (p.m <= 8) return launch<T, 1, kNested>(p, splits, workspace, stream);
-  if (p.m <= 16) return launch<T, 2, kNested>(p, splits, workspace, stream);
-  if (p.m <= 32) return launch<T, 4, kNested>(p, splits, workspace, stream);
-  return launch<T, 8, kNested>(p, splits, workspace, stream);
-}
-
 template <typename T>
 cudaError_t dispatch(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
-  return p.weight.qabsmax != nullptr ? dispatch_rows<T, true>(p, splits, workspace, stream)
-                                     : dispatch_rows<T, false>(p, splits, workspace, stream);
+  // Four column-count instances (n8 mma tiles over M); columns past M repeat row M - 1, never stored.
+  if (p.m <= 8) return launch<T, 1>(p, splits, workspace, stream);
+  if (p.m <= 16) return launch<T, 2>(p, splits, workspace, stream);
+  if (p.m <= 32) return launch<T, 4>(p, splits, workspace, stream);
+  return launch<T, 8>(p, splits, workspace, stream);
 }
 
 }  // namespace
@@ -324,12 +323,18 @@ int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms) {
   // super step per warp.
   const int64_t ctas = (p.n + kRows - 1) / kRows;
   const int64_t s_min = sms > 0 ? sms : 1;
-  if (ctas >= s_min) return 1;
-  int64_t s = (2 * s_min + ctas - 1) / ctas;
-  const int64_t max_by_len = super_steps(p) / kWarps > 1 ? super_steps(p) / kWarps : 1;
-  if (s > max_by_len) s = max_by_len;
-  const int64_t sps = (super_steps(p) + s - 1) / s;
-  return static_cast<int>((super_steps(p) + sps - 1) / sps);
+  const int64_t total = super_steps(p);
+  int64_t s = 1;
+  if (ctas < s_min) {
+    s = (2 * s_min + ctas - 1) / ctas;
+    const int64_t max_by_len = total / kWarps > 1 ? total / kWarps : 1;
+    if (s > max_by_len) s = max_by_len;
+  }
+  // The staged absmax of a split must fit kMaxAmaxBytes (only very long rows need this).
+  const int log2_bs = log2_blocksize(p.weight.blocksize);
+  while (s < total && kRows * amax_slots((total + s - 1) / s, log2_bs) * 4 > kMaxAmaxBytes) ++s;
+  const int64_t sps = (total + s - 1) / s;
+  return static_cast<int>((total + sps - 1) / sps);
 }
 
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
