@@ -107,12 +107,12 @@ def main() -> int:
                     def dx(dy=dy, dt=dt):
                         y = lora_ops.qlora_matmul(dy, wq, transpose_w=True)
                         return rel_err(y, dy.double().cpu() @ dense.to(dt).double()), TOL[dt]
-                    # The force applies only where the kernel supports the call: tc_decode forward up
-                    # to 64 rows, decode up to kDecodeMaxRows = 16 rows forward, kDecodeMaxRowsT = 4
-                    # for dx (qlora_cuda.h); elsewhere the dispatcher's own choice runs.
+                    # The force applies only where the kernel supports the call: tc_decode up to 64
+                    # rows (forward and dx), decode up to kDecodeMaxRows = 16 rows forward,
+                    # kDecodeMaxRowsT = 4 for dx (qlora_cuda.h); elsewhere the dispatcher's choice runs.
                     if (path != "decode" or m <= 16) and (path != "tc_decode" or m <= 64):
                         c.run(f"qlora_matmul fwd {path} {str(dt)[6:]} M={m} {n}x{k}", fwd)
-                    if path == "mma" or path == "ffma" or (path == "decode" and m <= 4):
+                    if path in ("mma", "ffma") or (path == "decode" and m <= 4) or (path == "tc_decode" and m <= 64):
                         c.run(f"qlora_matmul dx  {path} {str(dt)[6:]} M={m} {n}x{k}", dx)
         os.environ["LORA_OPS_QLORA_FORCE"] = ""
 

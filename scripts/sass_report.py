@@ -67,6 +67,8 @@ from nvcc_check import NVCC_FLAGS, demangle, short_name  # noqa: E402
 
 # kernel-name prefix -> (unit, per-thread amount per main-loop iteration, how it is derived)
 UNITS = {
+    "qlora_tc_decode_t_kernel<": ("weight element", None,
+                                  "128 / NT per lane per row group (4 W rows x 2U columns, U = 16 / NT output pairs)"),
     "qlora_tc_decode_kernel<": ("weight element", None,
                                 "128 per lane per round (16 W rows x 256 columns per warp / 32 lanes); rounds per "
                                 "iteration = HMMA in the loop / (16 x NT), NT = the kernel's n8-tile count"),
@@ -177,7 +179,9 @@ def analyse(name: str, insns: list[tuple[int, str]], usage: dict[str, int]) -> d
             if not name.startswith(prefix):
                 continue
             hmma = hist.get("HMMA", 0)
-            if per_iter is None and prefix == "qlora_tc_decode_kernel<":  # rounds (unrolled) from the HMMA count
+            if per_iter is None and prefix == "qlora_tc_decode_t_kernel<":
+                per_iter = 128 // int(re.search(r",\s*(\d+)\s*>", name).group(1))
+            elif per_iter is None and prefix == "qlora_tc_decode_kernel<":  # rounds (unrolled) from the HMMA count
                 nt = int(re.search(r",\s*(\d+)\s*>", name).group(1))
                 if hmma and hmma % (16 * nt) == 0:
                     per_iter = 128 * hmma // (16 * nt)

@@ -47,7 +47,8 @@ CASES = [
     (1, 4096, 4096, "tc_decode", [torch.bfloat16, torch.float16]),               # decode shape, 2 full rounds
     (16, 72, 2112, "tc_decode", [torch.bfloat16]),                               # N tail, masked last round
     (64, 136, 192, "tc_decode", [torch.float16]),                                # largest M, 8 n8 tiles
-    (33, 40, 8192, "tc_decode", [torch.bfloat16]),                               # small N: K splits
+    (33, 40, 8192, "tc_decode", [torch.bfloat16]),                               # small N: K splits (dx: N split)
+    (4, 1000, 4096, "tc_decode", [torch.float16, torch.bfloat16]),               # dx: N tail, 16 column CTAs
     (1, 64, 256, "mma", [torch.bfloat16, torch.float16]),                         # M = 1 padded to a tile
     (17, 136, 96, "mma", [torch.bfloat16]),                                       # K % 64 != 0 (fast path)
     (100, 200, 200, "mma", [torch.float16, torch.bfloat16]),                      # K % 32 != 0 (scalar path)

@@ -759,6 +759,39 @@ void run_tc_decode() {
   }
 }
 
+// Transposed tc decode (dx = dy·W, M <= 64): every n8-tile instance (U = 16 / NT output pairs per lane),
+// output K tails (CTAs of 16·U columns with idle lanes), N tails (row groups of 16 past N), N splits,
+// blocksizes 32 .. 4096, nested and plain, dropout on the LoRA term, padded dy rows.
+void run_tc_decode_t() {
+  MatmulCase c;
+  c.path = Path::kTcDecode;
+  c.transpose = true;
+  int i = 0;
+  for (int64_t m : {1, 3, 8, 9, 16, 17, 33, 64}) {
+    for (int64_t k : {96, 544}) {
+      c.m = m;
+      c.k = (i % 5 == 4) ? 32 : k;
+      c.n = i % 3 == 0 ? 40 : i % 3 == 1 ? 200 : 16;
+      c.dt = i % 2 == 0 ? DType::kBFloat16 : DType::kFloat16;
+      c.nested = i % 3 != 2;
+      c.bs = i % 4 == 0 ? 32 : i % 4 == 1 ? 64 : i % 4 == 2 ? 4096 : 128;
+      c.rank = i % 4 == 0 ? 0 : i % 4 == 1 ? 16 : i % 4 == 2 ? 8 : 1;
+      c.lora_fp32 = i % 2 == 0;
+      c.drop = i % 3 == 1 ? 0.25 : 0.0;
+      c.splits = c.n == 200 ? (i % 2 ? 3 : 0) : 1;
+      c.a_row_pad = i % 2 == 0 ? 0 : 2;
+      ++i;
+      check_matmul(c);
+    }
+  }
+  c.m = 4; c.n = 1100; c.k = 288; c.bs = 64; c.nested = true; c.rank = 8; c.drop = 0.1; c.splits = 1;
+  check_matmul(c);  // long reduction: the register double buffer runs many row groups per warp
+  for (DType t : {DType::kFloat16, DType::kBFloat16}) {
+    check_onehot(Path::kTcDecode, true, 64, 40, 96, t, t == DType::kBFloat16, 64, 1);
+    check_onehot(Path::kTcDecode, true, 5, 136, 544, t, t != DType::kBFloat16, 32, 2);
+  }
+}
+
 // qlora_tc_decode_supported must refuse what the kernel cannot take.
 void run_tc_decode_predicates() {
   Weight w(40, 128, 64, false, 0), w_odd(40, 128, 64, false, 1), w32(40, 128, 32, false, 0),
@@ -781,7 +814,18 @@ void run_tc_decode_predicates() {
   expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted fp32 activations");
   q = p;
   q.transpose_w = true;
-  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted the transposed form");
+  q.a_row_stride = 40;  // dy [M, N]
+  expect(cuda::qlora_tc_decode_supported(q), "tc_decode_supported(T): aligned bf16 case refused");
+  q.a_col_stride = 2;
+  q.a_row_stride = 80;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported(T): accepted a strided dy");
+  q = p;
+  q.transpose_w = true;
+  q.a_row_stride = 41;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported(T): accepted dy rows not 4-byte aligned");
+  q.a_row_stride = 40;
+  q.k = 48;
+  expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported(T): accepted K % 32 != 0");
   q = p;
   q.k = 96;
   expect(!cuda::qlora_tc_decode_supported(q), "tc_decode_supported: accepted K % 64 != 0");
@@ -882,6 +926,7 @@ int main(int argc, char** argv) {
   if (want("mma")) run_mma();
   if (want("tc_decode")) run_tc_decode_predicates();
   if (want("tc_decode")) run_tc_decode();
+  if (want("tc_decode")) run_tc_decode_t();
   std::printf("emulated CUDA QLoRA kernels (%s, schedule %d) vs CPU kernels: %d checks, %d failures (%lld CTAs run)\n",
               group.c_str(), lora_emu::g_policy, g_checks, g_failures, lora_emu::g_ctas);
   return g_failures == 0 ? 0 : 1;

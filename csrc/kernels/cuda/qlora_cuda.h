@@ -5,9 +5,11 @@
 // All pointers are device pointers; fp64 is not supported on the GPU.
 //
 //   path        file             M          dtypes              layout needs
-//   tc decode   qlora_tc_decode  1 .. 64    fp16 / bf16         forward only: K % 64 == 0, blocksize 64 ..
-//               .cu                                             2048, packed and a rows 16-byte aligned,
-//                                                               a col stride 1
+//   tc decode   qlora_tc_decode  1 .. 64    fp16 / bf16         forward: K % 64 == 0, blocksize 64 .. 2048,
+//               .cu                                             packed and a rows 16-byte aligned, a col
+//                                                               stride 1
+//               (transposed)     1 .. 64    fp16 / bf16         K % 32 == 0, packed 16-byte aligned, dy col
+//                                                               stride 1, rows 4-byte aligned
 //   decode      qlora_decode.cu  1 .. 16    fp16 / bf16 / fp32  forward: K % 32 == 0, packed and a rows
 //                                                               16-byte aligned, a col stride 1
 //               (transposed)     1 .. 4     fp16 / bf16 / fp32  K % 32 == 0, packed 16-byte aligned
@@ -39,13 +41,12 @@ int qlora_decode_splits(const QloraMatmulParams& p, int sms);
 size_t qlora_splitk_workspace_bytes(const QloraMatmulParams& p, int splits);
 cudaError_t qlora_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
 
-// ---- tensor-core weight-streaming path (M <= kTcDecodeMaxRows, forward, fp16 / bf16, sm80+) ------------
+// ---- tensor-core weight-streaming path (M <= kTcDecodeMaxRows, forward and dx, fp16 / bf16, sm80+) -----
 constexpr int64_t kTcDecodeMaxRows = 64;
-// True when qlora_tc_decode.cu can take p (K % 64 == 0, blocksize 64 .. 2048, 16-byte aligned codes and x
-// rows, unit column stride).
+// True when qlora_tc_decode.cu can take p (see the table above).
 bool qlora_tc_decode_supported(const QloraMatmulParams& p);
-// K splits on a device with `sms` multiprocessors (1 unless N is too small to fill the SMs); the
-// workspace is qlora_splitk_workspace_bytes(p, splits).
+// K splits (forward; 1 unless N is too small to fill the SMs or rows are very long) or N splits (dx) on a
+// device with `sms` multiprocessors; the workspace is qlora_splitk_workspace_bytes(p, splits).
 int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms);
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
 

@@ -1,7 +1,8 @@
-// Tensor-core weight-streaming QLoRA forward for decode and small batch (M <= 64, fp16 / bf16, sm80+):
-// y = x·Wᵀ + scale·s·Bᵀ + bias, every packed byte of W read once, straight from the bitsandbytes byte
-// layout (no derived copy of the weight exists: the permutation below is applied to the reduction order,
-// not to the stored bytes).
+// Tensor-core weight-streaming QLoRA matmul for decode and small batch (M <= 64, fp16 / bf16, sm80+), the
+// forward y = x·Wᵀ + scale·s·Bᵀ + bias and (second half of the file) the transposed dx = dy·W + LoRA term.
+// Every packed byte of W is read once, straight from the bitsandbytes byte layout (no derived copy of the
+// weight exists: the permutations below apply to the reduction order and the output order, not to the
+// stored bytes).
 //
 // W is the 16-row A operand of mma.sync m16n8k16 and x the 8-column B operand, so the tensor cores work
 // at M = 1 (M is padded to 8·NT columns of the mma, never to 16 rows).
@@ -304,10 +305,221 @@ cudaError_t dispatch(const QloraMatmulParams& p, int splits, float* workspace, c
   return launch<T, 8>(p, splits, workspace, stream);
 }
 
+// ---- transposed form, dx = dy·W (M <= 64) -------------------------------------------------------------
+//   out[m, k] = Σ_n dy[m, n] · W[n, k]. W is again the A operand, now with ROWS = output columns k and
+//   COLUMNS = the reduction over W's rows n. A packed byte holds two output columns (k, k + 1) of one row
+//   n, so a lane decodes two bytes of rows n(2t) and n(2t + 1) (the B fragment's reduction pair, dy's
+//   columns n, n + 1 contiguous) and packs their EVEN elements into mma row g (output k) and their ODD
+//   elements into row g + 8 (output k + 1): the same 2 FMUL + 1 paired conversion per byte as forward.
+//
+//   CTA = 8 warps on the same 16·U output columns (U = 16 / NT pairs per lane, so every lane holds
+//   U·NT·4 = 64 accumulators at every M: no register cliff); warp w takes the 16-row groups w, w + 8, ...
+//   of the CTA's N split (blockIdx.y). Lane (g, t) loads U contiguous packed bytes (output pairs U·g ..
+//   U·g + U - 1) of rows n0 + {2t, 2t + 1, 2t + 8, 2t + 9}; pair U·g + u feeds output tile u, whose
+//   mma rows g / g + 8 are columns k0 + 2(U·g + u) and + 1. Codes are register double-buffered (one
+//   row group ahead); the absmax is decoded per row and lane chunk (2U columns, inside one block).
+//   At the end the 8 warps' tiles are summed in warp order through shared memory, then the epilogue
+//   (LoRA term ∘ dropout mask) or fp32 partials for qlora_splitk_finish.
+constexpr int kTRowStep = 16;  // W rows per mma step (the reduction of one mma)
+
+template <int U>
+struct CodeChunk;  // U packed bytes of one row, as loaded
+template <>
+struct CodeChunk<16> {
+  uint4 v;
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ uint32_t word(int i) const { return word_of(v, i); }
+};
+template <>
+struct CodeChunk<8> {
+  uint2 v;
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint2*>(p)); }
+  __device__ __forceinline__ uint32_t word(int i) const { return i == 0 ? v.x : v.y; }
+};
+template <>
+struct CodeChunk<4> {
+  uint32_t v;
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint32_t*>(p)); }
+  __device__ __forceinline__ uint32_t word(int) const { return v; }
+};
+template <>
+struct CodeChunk<2> {
+  uint32_t v;
+  __device__ __forceinline__ void load(const uint8_t* p) { v = __ldg(reinterpret_cast<const uint16_t*>(p)); }
+  __device__ __forceinline__ uint32_t word(int) const { return v; }
+};
+
+// Byte (bit offset `shift`) of rows a and b -> the A registers of output columns k (even elements) and
+// k + 1 (odd elements), each T(c·absmax of its row).
+template <typename T>
+__device__ __forceinline__ void decode_vertical(uint32_t wa, uint32_t wb, int shift, float amax_a, float amax_b,
+                                                uint32_t& even, uint32_t& odd) {
+  const uint32_t oa = (shift >= 3 ? wa >> (shift - 3) : wa << (3 - shift)) & 0x7F8u;
+  const uint32_t ob = (shift >= 3 ? wb >> (shift - 3) : wb << (3 - shift)) & 0x7F8u;
+  const float2 ca = *reinterpret_cast<const float2*>(reinterpret_cast<const unsigned char*>(tc_pairs) + oa);
+  const float2 cb = *reinterpret_cast<const float2*>(reinterpret_cast<const unsigned char*>(tc_pairs) + ob);
+  even = pack2(nf4_decode(ca.x, amax_a), nf4_decode(cb.x, amax_b), T{});
+  odd = pack2(nf4_decode(ca.y, amax_a), nf4_decode(cb.y, amax_b), T{});
+}
+
+// Two consecutive dy elements (columns n, n + 1 of row m) as one 16-bit pair register; zero past N.
+template <typename T>
+__device__ __forceinline__ uint32_t dy_pair(const T* row, int64_t n, int64_t N) {
+  if (n + 1 < N) return __ldg(reinterpret_cast<const uint32_t*>(row + n));
+  if (n < N) return static_cast<uint32_t>(__ldg(reinterpret_cast<const uint16_t*>(row + n)));
+  return 0u;
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads)
+    qlora_tc_decode_t_kernel(const QloraMatmulParams p, int64_t groups_per_split, float* ws, int log2_bs) {
+  constexpr int U = 16 / NT;        // output pairs per lane = mma output tiles per warp
+  constexpr int kOut = 16 * U;      // output columns per CTA
+  extern __shared__ __align__(16) unsigned char smem[];
+  tc_pairs[threadIdx.x] = make_float2(kNf4CodebookDevice[threadIdx.x >> 4], kNf4CodebookDevice[threadIdx.x & 15]);
+  __syncthreads();
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t N = p.n, K = p.k;
+  const int M = static_cast<int>(p.m);
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * kOut;
+  const int64_t col = k0 + 2 * U * g;  // this lane's first output column (2U columns: one block)
+  const bool lane_in = col < K;         // K % 32 == 0: a lane's chunk is all in or out
+  const int64_t groups = (N + kTRowStep - 1) / kTRowStep;
+  const int64_t gb = static_cast<int64_t>(blockIdx.y) * groups_per_split;
+  const int64_t ge = gb + groups_per_split < groups ? gb + groups_per_split : groups;
+  const float offset = weight_offset(p.weight);
+  const int row_of[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};  // reduction pairs (2t, 2t+1), (2t+8, 2t+9)
+  const T* dy[NT];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int m = 8 * j + g < M ? 8 * j + g : M - 1;  // rows past M repeat M - 1, never stored
+    dy[j] = static_cast<const T*>(p.a) + m * p.a_row_stride;
+  }
+
+  float acc[U][NT][4];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[u][j][e] = 0.0f;
+
+  // Codes and absmax of one row group (rows past N read row N - 1 with absmax 0: W = 0 there, and dy is 0).
+  const auto fetch = [&](int64_t grp, CodeChunk<U> (&c)[4], float (&amax)[4]) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = grp * kTRowStep + row_of[r];
+      const int64_t nc = n < N ? n : N - 1;
+      const int64_t flat = nc * K + (lane_in ? col : 0);
+      c[r].load(p.weight.packed + flat / 2);
+      amax[r] = (n < N && lane_in) ? weight_block_absmax(p.weight, offset, flat >> log2_bs) : 0.0f;
+    }
+  };
+
+  CodeChunk<U> cur[4], nxt[4];
+  float amax[4], amax_n[4];
+  int64_t grp = gb + warp;
+  if (grp < ge) fetch(grp, cur, amax);
+  for (; grp < ge; grp += kWarps) {
+    if (grp + kWarps < ge) fetch(grp + kWarps, nxt, amax_n);  // one row group ahead, in registers
+    const int64_t nb = grp * kTRowStep;
+    uint32_t b[NT][2];  // dy pairs (n(2t), n(2t+1)) and (n(2t+8), n(2t+9)) of rows 8j + g
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      b[j][0] = dy_pair(dy[j], nb + 2 * t, N);
+      b[j][1] = dy_pair(dy[j], nb + 2 * t + 8, N);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int shift = 8 * (u & 3);
+      uint32_t a[4];
+      decode_vertical<T>(cur[0].word(u >> 2), cur[1].word(u >> 2), shift, amax[0], amax[1], a[0], a[1]);
+      decode_vertical<T>(cur[2].word(u >> 2), cur[3].word(u >> 2), shift, amax[2], amax[3], a[2], a[3]);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) mma16816(acc[u][j], a, b[j][0], b[j][1], T{});
+    }
+    if (grp + kWarps < ge) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        cur[r] = nxt[r];
+        amax[r] = amax_n[r];
+      }
+    }
+  }
+
+  // acc[u][j]: mma row g -> column k0 + 2(U·g + u), row g + 8 -> that + 1; mma column 2t (+1) -> m = 8j + 2t (+1).
+  constexpr int kCols = 8 * NT;
+  float* red = reinterpret_cast<float*>(smem);  // [warp][kOut][kCols]
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      float* r = red + (warp * kOut + 2 * (U * g + u)) * kCols + 8 * j + 2 * t;
+      r[0] = acc[u][j][0];
+      r[1] = acc[u][j][1];
+      r[kCols] = acc[u][j][2];
+      r[kCols + 1] = acc[u][j][3];
+    }
+  __syncthreads();
+
+  const uint32_t key = dropout_key(p.dropout.seed);
+  for (int idx = threadIdx.x; idx < kOut * M; idx += kThreads) {
+    const int kl = idx % kOut, m = idx / kOut;
+    const int64_t k = k0 + kl;
+    if (k >= K) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) v += red[(w * kOut + kl) * kCols + m];
+    if (ws != nullptr)
+      ws[(static_cast<int64_t>(blockIdx.y) * M + m) * K + k] = v;
+    else
+      store_as(p.out, p.a_dtype, m * p.out_row_stride + k, qlora_epilogue(p, key, m, k, v));
+  }
+}
+
+int t_lane_pairs(int64_t m) { return m <= 8 ? 16 : m <= 16 ? 8 : m <= 32 ? 4 : 2; }  // U of the instance
+
+template <typename T, int NT>
+cudaError_t launch_t(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  constexpr int U = 16 / NT;
+  const int64_t groups = (p.n + kTRowStep - 1) / kTRowStep;
+  const int64_t gps = (groups + splits - 1) / splits;
+  const int64_t eff = (groups + gps - 1) / gps;
+  if (eff > 65535 || (eff > 1 && workspace == nullptr)) return cudaErrorInvalidValue;
+  auto kernel = qlora_tc_decode_t_kernel<T, NT>;
+  const int smem = kWarps * 16 * U * 8 * NT * 4;  // the cross-warp reduction: 64 KiB at every NT
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(static_cast<unsigned>((p.k + 16 * U - 1) / (16 * U)), static_cast<unsigned>(eff));
+  kernel<<<grid, kThreads, smem, stream>>>(p, gps, eff > 1 ? workspace : nullptr, log2_blocksize(p.weight.blocksize));
+  err = cudaGetLastError();
+  if (err != cudaSuccess || eff == 1) return err;
+  return qlora_splitk_finish(p, static_cast<int>(eff), workspace, stream);
+}
+
+template <typename T>
+cudaError_t dispatch_t(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
+  if (p.m <= 8) return launch_t<T, 1>(p, splits, workspace, stream);
+  if (p.m <= 16) return launch_t<T, 2>(p, splits, workspace, stream);
+  if (p.m <= 32) return launch_t<T, 4>(p, splits, workspace, stream);
+  return launch_t<T, 8>(p, splits, workspace, stream);
+}
+
 }  // namespace
 
+// Transposed form: K % 32 == 0 (a lane's 2U <= 32 columns in one block, U-byte aligned loads), dy with unit
+// column stride and 4-byte aligned rows (pair loads).
+static bool tc_decode_t_supported(const QloraMatmulParams& p) {
+  if (p.m < 1 || p.m > kTcDecodeMaxRows || p.n < 1 || p.k < 32 || p.k % 32 != 0) return false;
+  if (p.a_dtype != DType::kFloat16 && p.a_dtype != DType::kBFloat16) return false;
+  return nf4_valid_blocksize(p.weight.blocksize) && is_aligned(p.weight.packed, 16) && is_aligned(p.a, 4) &&
+         p.a_col_stride == 1 && p.a_row_stride % 2 == 0 && p.rank >= 0 && p.rank <= kMaxLoraRank;
+}
+
 bool qlora_tc_decode_supported(const QloraMatmulParams& p) {
-  if (p.transpose_w || p.m < 1 || p.m > kTcDecodeMaxRows || p.n < 1 || p.k < kLaneCols || p.k % kLaneCols != 0)
+  if (p.transpose_w) return tc_decode_t_supported(p);
+  if (p.m < 1 || p.m > kTcDecodeMaxRows || p.n < 1 || p.k < kLaneCols || p.k % kLaneCols != 0)
     return false;
   if (p.a_dtype != DType::kFloat16 && p.a_dtype != DType::kBFloat16) return false;
   // a lane's 64 columns lie in one block, and a round (2048 columns) is a whole number of blocks
@@ -318,6 +530,17 @@ bool qlora_tc_decode_supported(const QloraMatmulParams& p) {
 }
 
 int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms) {
+  if (p.transpose_w) {  // split N until the column CTAs cover two per SM, each split >= 8 row groups
+    const int64_t ctas = (p.k + 16 * t_lane_pairs(p.m) - 1) / (16 * t_lane_pairs(p.m));
+    const int64_t groups = (p.n + kTRowStep - 1) / kTRowStep;
+    const int64_t target = 2 * static_cast<int64_t>(sms > 0 ? sms : 1);
+    int64_t s = (target + ctas - 1) / ctas;
+    const int64_t max_by_len = groups / kWarps > 1 ? groups / kWarps : 1;
+    if (s > max_by_len) s = max_by_len;
+    if (s < 1) s = 1;
+    const int64_t gps = (groups + s - 1) / s;
+    return static_cast<int>((groups + gps - 1) / gps);
+  }
   // One K split while the 16-row CTAs alone cover the SMs (then the layer call is two launches:
   // lora_down and this kernel); otherwise enough splits for two CTAs per SM, each split at least one
   // super step per warp.
@@ -339,6 +562,9 @@ int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms) {
 
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
   if (!qlora_tc_decode_supported(p) || splits < 1) return cudaErrorInvalidValue;
+  if (p.transpose_w)
+    return p.a_dtype == DType::kFloat16 ? dispatch_t<__half>(p, splits, workspace, stream)
+                                        : dispatch_t<__nv_bfloat16>(p, splits, workspace, stream);
   return p.a_dtype == DType::kFloat16 ? dispatch<__half>(p, splits, workspace, stream)
                                       : dispatch<__nv_bfloat16>(p, splits, workspace, stream);
 }
