@@ -9,6 +9,9 @@ Timing: each measured call is one of R calls captured in a CUDA graph, R differe
 turn so that the weights streamed per replay exceed 2 x the 60 MB L2 (no call finds its weight in the
 cache); replays are timed with CUDA events after two warm-up replays, the median of at least 5 replays
 (or 50 ms) is divided by R. Rows that do not fit the budget are skipped and listed.
+Bandwidth bound: the same run first times a device-to-device copy_ of a 1 GiB buffer (graph, same
+method); "pct_of_copy_bw" = weight bytes read per second / that copy's read bandwidth (bytes read by
+the copy per second), i.e. the share of the streaming bound a weight-streaming kernel reaches.
 Usage: python scripts/gpu_microbench.py [--out DIR] [--budget 80] [--quick]   (--quick: one small row
 per method, also runs on --device cpu without graphs as a dry run of the script)
 """
@@ -84,6 +87,13 @@ def main() -> int:
     except Exception:  # noqa: BLE001
         has_bnb = False
     rows, skipped = [], []
+    copy_read_gbps = None
+    if dev.type == "cuda":
+        src = torch.empty(2**30, dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        copy_read_gbps = src.numel() / (time_graph([lambda: dst.copy_(src)], dev) * 1e-3) / 1e9
+        del src, dst
+        print(f"copy_ (1 GiB, device to device): {copy_read_gbps:.1f} GB/s read", flush=True)
     g = torch.Generator(device="cpu").manual_seed(int.from_bytes(os.urandom(4), "little"))
     for n, k in shapes:
         w_master = (torch.randn(n, k, generator=g) * 0.02).to(dev)
@@ -132,16 +142,18 @@ def main() -> int:
                 row = {"shape": f"{n}x{k}", "m": m, "method": name, "ms": round(t, 5),
                        "weight_GBps": round(wbytes / (t * 1e-3) / 1e9, 1),
                        "TFLOPs": round(2 * m * n * k / (t * 1e-3) / 1e12, 2), "rotated_copies": len(fns)}
+                if copy_read_gbps:
+                    row["pct_of_copy_bw"] = round(100 * row["weight_GBps"] / copy_read_gbps, 1)
                 rows.append(row)
-                print(f"{label:<40} {t * 1e3:9.1f} us  {row['weight_GBps']:7.1f} GB/s weights  {row['TFLOPs']:7.2f} TFLOP/s",
-                      flush=True)
+                print(f"{label:<40} {t * 1e3:9.1f} us  {row['weight_GBps']:7.1f} GB/s weights "
+                      f"({row.get('pct_of_copy_bw', '-')} % of copy)  {row['TFLOPs']:7.2f} TFLOP/s", flush=True)
         del wqs, dense, bnb_ws
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     result = {
         "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "dtype": "bfloat16", "bitsandbytes": has_bnb,
-        "l2_bytes_assumed": L2_BYTES, "seconds": round(time.perf_counter() - t_start, 1),
+        "l2_bytes_assumed": L2_BYTES, "copy_read_GBps": copy_read_gbps and round(copy_read_gbps, 1), "seconds": round(time.perf_counter() - t_start, 1),
         "rows": rows, "skipped_for_budget": skipped,
     }
     os.makedirs(args.out, exist_ok=True)
