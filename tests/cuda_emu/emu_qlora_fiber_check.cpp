@@ -711,6 +711,18 @@ void run_mma() {
   for (bool tr : {false, true})
     for (bool fast : {true, false})
       check_onehot(Path::kMma, tr, 64, 136, fast ? 96 : 72, fast ? DType::kFloat16 : DType::kBFloat16, true, 32, 1);
+  // The LoRA sum runs as tensor-core k-steps over 32-wide rank chunks: ranks across a chunk boundary and
+  // not a multiple of 16, fp32 adapters with large and small magnitudes mixed (the hi + lo split).
+  for (int rank : {33, 40, 100}) {
+    for (bool tr : {false, true}) {
+      c = MatmulCase{};
+      c.path = Path::kMma;
+      c.transpose = tr;
+      c.m = 70; c.n = 72; c.k = 96; c.rank = rank; c.lora_fp32 = rank != 40; c.bias = tr ? 0 : 1;
+      c.drop = tr ? 0.3 : 0.0; c.dt = rank == 100 ? DType::kFloat16 : DType::kBFloat16;
+      check_matmul(c);
+    }
+  }
 }
 
 // Tensor-core weight-streaming forward (M <= 64): every n8-tile instance (M = 1, 3, 8 | 9, 16 | 17, 32 |

@@ -86,15 +86,32 @@ __device__ __forceinline__ float weight_at(const Nf4Weight& w, int log2_bs, floa
   return nf4_decode(codebook[code], weight_block_absmax(w, offset, e >> log2_bs));
 }
 
-// The epilogue of QloraMatmulParams for output (m, o): acc (fp32 base product) + scale · LoRA term
-// (masked by the dropout of x at (m, o) in the transposed form) + bias, in fp32; the caller rounds
-// once when storing. `key` = dropout_key(p.dropout.seed), hoisted by the caller.
+// The epilogue of QloraMatmulParams for output (m, o) given the LoRA sum l = Σ_q s[m,q]·lora_w[o,q]
+// (fp32): acc + scale · l (masked by the dropout of x at (m, o) in the transposed form) + bias, in fp32;
+// the caller rounds once when storing. `key` = dropout_key(p.dropout.seed), hoisted by the caller.
+__device__ __forceinline__ float qlora_epilogue_lora(const QloraMatmulParams& p, uint32_t key, int64_t m, int64_t o,
+                                                     float acc, float l) {
+  if (p.rank > 0) {
+    if (p.dropout.enabled()) {
+      const DropoutParams& d = p.dropout;
+      const uint64_t ctr = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o);
+      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
+      l = dropout_apply(dropout_keep_hash(h, d.threshold), l, d.keep_scale);
+    }
+    acc += static_cast<float>(p.scale) * l;
+  }
+  if (p.bias != nullptr) acc += load_as_float(p.bias, p.bias_dtype, o);
+  return acc;
+}
+
+// The same with l computed here: r scalar loads per output (the kernels that have no tensor-core LoRA
+// pass: decode, FFMA).
 __device__ __forceinline__ float qlora_epilogue(const QloraMatmulParams& p, uint32_t key, int64_t m, int64_t o,
                                                 float acc) {
+  float l = 0.0f;
   if (p.rank > 0) {
     const float* s = static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride;
     const int64_t wo = o * p.lora_w_stride_o;
-    float l = 0.0f;
     switch (p.lora_w_dtype) {
       case DType::kFloat32: {
         const float* w = static_cast<const float*>(p.lora_w) + wo;
@@ -113,16 +130,8 @@ __device__ __forceinline__ float qlora_epilogue(const QloraMatmulParams& p, uint
       }
       default: break;
     }
-    if (p.dropout.enabled()) {
-      const DropoutParams& d = p.dropout;
-      const uint64_t ctr = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(o);
-      const uint32_t h = dropout_hash(key, dropout_hi_key(key, static_cast<uint32_t>(ctr >> 32)), static_cast<uint32_t>(ctr));
-      l = dropout_apply(dropout_keep_hash(h, d.threshold), l, d.keep_scale);
-    }
-    acc += static_cast<float>(p.scale) * l;
   }
-  if (p.bias != nullptr) acc += load_as_float(p.bias, p.bias_dtype, o);
-  return acc;
+  return qlora_epilogue_lora(p, key, m, o, acc, l);
 }
 
 // Fills a 16-entry shared-memory codebook (call before a __syncthreads).

@@ -20,12 +20,11 @@
 //   the 8 row addresses of every ldmatrix 8x8 matrix, every cp.async 16 B write of a quarter warp and
 //   the decoded 16 B stores hit 8 distinct bank groups (no conflicts, no padding).
 //
-//   Epilogue: the accumulators go through shared memory (fp32 64 x 68, reusing the rings) so each
-//   thread finishes whole outputs with coalesced stores: + scale·Σ_q s[m,q]·lora_w[o,q] (fp32, per
-//   output, FFMA), ∘ dropout mask in the dx form, + bias, one rounding.
-//   Known cost: the LoRA term is r FFMAs per output; at training sizes with r = 64 that is of the same
-//   order as the K = 4096 main loop on tensor cores (not measured). Candidate: run it as extra MMA
-//   k-steps with s and lora_w split into bf16 hi + lo parts (3 MMAs keep ~fp32 accuracy).
+//   Epilogue: the accumulators go through shared memory (fp32 64 x 68, reusing the rings); the LoRA sum
+//   Σ_q s[m,q]·lora_w[o,q] of the tile runs as extra mma k-steps (bf16 hi + lo parts of s and lora_w,
+//   3 MMAs per k-step: ~2^-16 relative), staged per 32-wide rank chunk with coalesced loads, into a
+//   second fp32 tile; then each thread finishes whole outputs with coalesced stores: base + scale·LoRA
+//   (∘ dropout mask in the dx form) + bias, one rounding.
 //
 // Fast path (kFast): a has unit column stride, 16-byte aligned rows and n_in % 8 == 0, and K % 32 == 0
 // with 16-byte aligned packed codes. Otherwise every global access is scalar and bounds-checked
@@ -277,16 +276,99 @@ __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulPa
         cs[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
   __syncthreads();
 
-  // 2. One output per thread per step, consecutive threads on consecutive columns (coalesced stores):
-  //    LoRA term (s row broadcast across the warp), dropout mask (dx), bias, one rounding.
+  // 2. The LoRA sum l[m, o] = Σ_q s[m, q]·lora_w[o, q] of the tile as extra tensor-core k-steps, with
+  //    s (fp32) and lora_w split into bf16 hi + lo parts (s_hi·w_hi + s_hi·w_lo + s_lo·w_hi: ~2^-16
+  //    relative, far below the output rounding) staged per 32-wide rank chunk in shared memory with
+  //    coalesced loads, instead of r scalar loads per output with lora_w read at stride r across lanes.
+  //    Its own fp32 tile cl (the dx form masks it elementwise by the dropout of x before adding).
+  constexpr int kQc = 32;                                  // rank chunk
+  constexpr int kStageRow = kQc + 8;                       // bf16 per staged row (+8: bank spread)
+  constexpr int kStageBytes = 64 * kStageRow * 2;          // one of s_hi, s_lo, w_hi, w_lo
+  constexpr int kClOffset = BM * kCsStride * 4;            // cl after cs; the staging shares its space
+  static_assert(kClOffset + (4 * kStageBytes > BM * kCsStride * 4 ? 4 * kStageBytes : BM * kCsStride * 4) <=
+                    kStages * 2 * kTileElems * 2,
+                "LoRA staging and the cl tile fit in the rings");
+  float* cl = reinterpret_cast<float*>(smem + kClOffset);
+  if (p.rank > 0) {
+    uint16_t* st = reinterpret_cast<uint16_t*>(smem + kClOffset);  // [4][64][kStageRow]: s_hi, s_lo, w_hi, w_lo
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[mi][ni][c] = 0.0f;
+    const auto split = [](float v, uint16_t& hi, uint16_t& lo) {
+      const __nv_bfloat16 h = __float2bfloat16_rn(v);
+      hi = __bfloat16_as_ushort(h);
+      lo = __bfloat16_as_ushort(__float2bfloat16_rn(v - __bfloat162float(h)));
+    };
+    const auto lds32 = [&](int which, int row, int q) {  // two staged bf16 (q, q + 1) of one row
+      return *reinterpret_cast<const uint32_t*>(st + (which * 64 + row) * kStageRow + q);
+    };
+    for (int q0 = 0; q0 < p.rank; q0 += kQc) {
+      __syncthreads();  // the previous chunk's fragments are read
+      for (int e = threadIdx.x; e < 64 * kQc; e += kThreads) {  // consecutive threads: consecutive q
+        const int row = e / kQc, q = e % kQc;
+        const int64_t m = tile.m0 + row, o = tile.o0 + row;
+        const bool qin = q0 + q < p.rank;
+        const float sv = (qin && m < p.m) ? __ldg(static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride + q0 + q) : 0.0f;
+        const float wv = (qin && o < n_out) ? load_as_float(p.lora_w, p.lora_w_dtype, o * p.lora_w_stride_o + (q0 + q) * p.lora_w_stride_q) : 0.0f;
+        split(sv, st[(0 * 64 + row) * kStageRow + q], st[(1 * 64 + row) * kStageRow + q]);
+        split(wv, st[(2 * 64 + row) * kStageRow + q], st[(3 * 64 + row) * kStageRow + q]);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kq = 0; kq < kQc; kq += 16) {
+        // A (s rows m, cols q): a0 (g, 2t), a1 (g + 8, 2t), a2 (g, 2t + 8), a3 (g + 8, 2t + 8), pairs (q, q + 1).
+        uint32_t ah[2][4], al[2][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi) {
+          const int r0 = wm * 32 + mi * 16 + g;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int row = r0 + (c & 1) * 8, q = kq + 2 * t + (c >> 1) * 8;
+            ah[mi][c] = lds32(0, row, q);
+            al[mi][c] = lds32(1, row, q);
+          }
+        }
+        // B (q rows, o columns; "col-major" = q contiguous per o): b0 (2t, g), b1 (2t + 8, g).
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int col = wn * 32 + ni * 8 + g;
+          const uint32_t bh0 = lds32(2, col, kq + 2 * t), bh1 = lds32(2, col, kq + 2 * t + 8);
+          const uint32_t bl0 = lds32(3, col, kq + 2 * t), bl1 = lds32(3, col, kq + 2 * t + 8);
+#pragma unroll
+          for (int mi = 0; mi < 2; ++mi) {
+            mma16816(acc[mi][ni], ah[mi], bh0, bh1, __nv_bfloat16{});
+            mma16816(acc[mi][ni], ah[mi], bl0, bl1, __nv_bfloat16{});
+            mma16816(acc[mi][ni], al[mi], bh0, bh1, __nv_bfloat16{});
+          }
+        }
+      }
+    }
+    __syncthreads();  // staging read: cl takes its place
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+      for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          cl[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
+    __syncthreads();
+  }
+
+  // 3. One output per thread per step, consecutive threads on consecutive columns (coalesced stores):
+  //    base + scale · LoRA sum (∘ dropout mask in dx), bias, one rounding.
   const uint32_t key = dropout_key(p.dropout.seed);
   T* out = static_cast<T*>(p.out);
 #pragma unroll 1
   for (int idx = threadIdx.x; idx < BM * BN; idx += kThreads) {
     const int row = idx / BN, col = idx % BN;
     const int64_t m = tile.m0 + row, o = tile.o0 + col;
-    if (m < p.m && o < n_out)
-      store_one(out, m * p.out_row_stride + o, qlora_epilogue(p, key, m, o, cs[row * kCsStride + col]));
+    if (m < p.m && o < n_out) {
+      const float l = p.rank > 0 ? cl[row * kCsStride + col] : 0.0f;
+      store_one(out, m * p.out_row_stride + o, qlora_epilogue_lora(p, key, m, o, cs[row * kCsStride + col], l));
+    }
   }
 }
 
