@@ -779,7 +779,7 @@ void run_tc_decode_t() {
   c.path = Path::kTcDecode;
   c.transpose = true;
   int i = 0;
-  for (int64_t m : {1, 3, 8, 9, 16, 17, 33, 64}) {
+  for (int64_t m : {1, 3, 8, 9, 16, 17, 33, 63, 64}) {
     for (int64_t k : {96, 544}) {
       c.m = m;
       c.k = (i % 5 == 4) ? 32 : k;

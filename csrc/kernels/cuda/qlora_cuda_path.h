@@ -11,21 +11,25 @@ namespace lora_ops::cuda {
 
 enum class CudaMatmulPath { kTcDecode, kDecode, kTensorCore, kFfma };
 
-// Largest M of the decode kernel, per form (larger M -> tensor-core kernel, or FFMA where it can't).
+// The crossover table, keyed on M, the reduction length and dtype / layout (larger M -> the 64 x 64-tile
+// tensor-core kernel, or FFMA where it can't).
 struct CudaCrossover {
   int64_t tc_decode_max_m;   // forward, fp16 / bf16: the tensor-core weight-streaming kernel
   int64_t tc_decode_max_m_t; // transposed (dx), fp16 / bf16
+  int64_t tc_decode_min_red; // reduction length (K forward, N dx) below which most of the tc kernels' 8
+                             // warps would idle (each takes 256 columns / 16 rows per step)
   int64_t decode_max_m;      // forward, other dtypes (fp32) or layouts the tc kernel refuses
-  int64_t decode_max_m_t;  // transposed (dx)
+  int64_t decode_max_m_t;    // transposed (dx)
 };
 
 // NOT YET MEASURED ON A GPU: these follow the kernels' design limits (the tc decode kernels cover M <= 64
-// with up to 8 n8 tiles, forward and dx, the CUDA-core decode kernel keeps M <= 16 accumulator rows per lane, its transposed form
-// M <= 4) and their SASS instruction counts per weight (scripts/sass_report.py: the tc kernel issues about
-// half the instructions of the CUDA-core decode at M = 1 and a seventh at M = 16), not timings. The tc
-// kernel's crossover against the 64 x 64-tile mma kernel depends on N and K (a 4096-wide layer gives
-// the mma kernel only 64 CTAs); scripts/gpu_microbench.py on a GPU must set these from measurements.
-constexpr CudaCrossover kCudaCrossover{64, 64, 16, 4};
+// with up to 8 n8 tiles, forward and dx; the CUDA-core decode kernel keeps M <= 16 accumulator rows per
+// lane, its transposed form M <= 4) and their SASS instruction counts per weight (scripts/sass_report.py:
+// the tc kernel issues about 3.5 per weight at M = 1 where the CUDA-core decode issued 12, and 3.6 at
+// M = 16 where it issued 32), not timings. The tc kernel's crossover against the 64 x 64-tile mma kernel
+// for 16 < M <= 64 depends on N and K (a 4096-wide layer gives the mma kernel only 64 CTAs);
+// scripts/gpu_microbench.py on a GPU must set these from measurements.
+constexpr CudaCrossover kCudaCrossover{64, 64, 128, 16, 4};
 static_assert(kCudaCrossover.tc_decode_max_m <= kTcDecodeMaxRows && kCudaCrossover.tc_decode_max_m_t <= kTcDecodeMaxRows,
               "the tc decode kernels support at most 64 rows");
 static_assert(kCudaCrossover.decode_max_m <= kDecodeMaxRows, "the decode kernel supports at most 16 rows");
@@ -47,7 +51,9 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
     if (*forced == CudaMatmulPath::kFfma)
       return CudaMatmulPath::kFfma;
   }
-  if (tc_decode_ok && p.m <= (p.transpose_w ? table.tc_decode_max_m_t : table.tc_decode_max_m))
+  const int64_t reduction = p.transpose_w ? p.n : p.k;
+  if (tc_decode_ok && p.m <= (p.transpose_w ? table.tc_decode_max_m_t : table.tc_decode_max_m) &&
+      reduction >= table.tc_decode_min_red)
     return CudaMatmulPath::kTcDecode;
   if (decode_ok && p.m <= (p.transpose_w ? table.decode_max_m_t : table.decode_max_m))
     return CudaMatmulPath::kDecode;
