@@ -267,13 +267,16 @@ __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulPa
   static_assert(BM * kCsStride * 4 <= kStages * 2 * kTileElems * 2, "output tile fits in the rings");
   float* cs = reinterpret_cast<float*>(smem);
   const int g = lane >> 2, t = lane & 3;
+  const auto store_acc = [&](float* tile_out) {  // this warp's accumulators into a 64 x 68 fp32 tile
 #pragma unroll
-  for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni)
+      for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
-      for (int c = 0; c < 4; ++c)
-        cs[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
+        for (int c = 0; c < 4; ++c)
+          tile_out[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
+  };
+  store_acc(cs);
   __syncthreads();
 
   // 2. The LoRA sum l[m, o] = Σ_q s[m, q]·lora_w[o, q] of the tile as extra tensor-core k-steps, with
@@ -347,13 +350,7 @@ __global__ void __launch_bounds__(kThreads) qlora_mma_kernel(const QloraMatmulPa
       }
     }
     __syncthreads();  // staging read: cl takes its place
-#pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
-#pragma unroll
-      for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-        for (int c = 0; c < 4; ++c)
-          cl[(wm * 32 + mi * 16 + g + (c >> 1) * 8) * kCsStride + wn * 32 + ni * 8 + 2 * t + (c & 1)] = acc[mi][ni][c];
+    store_acc(cl);
     __syncthreads();
   }
 

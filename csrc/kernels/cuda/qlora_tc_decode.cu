@@ -78,6 +78,19 @@ __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int shift, float 
   return pack2(nf4_decode(c.x, amax), nf4_decode(c.y, amax), T{});
 }
 
+// Output (m, o) of a CTA: the kWarps partial sums red[w·warp_stride] added in warp order (deterministic),
+// then fp32 split partials to ws [splits, M, n_out] or the epilogue and one rounding.
+__device__ __forceinline__ void finish_output(const QloraMatmulParams& p, uint32_t key, const float* red,
+                                              int warp_stride, int64_t m, int64_t o, int64_t n_out, float* ws) {
+  float v = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) v += red[w * warp_stride];
+  if (ws != nullptr)
+    ws[(static_cast<int64_t>(blockIdx.y) * p.m + m) * n_out + o] = v;
+  else
+    store_as(p.out, p.a_dtype, m * p.out_row_stride + o, qlora_epilogue(p, key, m, o, v));
+}
+
 // Shared-memory slots per W row for the absmax of the blocks a split touches: the split's columns plus one
 // block of misalignment (K % blocksize need not be 0, so a row may start inside a block).
 __host__ __device__ inline int64_t amax_slots(int64_t steps_per_split, int log2_bs) {
@@ -263,15 +276,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t key = dropout_key(p.dropout.seed);
   for (int idx = threadIdx.x; idx < kRows * M; idx += kThreads) {
     const int row = idx % kRows, m = idx / kRows;
-    const int64_t n = n0 + row;
-    if (n >= N) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[(w * kRows + row) * kCols + m];
-    if (ws != nullptr)
-      ws[(static_cast<int64_t>(blockIdx.y) * M + m) * N + n] = v;
-    else
-      store_as(p.out, p.a_dtype, m * p.out_row_stride + n, qlora_epilogue(p, key, m, n, v));
+    if (n0 + row < N) finish_output(p, key, red + row * kCols + m, kRows * kCols, m, n0 + row, N, ws);
   }
 }
 
@@ -466,15 +471,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t key = dropout_key(p.dropout.seed);
   for (int idx = threadIdx.x; idx < kOut * M; idx += kThreads) {
     const int kl = idx % kOut, m = idx / kOut;
-    const int64_t k = k0 + kl;
-    if (k >= K) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) v += red[(w * kOut + kl) * kCols + m];
-    if (ws != nullptr)
-      ws[(static_cast<int64_t>(blockIdx.y) * M + m) * K + k] = v;
-    else
-      store_as(p.out, p.a_dtype, m * p.out_row_stride + k, qlora_epilogue(p, key, m, k, v));
+    if (k0 + kl < K) finish_output(p, key, red + kl * kCols + m, kOut * kCols, m, k0 + kl, K, ws);
   }
 }
 
