@@ -29,7 +29,10 @@ struct CudaCrossover {
 // M = 16 where it issued 32), not timings. The tc kernel's crossover against the 64 x 64-tile mma kernel
 // for 16 < M <= 64 depends on N and K (a 4096-wide layer gives the mma kernel only 64 CTAs);
 // scripts/gpu_microbench.py on a GPU must set these from measurements.
-constexpr CudaCrossover kCudaCrossover{64, 64, 128, 16, 4};
+// dx stops at 16 rows: there the tc kernel's lanes hold only U = 16 / NT bytes per row per step and its
+// per-row overhead dominates (SASS per weight element on sm_90a: 5.8 at M <= 8, 9.6 at <= 16, 21 at <= 32,
+// 57 at <= 64, against 13.9 for the mma kernel's k-tile loop at any M <= 64).
+constexpr CudaCrossover kCudaCrossover{64, 16, 128, 16, 4};
 static_assert(kCudaCrossover.tc_decode_max_m <= kTcDecodeMaxRows && kCudaCrossover.tc_decode_max_m_t <= kTcDecodeMaxRows,
               "the tc decode kernels support at most 64 rows");
 static_assert(kCudaCrossover.decode_max_m <= kDecodeMaxRows, "the decode kernel supports at most 16 rows");
