@@ -111,7 +111,7 @@ def main() -> int:
         for m in ms:
             x = torch.randn(m, k, generator=g).to(dt).to(dev)
             methods = {}
-            for path in ("tc_decode", "decode", "mma", "ffma"):
+            for path in ("tc_decode", "decode", "mma", "ffma"):  # (slab: fp32 activations only; this sweep is bf16)
                 if ((path == "decode" and m > 16) or (path == "tc_decode" and m > 64) or (path == "ffma" and m > 256)
                         or dev.type != "cuda"):
                     continue

@@ -4,7 +4,7 @@ for scripts/gpu_check.sh: run with CUDA_LAUNCH_BLOCKING=1 (a failing launch name
 --tiny, under compute-sanitizer (small shapes, one call per kernel).
 
 Hits: nf4_quantize (+ double quantize), nf4_dequantize (plain, nested), qlora_matmul forward and dx
-on every forced path (LORA_OPS_QLORA_FORCE = tc_decode | decode | mma | ffma, bench/dispatch_qlora.md) for bf16,
+on every forced path (LORA_OPS_QLORA_FORCE = tc_decode | decode | mma | slab | ffma, bench/dispatch_qlora.md) for bf16,
 fp16 and fp32 (split-K included: small N, long K), qlora_linear forward + backward with dropout
 (lora_down, lora_outer, dropout mask), adamw_step_, managed_empty/prefetch (tiny).
 Usage: python scripts/gpu_smoke.py [--tiny] [--device cuda|cpu] [--json OUT.json]
@@ -27,7 +27,7 @@ import lora_ops
 from lora_ops import reference as ref
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # ||out - ref|| / ||ref||
-PATHS = ["tc_decode", "decode", "mma", "ffma"]
+PATHS = ["tc_decode", "decode", "mma", "slab", "ffma"]
 
 
 def rel_err(out: torch.Tensor, expect: torch.Tensor) -> float:
@@ -112,7 +112,7 @@ def main() -> int:
                     # kDecodeMaxRowsT = 4 for dx (qlora_cuda.h); elsewhere the dispatcher's choice runs.
                     if (path != "decode" or m <= 16) and (path != "tc_decode" or m <= 64):
                         c.run(f"qlora_matmul fwd {path} {str(dt)[6:]} M={m} {n}x{k}", fwd)
-                    if path in ("mma", "ffma") or (path == "decode" and m <= 4) or (path == "tc_decode" and m <= 64):
+                    if path in ("mma", "slab", "ffma") or (path == "decode" and m <= 4) or (path == "tc_decode" and m <= 64):
                         c.run(f"qlora_matmul dx  {path} {str(dt)[6:]} M={m} {n}x{k}", dx)
         os.environ["LORA_OPS_QLORA_FORCE"] = ""
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
 import build_emu  # noqa: E402
 
-GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "mma", "tc_decode"]
+GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "mma", "tc_decode", "window"]
 # 0: round-robin (warps in lockstep); 2: priority, the LAST warp runs ahead to its next barrier.
 POLICIES = [0, 2]
 

@@ -1,4 +1,4 @@
-"""CUDA-only tests of the individual qlora_matmul kernels (tc decode, decode, tensor core, FFMA), forced with
+"""CUDA-only tests of the individual qlora_matmul kernels (tc decode, decode, tensor core, slab, FFMA), forced with
 LORA_OPS_QLORA_FORCE so that each path is checked on shapes the automatic dispatch would not give it:
 split-K, each M regime, K not a multiple of 32 or 64, N tails, unaligned / strided activations, the
 transposed (dx) form with dropout. Oracle: float64 on the dequantized weight rounded to the compute
@@ -53,6 +53,8 @@ CASES = [
     (17, 136, 96, "mma", [torch.bfloat16]),                                       # K % 64 != 0 (fast path)
     (100, 200, 200, "mma", [torch.float16, torch.bfloat16]),                      # K % 32 != 0 (scalar path)
     (130, 320, 1024, "mma", [torch.bfloat16]),                                    # M and N tails, 16 K tiles
+    (300, 136, 200, "slab", [torch.float32]),                                    # fp32 large M: W slabs + cuBLAS
+    (70, 1000, 77, "slab", [torch.float32]),                                     # odd K, N tail of a slab
     (7, 50, 77, "ffma", [torch.float32, torch.bfloat16]),                         # odd everything
     (2, 64, 4096, "ffma", [torch.float32]),                                       # split-K in the FFMA path
 ]
@@ -86,7 +88,7 @@ def test_forced_path(monkeypatch, m, n, k, path, dtypes, transpose):
             _check(out, ref, dtype, f"{path} {dtype} bs={blocksize} dq={dq} T={transpose}")
 
 
-@pytest.mark.parametrize("path", ["tc_decode", "decode", "mma", "ffma"])
+@pytest.mark.parametrize("path", ["tc_decode", "decode", "mma", "slab", "ffma"])
 def test_strided_and_unaligned_activations(monkeypatch, path):
     """A column-strided x and a row view at an odd element offset must take the scalar paths (or be
     rejected by the decode kernel's conditions and fall back) and still be exact."""
@@ -112,7 +114,7 @@ def test_paths_agree_with_cpu(monkeypatch):
     wq, dense = _problem(m, n, k, 8, dtype, 64, True, gen)
     a = torch.randn(m, k, generator=gen).to(dtype)
     cpu = qlora_matmul(a, wq.to("cpu")).double()
-    for path in ("tc_decode", "decode", "mma", "ffma"):
+    for path in ("tc_decode", "decode", "mma", "slab", "ffma"):
         monkeypatch.setenv("LORA_OPS_QLORA_FORCE", path)
         _check(qlora_matmul(a.cuda(), wq), cpu, dtype, f"{path} vs cpu")
 

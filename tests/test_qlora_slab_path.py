@@ -1,5 +1,7 @@
 """The CPU slab GEMM path of qlora_matmul (W dequantized in slabs, ATen's GEMM, LoRA folded into K;
-csrc/bindings/qlora_slab_cpu.cpp) against the float64 reference: forward and all gradients.
+csrc/bindings/qlora_slab.cpp) against the float64 reference: forward and all gradients. The same slab
+loop serves CUDA's fp32 large-M path with the CUDA window decode (nf4_window.cu, checked bit for bit
+against the CPU one under tests/cuda_emu); this is its CPU twin.
 
 The path is chosen from the crossover table read once at library load, so the cases run in a fresh
 process with the overrides LORA_OPS_SLAB_MIN_M=1 (every M takes the slab path) and tiny slab / row

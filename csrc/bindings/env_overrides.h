@@ -19,7 +19,7 @@ struct EnvOverrides {
 // Read once, at the first call (library load).
 const EnvOverrides& env_overrides();
 
-// LORA_OPS_QLORA_FORCE = tc_decode | decode | mma | ffma (CUDA qlora_matmul path), or nullptr when unset. Read at
+// LORA_OPS_QLORA_FORCE = tc_decode | decode | mma | slab | ffma (CUDA qlora_matmul path), or nullptr when unset. Read at
 // each call, not once: tests and benchmarks switch it between calls in one process.
 const char* qlora_forced_path();
 

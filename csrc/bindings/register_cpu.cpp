@@ -1,11 +1,11 @@
 // The CPU backend: the torch-free kernels of csrc/kernels/cpu/, registered for the CPU dispatch key.
 // qlora_matmul's kernel is chosen by cpu::choose_matmul_path from the CPU crossover table (with the
 // benchmark overrides of env_overrides.h applied here, once); its large-M path (kSlabGemm) calls ATen's
-// GEMM and so runs here, in qlora_slab_cpu.cpp.
+// GEMM and so runs here, in qlora_slab.cpp (the loop CUDA's fp32 large-M path shares).
 #include <torch/library.h>
 
 #include "bindings/env_overrides.h"
-#include "bindings/qlora_slab_cpu.h"
+#include "bindings/qlora_slab.h"
 #include "bindings/register_ops.h"
 #include "cpu/adamw_cpu.h"
 #include "cpu/nf4_cpu.h"
@@ -32,11 +32,13 @@ cpu::CpuCrossover crossover_table() {
   return t;
 }
 
+const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_decode_window, cpu::qlora_finish_tile};
+
 void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();
   const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table);
   if (path == cpu::CpuMatmulPath::kSlabGemm)
-    return qlora_matmul_slab_cpu(p, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here, not in the kernels
+    return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here
   cpu::qlora_matmul(p, path);
 }
 

@@ -11,6 +11,7 @@
 
 #include "bindings/cuda_call.h"
 #include "bindings/env_overrides.h"
+#include "bindings/qlora_slab.h"
 #include "bindings/register_ops.h"
 #include "cuda/adamw.h"
 #include "cuda/managed_memory.h"
@@ -34,6 +35,7 @@ const cuda::CudaMatmulPath* forced_path() {
   static constexpr cuda::CudaMatmulPath kTcDecode = cuda::CudaMatmulPath::kTcDecode,
                                         kDecode = cuda::CudaMatmulPath::kDecode,
                                         kTensorCore = cuda::CudaMatmulPath::kTensorCore,
+                                        kSlabGemm = cuda::CudaMatmulPath::kSlabGemm,
                                         kFfma = cuda::CudaMatmulPath::kFfma;
   const char* f = qlora_forced_path();
   if (f == nullptr)
@@ -44,10 +46,21 @@ const cuda::CudaMatmulPath* forced_path() {
     return &kDecode;
   if (std::strcmp(f, "mma") == 0)
     return &kTensorCore;
+  if (std::strcmp(f, "slab") == 0)
+    return &kSlabGemm;
   if (std::strcmp(f, "ffma") == 0)
     return &kFfma;
   return nullptr;
 }
+
+void decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                   int64_t c1, float* dst, int64_t ld) {
+  check_cuda(cuda::nf4_decode_window(w, value_dtype, row_len, r0, r1, c0, c1, dst, ld, current_stream()),
+             "qlora_matmul (slab decode)");
+}
+// W slabs of <= 32 MiB (fp32) stay in an H100/H200's L2 (50 / 60 MB) for their GEMM; activations are
+// widened and extended by the LoRA columns in chunks of <= 256 MiB.
+constexpr int64_t kCudaSlabBytes = int64_t{32} << 20, kCudaSlabRowsBytes = int64_t{256} << 20;
 
 void qlora_matmul(const QloraMatmulParams& p) {
   constexpr const char* op = "qlora_matmul";
@@ -68,6 +81,10 @@ void qlora_matmul(const QloraMatmulParams& p) {
   }
   case cuda::CudaMatmulPath::kTensorCore:
     check_cuda(cuda::qlora_mma(p, current_stream()), op);
+    return;
+  case cuda::CudaMatmulPath::kSlabGemm:
+    qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr}, kCudaSlabBytes,
+                      kCudaSlabRowsBytes);
     return;
   case cuda::CudaMatmulPath::kFfma: {
     const int splits = cuda::qlora_ffma_splits(p, sms);

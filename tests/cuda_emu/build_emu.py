@@ -29,7 +29,8 @@ KERNELS = ROOT / "csrc" / "kernels"
 
 # The .cu files of the fused QLoRA linear (each its own translation unit: they share helper names in
 # anonymous namespaces).
-QLORA_UNITS = ("qlora_decode.cu", "qlora_ffma.cu", "lora_small.cu", "qlora_mma.cu", "qlora_tc_decode.cu")
+QLORA_UNITS = ("qlora_decode.cu", "qlora_ffma.cu", "lora_small.cu", "qlora_mma.cu", "qlora_tc_decode.cu",
+               "nf4_window.cu")
 
 
 def cuda_include_dir() -> str | None:

@@ -7,7 +7,7 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | tc_decode | lora | mask | edge
+// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | tc_decode | window | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
@@ -866,6 +866,30 @@ void run_tc_decode_predicates() {
   expect(cuda::qlora_tc_decode_splits(q, 132) == 1, "tc_decode_splits: split a layer whose rows fill the SMs");
 }
 
+// The slab path's window decode (nf4_window.cu) against cpu::nf4_decode_window, bit for bit: forward
+// windows (rows, all columns) and dx windows (all rows, a column range), odd K (rows start mid-byte),
+// every compute dtype, nested and plain, a pitch wider than the window.
+void run_window() {
+  int i = 0;
+  for (int64_t k : {64, 33, 200}) {
+    for (DType t : {DType::kFloat32, DType::kFloat16, DType::kBFloat16}) {
+      const int bs = i % 3 == 0 ? 32 : i % 3 == 1 ? 64 : 4096;
+      const Weight w(37, k, bs, i % 2 == 0, 0);
+      const int64_t r0 = i % 2 ? 3 : 0, r1 = i % 2 ? 37 : 20, c0 = i % 3 ? 5 : 0, c1 = k - (i % 2);
+      const int64_t ld = c1 - c0 + 7;
+      std::vector<float> got((r1 - r0) * ld, std::nanf("")), want((r1 - r0) * ld, std::nanf(""));
+      cpu::nf4_decode_window(w.view, t, k, r0, r1, c0, c1, want.data(), ld);
+      expect(cuda::nf4_decode_window(w.view, t, k, r0, r1, c0, c1, got.data(), ld, nullptr) == cudaSuccess,
+             "nf4_decode_window: launcher error");
+      char b[160];
+      std::snprintf(b, sizeof b, "nf4_decode_window K=%lld %s bs=%d rows [%lld, %lld) cols [%lld, %lld)", (long long)k,
+                    dname(t), bs, (long long)r0, (long long)r1, (long long)c0, (long long)c1);
+      expect(std::memcmp(got.data(), want.data(), got.size() * 4) == 0, std::string(b) + ": values differ");
+      ++i;
+    }
+  }
+}
+
 void run_lora() {
   int i = 0;
   for (int64_t m : {1, 5, 17, 130})
@@ -931,6 +955,7 @@ int main(int argc, char** argv) {
   if (want("mask")) run_mask();
   if (want("edge")) run_edge();
   if (want("lora")) run_lora();
+  if (want("window")) run_window();
   if (want("decode")) run_decode_predicates();
   if (want("decode")) run_decode();
   if (want("decode_t")) run_decode_t();

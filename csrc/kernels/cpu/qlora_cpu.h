@@ -29,7 +29,7 @@ void nf4_decode_range(const Nf4Weight& w, DType value_dtype, int64_t e0, int64_t
 
 // The window rows [r0, r1) x columns [c0, c1) of W viewed [rows, row_len], decoded as nf4_decode_range
 // does into dst with row pitch ld (elements). Parallel over rows. Feeds the ATen slab GEMM
-// (csrc/bindings/qlora_slab_cpu.cpp), which never holds more of W than one window.
+// (csrc/bindings/qlora_slab.cpp), which never holds more of W than one window.
 void nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
                        int64_t c1, float* dst, int64_t ld);
 

@@ -13,7 +13,7 @@ enum class CpuMatmulPath {
   kAxpy,    // dx, few rows: decode W row segments once, axpy them into each row's accumulator
   kGemm,     // cache-blocked dequantize-panel + 6x16 register-tiled GEMM
   kSlabGemm, // large M: W dequantized in bounded slabs, ATen's fp32 GEMM (MKL/oneDNN), LoRA folded into K;
-             // runs in the binding layer (csrc/bindings/qlora_slab_cpu.cpp), the kernels stay torch-free
+             // runs in the binding layer (csrc/bindings/qlora_slab.cpp), the kernels stay torch-free
   kFloat64, // reference-grade float64 path (gradcheck)
 };
 

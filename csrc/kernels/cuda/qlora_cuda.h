@@ -15,6 +15,8 @@
 //               (transposed)     1 .. 4     fp16 / bf16 / fp32  K % 32 == 0, packed 16-byte aligned
 //   tensor core qlora_mma.cu     any        fp16 / bf16         none (16-byte cp.async / ldg fast
 //                                                               path when aligned, scalar otherwise)
+//   slab        bindings/        > 16       fp32                no masked LoRA term (dx dropout): W slabs
+//               qlora_slab.cpp                                  (nf4_window.cu) + cuBLAS
 //   ffma        qlora_ffma.cu    any        any                 none (the always-correct fallback)
 //
 // Split-K (decode, ffma) writes fp32 partials [splits, M, n_out] into a caller-provided workspace and
@@ -49,6 +51,12 @@ bool qlora_tc_decode_supported(const QloraMatmulParams& p);
 // device with `sms` multiprocessors; the workspace is qlora_splitk_workspace_bytes(p, splits).
 int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms);
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
+
+// ---- slab path (fp32 activations, large M): the window decode feeding csrc/bindings/qlora_slab.cpp's
+// cuBLAS GEMMs (nf4_window.cu) -------------------------------------------------------------------------
+// W[r0:r1, c0:c1] (rows of row_len columns) as fp32 values of value_dtype into dst (row pitch ld).
+cudaError_t nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1,
+                              int64_t c0, int64_t c1, float* dst, int64_t ld, cudaStream_t stream);
 
 // ---- tensor-core path (fp16 / bf16, sm80+) ----------------------------------------------------------
 bool qlora_mma_supported(const QloraMatmulParams& p);

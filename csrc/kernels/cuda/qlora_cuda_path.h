@@ -9,7 +9,7 @@
 
 namespace lora_ops::cuda {
 
-enum class CudaMatmulPath { kTcDecode, kDecode, kTensorCore, kFfma };
+enum class CudaMatmulPath { kTcDecode, kDecode, kTensorCore, kSlabGemm, kFfma };
 
 // The crossover table, keyed on M, the reduction length and dtype / layout (larger M -> the 64 x 64-tile
 // tensor-core kernel, or FFMA where it can't).
@@ -20,6 +20,7 @@ struct CudaCrossover {
                              // warps would idle (each takes 256 columns / 16 rows per step)
   int64_t decode_max_m;      // forward, other dtypes (fp32) or layouts the tc kernel refuses
   int64_t decode_max_m_t;    // transposed (dx)
+  int64_t slab_min_m_fp32;   // fp32 activations from this M on: W slabs + cuBLAS (instead of the FFMA kernel)
 };
 
 // NOT YET MEASURED ON A GPU: these follow the kernels' design limits (the tc decode kernels cover M <= 64
@@ -28,11 +29,13 @@ struct CudaCrossover {
 // the tc kernel issues about 3.5 per weight at M = 1 where the CUDA-core decode issued 12, and 3.6 at
 // M = 16 where it issued 32), not timings. The tc kernel's crossover against the 64 x 64-tile mma kernel
 // for 16 < M <= 64 depends on N and K (a 4096-wide layer gives the mma kernel only 64 CTAs);
-// scripts/gpu_microbench.py on a GPU must set these from measurements.
+// scripts/gpu_microbench.py on a GPU must set these from measurements. fp32 activations past the decode
+// sizes go to the slab path (cuBLAS sgemm, or TF32 where torch.backends.cuda.matmul.allow_tf32 allows
+// it) rather than the CUDA-core FFMA kernel.
 // dx stops at 16 rows: there the tc kernel's lanes hold only U = 16 / NT bytes per row per step and its
 // per-row overhead dominates (SASS per weight element on sm_90a: 5.8 at M <= 8, 9.6 at <= 16, 21 at <= 32,
 // 57 at <= 64, against 13.9 for the mma kernel's k-tile loop at any M <= 64).
-constexpr CudaCrossover kCudaCrossover{64, 16, 128, 16, 4};
+constexpr CudaCrossover kCudaCrossover{64, 16, 128, 16, 4, 17};
 static_assert(kCudaCrossover.tc_decode_max_m <= kTcDecodeMaxRows && kCudaCrossover.tc_decode_max_m_t <= kTcDecodeMaxRows,
               "the tc decode kernels support at most 64 rows");
 static_assert(kCudaCrossover.decode_max_m <= kDecodeMaxRows, "the decode kernel supports at most 16 rows");
@@ -44,6 +47,8 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
   const bool tc_ok = p.a_dtype != DType::kFloat32 && cc_major >= 8 && qlora_mma_supported(p);
   const bool decode_ok = qlora_decode_supported(p);
   const bool tc_decode_ok = cc_major >= 8 && qlora_tc_decode_supported(p);
+  // The slab loop keeps a dropout-masked LoRA term (dx) out of its GEMM and has no CUDA epilogue for it.
+  const bool slab_ok = p.a_dtype == DType::kFloat32 && !(p.transpose_w && p.rank > 0 && p.dropout.enabled());
   if (forced != nullptr) {
     if (*forced == CudaMatmulPath::kTcDecode && tc_decode_ok)
       return CudaMatmulPath::kTcDecode;
@@ -51,6 +56,8 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
       return CudaMatmulPath::kDecode;
     if (*forced == CudaMatmulPath::kTensorCore && tc_ok)
       return CudaMatmulPath::kTensorCore;
+    if (*forced == CudaMatmulPath::kSlabGemm && slab_ok)
+      return CudaMatmulPath::kSlabGemm;
     if (*forced == CudaMatmulPath::kFfma)
       return CudaMatmulPath::kFfma;
   }
@@ -60,6 +67,8 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
     return CudaMatmulPath::kTcDecode;
   if (decode_ok && p.m <= (p.transpose_w ? table.decode_max_m_t : table.decode_max_m))
     return CudaMatmulPath::kDecode;
+  if (slab_ok && p.m >= table.slab_min_m_fp32)
+    return CudaMatmulPath::kSlabGemm;
   return tc_ok ? CudaMatmulPath::kTensorCore : CudaMatmulPath::kFfma;
 }
 

@@ -1,0 +1,31 @@
+// The large-M qlora_matmul on ATen's GEMM (CPU: cpu::CpuMatmulPath::kSlabGemm; CUDA: fp32 activations,
+// CudaMatmulPath::kSlabGemm): one device-independent slab loop over ATen tensors, fed by each device's
+// NF4 window decode. Lives in the binding layer because it calls ATen.
+#pragma once
+#include <c10/core/Device.h>
+
+#include <cstdint>
+
+#include "common/qlora_params.h"
+
+namespace lora_ops {
+
+struct SlabKernels {
+  c10::Device device;
+  // W[r0:r1, c0:c1] (W rows of row_len columns) as fp32 values of the compute dtype (T(c·absmax); the
+  // fp32 product for fp32), row pitch ld, into dst on `device` (the current stream on CUDA).
+  void (*decode_window)(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                        int64_t c1, float* dst, int64_t ld);
+  // Adds the LoRA term masked by dropout (dx form), bias, and rounds once into p.out, for rows
+  // [m0, m0 + mb) x outputs [o0, o0 + ow) whose fp32 base products are in acc (pitch ld); nullptr on a
+  // device whose dispatcher never sends a masked LoRA term here.
+  void (*finish_tile)(const QloraMatmulParams& p, int64_t m0, int64_t mb, int64_t o0, int64_t ow, float* acc,
+                      int64_t ld);
+};
+
+// out = a · op(W) + scale · LoRA term + bias (QloraMatmulParams), W dequantized in slabs of at most
+// slab_bytes (fp32) into one reused scratch, activations widened to fp32 in chunks of at most
+// rows_bytes. a_dtype fp16 / bf16 / fp32.
+void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes);
+
+} // namespace lora_ops
