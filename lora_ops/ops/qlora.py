@@ -139,9 +139,14 @@ class _QLoRALinearEager(torch.autograd.Function):
         return dx, dA, dB, None, None, None, None, None, None
 
 
-def _eager() -> bool:
-    """True in plain eager mode: not traced by torch.compile/export, no functorch transform."""
-    return EAGER_FAST_PATH and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors: torch.Tensor | None) -> bool:
+    """True in plain eager mode on plain tensors: not traced by torch.compile/export, no functorch
+    transform, no tensor subclass (those keep the registered path, whatever they do with it)."""
+    return (EAGER_FAST_PATH and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 # ---- public wrappers ---------------------------------------------------------------------------
@@ -223,7 +228,7 @@ def qlora_linear_args(
     A, B = _adapter(A, x), _adapter(B, x)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
-    eager = _eager()
+    eager = _eager(x, A, B, bias)
     if dropout_p > 0 and rng is None:
         rng = make_rng() if eager else draw_dropout_rng()  # the op's own eager body: the same draw
     scale, dropout_p = float(scale), float(dropout_p)
