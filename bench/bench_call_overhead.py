@@ -32,7 +32,7 @@ import time
 import warnings
 from pathlib import Path
 
-import bench_common as bc  # noqa: I001  (first: source tree on sys.path, poisoning off)
+import bench_common as bc  # first: source tree on sys.path, poisoning off
 import torch
 from torch import nn
 
@@ -154,8 +154,8 @@ def run(shapes: list[tuple[int, ...]], calls: int, rounds: int) -> list[dict]:
 def table(rows: list[dict]) -> str:
     base = {(r["K"], r["N"], r["M"]): r for r in rows if r["method"] == "nn.Linear"}
     bnb = {(r["K"], r["N"], r["M"]): r for r in rows if r["method"] == "bnb + PEFT"}
-    out = ["| K x N, r, M | method | fwd (µs) | fwd+bwd (µs) | fwd / nn.Linear | fwd+bwd / nn.Linear "
-           "| fwd / bnb+PEFT | fwd+bwd / bnb+PEFT |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    out = [("| K x N, r, M | method | fwd (µs) | fwd+bwd (µs) | fwd / nn.Linear | fwd+bwd / nn.Linear "
+            "| fwd / bnb+PEFT | fwd+bwd / bnb+PEFT |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         key = (r["K"], r["N"], r["M"])
         lin, b = base[key], bnb.get(key)
