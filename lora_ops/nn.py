@@ -114,6 +114,20 @@ class _NF4Base:
             self.weight_offset,
         )
 
+    def _weight_op_args(self) -> tuple[list[torch.Tensor], list[int]]:
+        """``self.weight.op_args()`` read straight from the buffers: what forward passes to the ops.
+        Why: building an NF4Weight per call costs more than a small layer's kernels. Nothing is cached,
+        so ``.to()``, ``load_state_dict``, in-place updates and a replaced base are always seen."""
+        b = self._buffers
+        packed = b.get("weight_packed")
+        if packed is None:  # a subclass keeps the base elsewhere (lora_ops.distributed.fsdp)
+            return self.weight.op_args()
+        absmax = b["weight_absmax"]
+        w = [packed if packed.dtype == torch.uint8 else packed.view(torch.uint8), absmax]
+        if absmax.dtype == torch.uint8:
+            w += [b["weight_absmax2"], b["weight_nested_code"], b["weight_offset"]]
+        return w, [self.blocksize, self.out_features, self.in_features]
+
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not cast the quantization state (absmax & co. are float32 by
         # format): keep their dtype, follow only the device change.
@@ -303,9 +317,10 @@ class QLoRALinear(_NF4Base, nn.Module):
         if self.merged:  # the adapter is folded into the base: base-only fused matmul
             if bias is not None and bias.dtype not in (x.dtype, torch.float32):
                 bias = bias.to(x.dtype)
-            return qlora_ops.qlora_matmul(x, self.weight, bias=bias)
+            return qlora_ops.qlora_matmul_args(x, *self._weight_op_args(), bias=bias)
         p = self.lora_dropout_p if self.training else 0.0
-        return qlora_ops.qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p)
+        w, w_meta = self._weight_op_args()
+        return qlora_ops.qlora_linear_args(x, w, w_meta, self.lora_A.weight, self.lora_B.weight, self.scaling, bias, p)
 
     # ---- merging -------------------------------------------------------------------------------------
     def _delta(self) -> torch.Tensor:
@@ -361,23 +376,22 @@ class QLoRALinear(_NF4Base, nn.Module):
 # ---- the base alone -------------------------------------------------------------------------------------
 class _NF4MatmulFn(torch.autograd.Function):
     """``x·Wᵀ (+ frozen bias)`` with the gradient for x only (``dx = dy·W``, the fused transposed
-    matmul): a frozen NF4 layer must pass gradients through to the adapters before it."""
+    matmul): a frozen NF4 layer must pass gradients through to the adapters before it. The weight comes
+    as the ops take it (``w_meta``, then the tensors of ``w``)."""
 
     @staticmethod
-    def forward(ctx, x, bias, packed, absmax, absmax2, nested_code, offset, blocksize, shape, dtype):
-        w = NF4Weight(packed, absmax, blocksize, shape, dtype, absmax2, nested_code, offset)
-        ctx.save_for_backward(packed, absmax, absmax2, nested_code, offset)
-        ctx.blocksize, ctx.shape, ctx.dtype, ctx.x_dtype = blocksize, shape, dtype, x.dtype
-        return qlora_ops.qlora_matmul(x, w, bias=bias)
+    def forward(ctx, x, bias, w_meta, *w):
+        ctx.save_for_backward(*w)
+        ctx.w_meta, ctx.x_dtype = w_meta, x.dtype
+        return qlora_ops.qlora_matmul_args(x, list(w), w_meta, bias=bias)
 
     @staticmethod
     def backward(ctx, dy):
+        w = list(ctx.saved_tensors)
         if not ctx.needs_input_grad[0]:
-            return (None,) * 10
-        packed, absmax, absmax2, nested_code, offset = ctx.saved_tensors
-        w = NF4Weight(packed, absmax, ctx.blocksize, ctx.shape, ctx.dtype, absmax2, nested_code, offset)
-        dx = qlora_ops.qlora_matmul(dy.to(ctx.x_dtype), w, transpose_w=True)
-        return (dx,) + (None,) * 9
+            return (None,) * (3 + len(w))
+        dx = qlora_ops.qlora_matmul_args(dy.to(ctx.x_dtype), w, ctx.w_meta, transpose_w=True)
+        return (dx,) + (None,) * (2 + len(w))
 
 
 def compute_dtype_for(x: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
@@ -439,9 +453,8 @@ class NF4Linear(_NF4Base, nn.Linear):
         bias = self.bias
         trainable_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         fused_bias = None if bias is None or trainable_bias else bias_for(bias, xc)
-        w = self.weight
-        y = _NF4MatmulFn.apply(xc, fused_bias, w.packed, w.absmax, w.absmax2, w.nested_code, w.offset,
-                               w.blocksize, w.shape, w.dtype)
+        w, w_meta = self._weight_op_args()
+        y = _NF4MatmulFn.apply(xc, fused_bias, w_meta, *w)
         if trainable_bias:
             y = y + bias.to(y.dtype)
         return y.to(x.dtype)

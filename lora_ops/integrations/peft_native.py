@@ -102,19 +102,20 @@ class LoraOpsLinear(PeftLoraLinear):
         trainable_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
         fused_bias = None if bias is None or trainable_bias else bias_for(bias, xc)
 
+        w, w_meta = base._weight_op_args()
         drops = {a: _dropout_p(self, a) for a in active}
         if len(active) > 1 and not any(drops.values()) and sum(self.r[a] for a in active) <= _MAX_FUSED_RANK:
             # Sum of adapters = one adapter of rank r1+r2+... with each B pre-scaled (differentiable,
             # so gradients reach every adapter's own parameters).
             A = torch.cat([self.lora_A[a].weight.to(torch.float32) for a in active], dim=0)
             B = torch.cat([self.lora_B[a].weight.to(torch.float32) * float(self.scaling[a]) for a in active], dim=1)
-            y = qlora_ops.qlora_linear(xc, base.weight, A, B, 1.0, fused_bias, 0.0)
+            y = qlora_ops.qlora_linear_args(xc, w, w_meta, A, B, 1.0, fused_bias, 0.0)
             rest = []
         else:
             first, rest = active[0], active[1:]
             p = drops[first]
-            y = qlora_ops.qlora_linear(xc, base.weight, self.lora_A[first].weight, self.lora_B[first].weight,
-                                       float(self.scaling[first]), fused_bias, p)
+            y = qlora_ops.qlora_linear_args(xc, w, w_meta, self.lora_A[first].weight, self.lora_B[first].weight,
+                                            float(self.scaling[first]), fused_bias, p)
         if trainable_bias:
             y = y + bias.to(y.dtype)
         for a in rest:  # PEFT's own arithmetic: an independent dropout mask per adapter

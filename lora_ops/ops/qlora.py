@@ -82,25 +82,71 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, s, A, B, rng, *w)
 
 
+def _grads(dy, x, s, A, B, rng, w, w_meta, scale, dropout_p, need_dx, need_dA, need_dB):
+    """(dx, dA, dB) of qlora_linear (None where not needed): the one backward of both autograd paths."""
+    dx = dA = dB = None
+    if dy.dtype != x.dtype:
+        dy = dy.to(x.dtype)
+    u = _ops.lora_down(dy, B.t(), 0.0, None) if (need_dx or need_dA) else None  # dy·B, once
+    if need_dx:
+        dx = _ops.qlora_matmul(dy, w, w_meta, True, u, A.t(), scale, None, dropout_p, rng)
+    if need_dA:
+        dA = _ops.lora_outer(u, x, scale, dropout_p, rng, A.dtype)
+    if need_dB:
+        dB = _ops.lora_outer(dy, s, scale, 0.0, None, B.dtype)
+    return dx, dA, dB
+
+
 def _backward(ctx, grad_y, grad_s):
     x, s, A, B, rng, *w = ctx.saved_tensors
-    need_dx, need_dA, need_dB = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-    dx = dA = dB = None
     no_dw = [None] * len(w)  # one entry per tensor of the weight list (never differentiated)
     if grad_y is None:
         return None, no_dw, None, None, None, None, None, None, None
-    dy = grad_y if grad_y.dtype == x.dtype else grad_y.to(x.dtype)
-    u = _ops.lora_down(dy, B.t(), 0.0, None) if (need_dx or need_dA) else None  # dy·B, once
-    if need_dx:
-        dx = _ops.qlora_matmul(dy, w, ctx.w_meta, True, u, A.t(), ctx.scale, None, ctx.dropout_p, rng)
-    if need_dA:
-        dA = _ops.lora_outer(u, x, ctx.scale, ctx.dropout_p, rng, A.dtype)
-    if need_dB:
-        dB = _ops.lora_outer(dy, s, ctx.scale, 0.0, None, B.dtype)
+    need = ctx.needs_input_grad
+    dx, dA, dB = _grads(grad_y, x, s, A, B, rng, w, ctx.w_meta, ctx.scale, ctx.dropout_p, need[0], need[3], need[4])
     return dx, no_dw, None, dA, dB, None, None, None, None
 
 
 torch.library.register_autograd("lora_ops::qlora_linear", _backward, setup_context=_setup_context)
+
+
+# ---- the eager fast path -----------------------------------------------------------------------
+# Why a second autograd path: the registered autograd above is what torch.compile traces, but in eager
+# mode its generic machinery (pytree flattening of the weight list, default filling, a Python
+# redispatch) costs more than the kernels at small sizes. In eager mode the wrapper below runs the same
+# op below the autograd key inside this Function, and its backward is the same _grads: results are
+# bit-identical (tests/test_qlora_eager_fast_path.py). False sends every call through the registered
+# autograd (for tests and benchmarks that compare the two).
+EAGER_FAST_PATH = True
+
+
+class _QLoRALinearEager(torch.autograd.Function):
+    # The weight comes as one list argument: it is never differentiated, and Function.apply costs more
+    # per tensor argument. Its tensors are still saved with save_for_backward (in-place checks, hooks).
+    @staticmethod
+    def forward(ctx, x, A, B, bias, rng, w, w_meta, scale, dropout_p):
+        with torch._C._AutoDispatchBelowAutograd():
+            y, s = _ops.qlora_linear(x, w, w_meta, A, B, bias, scale, dropout_p, rng)
+        ctx.w_meta, ctx.scale, ctx.dropout_p = w_meta, scale, dropout_p
+        ctx.save_for_backward(x, s, A, B, rng, *w)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, s, A, B, rng, *w = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dA, dB = _grads(grad_y, x, s, A, B, rng, w, ctx.w_meta, ctx.scale, ctx.dropout_p, need[0], need[1], need[2])
+        return dx, dA, dB, None, None, None, None, None, None
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _eager(*tensors: torch.Tensor | None) -> bool:
+    """True in plain eager mode on plain tensors: not traced by torch.compile/export, no functorch
+    transform, no tensor subclass (those keep the registered path, whatever they do with it)."""
+    return (EAGER_FAST_PATH and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in _PLAIN for t in tensors))
 
 
 # ---- public wrappers ---------------------------------------------------------------------------
@@ -163,13 +209,37 @@ def qlora_linear(
     are checked by the op (csrc/bindings/ops_qlora.cpp), with messages naming the argument.
     """
     w, w_meta = weight.op_args()
+    return qlora_linear_args(x, w, w_meta, A, B, scale, bias, dropout_p, rng)
+
+
+def qlora_linear_args(
+    x: torch.Tensor,
+    w: list[torch.Tensor],
+    w_meta: list[int],
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`qlora_linear` with the weight given as the ops take it, ``(w, w_meta)`` =
+    ``NF4Weight.op_args()``: what the layers call, so that no NF4Weight is built per call."""
     A, B = _adapter(A, x), _adapter(B, x)
     if bias is not None and bias.dtype not in (x.dtype, torch.float32):
         bias = bias.to(x.dtype)
+    eager = _eager(x, A, B, bias)
     if dropout_p > 0 and rng is None:
-        rng = draw_dropout_rng()
+        rng = make_rng() if eager else draw_dropout_rng()  # the op's own eager body: the same draw
+    scale, dropout_p = float(scale), float(dropout_p)
     try:
-        y, _ = _ops.qlora_linear(x, w, w_meta, A, B, bias, float(scale), float(dropout_p), rng)
+        if not eager:
+            y, _ = _ops.qlora_linear(x, w, w_meta, A, B, bias, scale, dropout_p, rng)
+        elif torch.is_grad_enabled() and torch._C._any_requires_grad(x, A, B, bias, *w):
+            y = _QLoRALinearEager.apply(x, A, B, bias, rng, w, w_meta, scale, dropout_p)
+        else:  # nothing to differentiate: the kernel alone (what the registered autograd does too)
+            with torch._C._AutoDispatchBelowAutograd():
+                y, _ = _ops.qlora_linear(x, w, w_meta, A, B, bias, scale, dropout_p, rng)
     except NotImplementedError:
         explain_dispatch_error("qlora_linear", x=x, A=A, B=B, bias=bias, rng=rng)
         raise
@@ -197,6 +267,22 @@ def qlora_matmul(
     ``transpose_w`` ``a·W + scale·(lora_s·lora_wᵀ)∘mask/(1-p)`` (``a [..., N] -> [..., K]``, the dx form).
     ``lora_s``: float32 ``[M, r]``; ``lora_w``: ``[n_out, r]`` (any strides). Not differentiable."""
     w, w_meta = weight.op_args()
+    return qlora_matmul_args(a, w, w_meta, transpose_w, lora_s, lora_w, scale, bias, dropout_p, rng)
+
+
+def qlora_matmul_args(
+    a: torch.Tensor,
+    w: list[torch.Tensor],
+    w_meta: list[int],
+    transpose_w: bool = False,
+    lora_s: torch.Tensor | None = None,
+    lora_w: torch.Tensor | None = None,
+    scale: float = 1.0,
+    bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    rng: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`qlora_matmul` with the weight given as ``(w, w_meta)`` = ``NF4Weight.op_args()``."""
     try:
         return _ops.qlora_matmul(
             a, w, w_meta, transpose_w, lora_s, lora_w, float(scale), bias, float(dropout_p), rng

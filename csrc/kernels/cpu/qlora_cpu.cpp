@@ -542,6 +542,13 @@ std::vector<float> rows_to_f32(const QloraMatmulParams& p, int64_t cols) {
   return out;
 }
 
+// Why a work threshold on the matmul kernels' OpenMP regions: a region costs a fork/join even on an idle
+// machine, and when another process holds a core, a wait for a descheduled thread (milliseconds, measured
+// by bench/bench_call_overhead.py on a loaded 2-core box); below this many multiply-adds plus weight
+// decodes one thread is faster. Results do not depend on it: every output element is computed by one
+// thread in every kernel below.
+bool worth_threads(const QloraMatmulParams& p) { return (p.m + 1) * p.n * p.k > (int64_t{1} << 17); }
+
 // Forward with few rows: each thread decodes whole W rows (one output column each) into an L1 buffer.
 void matmul_gemv(const QloraMatmulParams& p) {
   const int64_t K = p.k, N = p.n, M = p.m;
@@ -549,7 +556,7 @@ void matmul_gemv(const QloraMatmulParams& p) {
   const Epilogue ep(p);
   constexpr int64_t kRows = kPanel; // W rows per task: the epilogue works on 64 columns at a time
   const int64_t n_tasks = (N + kRows - 1) / kRows;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(p))
   {
     AlignedBuffer wrow(4 * K);
     std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
@@ -617,7 +624,7 @@ void matmul_axpy_transposed(const QloraMatmulParams& p) {
   const std::vector<float> a32 = rows_to_f32(p, N);
   const Epilogue ep(p);
   const int64_t n_tasks = (K + kAxpyCols - 1) / kAxpyCols;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(p))
   {
     AlignedBuffer wrow(kAxpyCols);
     std::vector<float> acc(static_cast<size_t>(M * kAxpyCols));
@@ -710,12 +717,13 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const int64_t ldx = ((n_in + 15) / 16) * 16 + 16;
   std::vector<float> x32(static_cast<size_t>(mb_max * ldx));
   const Epilogue ep(p);
+  const bool parallel = worth_threads(p);
   for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
     const int64_t mb = std::min(kMB, p.m - m0);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (parallel)
     for (int64_t m = 0; m < mb; ++m)
       load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * ldx);
-#pragma omp parallel
+#pragma omp parallel if (parallel)
     {
       AlignedBuffer scratch(kKB * kPanel);
       std::vector<float> tmp(static_cast<size_t>(8 * kKB));

@@ -1,0 +1,30 @@
+"""The CPU matmul kernels run one thread below a work threshold (csrc/kernels/cpu/qlora_cpu.cpp,
+worth_threads) and OpenMP threads above it: results must not depend on the thread count on either side."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from qlora_utils import make_problem
+
+from lora_ops.ops import qlora as qlora_ops
+
+
+@pytest.mark.parametrize("m_shape, n, k", [((2,), 64, 64), ((3,), 512, 640), ((70,), 96, 128), ((300,), 256, 192)])
+def test_forward_and_backward_do_not_depend_on_threads(m_shape, n, k, rng):
+    wq, x, A, B, b = make_problem(m_shape, n, k, 8, torch.float32, "cpu", generator=rng)
+    dy = torch.randn(*m_shape, n, generator=rng)
+    seed = qlora_ops.make_rng(int(torch.randint(0, 2**40, (1,), generator=rng)))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for nt in (1, max(2, threads)):
+            torch.set_num_threads(nt)
+            xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
+            y = qlora_ops.qlora_linear(xs, wq, As, Bs, 0.5, b, 0.1, seed)
+            y.backward(dy)
+            results.append((y.detach(), xs.grad, As.grad, Bs.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for one, many, what in zip(*results, ("y", "dx", "dA", "dB")):
+        assert torch.equal(one, many), what
