@@ -102,6 +102,12 @@ def run(device: str, shapes, reps: int) -> dict:
         per_set = n * 2 + n // 2 + n * OUT_DTYPE.itemsize
         n_sets = max(2, min(8, -(-ROTATE_BYTES // per_set))) if device == "cuda" else 2
         ws = make_sets(shape, device, n_sets)
+        # The ceiling of an op that returns a NEW tensor of this size: clone() allocates and first-touches
+        # its output like dequantize does (on the CPU, fresh pages fault in on the first write: for large
+        # outputs that, not the decode, is most of the time).
+        like = torch.zeros(n, dtype=OUT_DTYPE, device=device)
+        clone_bw = 2 * n * OUT_DTYPE.itemsize / timer(lambda _: like.clone(), [None])
+        del like
         for nested in (False, True):
             qs = [lora_ops.quantize_nf4(w, BLOCKSIZE, double_quant=nested) for w in ws]
             row = {"shape": list(shape), "double_quant": nested, "out_dtype": str(OUT_DTYPE).replace("torch.", "")}
@@ -114,6 +120,8 @@ def run(device: str, shapes, reps: int) -> dict:
             row["dequant_ms"] = t * 1e3
             row["dequant_GBps"] = dequant_bytes(n, nested) / t / 1e9
             row["dequant_pct_copy"] = 100 * dequant_bytes(n, nested) / t / copy_bw
+            row["clone_GBps"] = clone_bw / 1e9
+            row["dequant_pct_clone"] = 100 * dequant_bytes(n, nested) / t / clone_bw
 
             t = timer(lambda w: lora_ops.quantize_nf4(w, BLOCKSIZE, double_quant=nested), ws)
             row["quant_ms"] = t * 1e3
@@ -147,9 +155,11 @@ def markdown(h: dict, res: dict) -> str:
     lines = [f"# NF4 benchmark ({h['device_name']}, {h['device']})", "",
              "| " + " | ".join(f"{k}: {v}" for k, v in h.items() if k not in ("device_name",)) + " |", "",
              f"Device copy bandwidth (read + write) measured in this run: {res['copy_GBps']:.3g} GB/s. "
-             f"Blocksize {res['blocksize']}, median of {res['reps']} passes over rotating inputs.", "",
-             "| shape | dq | dequant ms | GB/s | % copy | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Blocksize {res['blocksize']}, median of {res['reps']} passes over rotating inputs. "
+             "% copy: of that copy into an existing buffer; % clone: of clone() of a tensor the size of the "
+             "output, measured per shape (allocation and first touch included, as for dequantize).", "",
+             "| shape | dq | dequant ms | GB/s | % copy | % clone | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(row, key, fmt):
         return format(row[key], fmt) if key in row else "-"
@@ -157,11 +167,12 @@ def markdown(h: dict, res: dict) -> str:
     for r in res["rows"]:
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {'on' if r['double_quant'] else 'off'} | {r['dequant_ms']:.3f} | "
-            f"{r['dequant_GBps']:.3g} | {r['dequant_pct_copy']:.3g}% | {f(r, 'bnb_dequant_ms', '.3f')} | "
+            f"{r['dequant_GBps']:.3g} | {r['dequant_pct_copy']:.3g}% | {r['dequant_pct_clone']:.3g}% | "
+            f"{f(r, 'bnb_dequant_ms', '.3f')} | "
             f"{f(r, 'dequant_speedup_vs_bnb', '.2f')} | {r.get('dequant_bits_equal_bnb', '-')} | {r['quant_ms']:.3f} | "
             f"{f(r, 'bnb_quant_ms', '.3f')} | {f(r, 'quant_speedup_vs_bnb', '.2f')} |")
         if "bnb_error" in r:
-            lines.append(f"| | bnb failed: {r['bnb_error']} |||||||||")
+            lines.append(f"| | bnb failed: {r['bnb_error']} ||||||||||")
     return "\n".join(lines) + "\n"
 
 

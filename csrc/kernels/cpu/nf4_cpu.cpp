@@ -4,15 +4,18 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "common/nf4_format.h"
 #include "cpu/float_convert.h"
+#include "cpu/x86_target.h"
 
 namespace lora_ops::cpu {
 namespace {
 
 constexpr float kNf4Codebook[16] = {LORA_OPS_NF4_VALUES};
+bool g_nf4_avx2 = false;
 
 template <DType T>
 int64_t quantize_typed(const Nf4QuantizeParams& p) {
@@ -57,6 +60,104 @@ int64_t quantize_typed(const Nf4QuantizeParams& p) {
   return nonfinite_blocks;
 }
 
+// The 16 possible outputs of one block: each one product rounded once (spec section 4), so a per-block
+// table of final values gives identical bits with no per-element math.
+template <DType T>
+void block_table(float amax, typename Storage<T>::type (&table)[16]) {
+  for (int c = 0; c < 16; ++c) table[c] = Storage<T>::store(nf4_decode(kNf4Codebook[c], amax));
+}
+
+// Elements [begin, end) of one block through its table (begin is even: blocksizes are even).
+template <DType T>
+void decode_block_scalar(const Nf4Weight& w, int64_t begin, int64_t end, const typename Storage<T>::type (&table)[16],
+                         typename Storage<T>::type* out) {
+  const uint8_t* in = w.packed + begin / 2;
+  int64_t i = begin;
+  for (; i + 1 < end; i += 2) {
+    const uint8_t byte = in[(i - begin) / 2];
+    out[i] = table[nf4_high(byte)];
+    out[i + 1] = table[nf4_low(byte)];
+  }
+  if (i < end) out[i] = table[nf4_high(in[(i - begin) / 2])];
+}
+
+#ifdef LORA_OPS_X86
+// 8 finite fp32 values rounded to bf16 (nearest even), as 8 x 16 bits.
+LORA_AVX2 inline __m128i bf16_bits8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+// 16-bit outputs: the block's 16 values split into a low-byte and a high-byte table, and pshufb looks 16
+// codes up at once in each (8 packed bytes -> 16 outputs, 32 bytes stored). Element 2j is the high
+// nibble of byte j. Finite absmax only (the caller sends other blocks to the scalar table, whose NaN
+// conversion the vector rounding does not reproduce).
+template <DType T>
+LORA_AVX2 void decode_block_avx2_16(const Nf4Weight& w, int64_t begin, int64_t end, float amax, uint16_t* out) {
+  const __m256 a = _mm256_set1_ps(amax);
+  const __m256 p_lo = _mm256_mul_ps(_mm256_loadu_ps(kNf4Codebook), a);      // exactly nf4_decode
+  const __m256 p_hi = _mm256_mul_ps(_mm256_loadu_ps(kNf4Codebook + 8), a);
+  __m128i v_lo, v_hi;  // codes 0-7 and 8-15 as 16-bit values
+  if constexpr (T == DType::kBFloat16) {
+    v_lo = bf16_bits8(p_lo);
+    v_hi = bf16_bits8(p_hi);
+  } else {
+    v_lo = _mm256_cvtps_ph(p_lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v_hi = _mm256_cvtps_ph(p_hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  // low bytes of the 16 values, then high bytes
+  const __m128i even = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i odd = _mm_setr_epi8(1, 3, 5, 7, 9, 11, 13, 15, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m128i t_lo = _mm_unpacklo_epi64(_mm_shuffle_epi8(v_lo, even), _mm_shuffle_epi8(v_hi, even));
+  const __m128i t_hi = _mm_unpacklo_epi64(_mm_shuffle_epi8(v_lo, odd), _mm_shuffle_epi8(v_hi, odd));
+  const __m128i nib = _mm_set1_epi8(0x0F);
+  const uint8_t* in = w.packed + begin / 2;
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m128i c = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + (i - begin) / 2));
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(c, 4), nib);
+    const __m128i lo = _mm_and_si128(c, nib);
+    const __m128i idx = _mm_unpacklo_epi8(hi, lo);  // codes of elements i .. i + 15 in order
+    const __m128i bl = _mm_shuffle_epi8(t_lo, idx), bh = _mm_shuffle_epi8(t_hi, idx);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi8(bl, bh));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8), _mm_unpackhi_epi8(bl, bh));
+  }
+  if (i < end) {
+    alignas(16) uint16_t table[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(table), v_lo);
+    _mm_store_si128(reinterpret_cast<__m128i*>(table + 8), v_hi);
+    for (; i < end; ++i) {
+      const uint8_t byte = in[(i - begin) / 2];
+      out[i] = table[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)];
+    }
+  }
+}
+
+// fp32 outputs: vpermps looks codes 0-7 and 8-15 up in two 8-entry tables, bit 3 selects.
+LORA_AVX2 void decode_block_avx2_32(const Nf4Weight& w, int64_t begin, int64_t end, float amax, float* out) {
+  const __m256 a = _mm256_set1_ps(amax);
+  const __m256 t_lo = _mm256_mul_ps(_mm256_loadu_ps(kNf4Codebook), a);
+  const __m256 t_hi = _mm256_mul_ps(_mm256_loadu_ps(kNf4Codebook + 8), a);
+  const __m256i shifts = _mm256_setr_epi32(4, 0, 12, 8, 20, 16, 28, 24);
+  const __m256i low4 = _mm256_set1_epi32(0xF);
+  const uint8_t* in = w.packed + begin / 2;
+  int64_t i = begin;
+  for (; i + 8 <= end; i += 8) {
+    uint32_t u;
+    std::memcpy(&u, in + (i - begin) / 2, 4);
+    const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)), shifts), low4);
+    const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
+    _mm256_storeu_ps(out + i, _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+  }
+  for (; i < end; ++i) {
+    const uint8_t byte = in[(i - begin) / 2];
+    out[i] = nf4_decode(kNf4Codebook[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)], amax);
+  }
+}
+#endif
+
 template <DType T>
 void dequantize_typed(const Nf4DequantizeParams& p) {
   using S = Storage<T>;
@@ -64,27 +165,30 @@ void dequantize_typed(const Nf4DequantizeParams& p) {
   const Nf4Weight& w = p.weight;
   const int64_t bs = w.blocksize;
   const int64_t n_blocks = w.n_blocks();
+  const bool avx2 = g_nf4_avx2;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n_blocks; ++b) {
-    // Each of the 16 possible outputs of this block is one product rounded once (spec section 4),
-    // so a per-block table of the final values gives identical bits with no per-element math.
     const float amax = nf4_block_absmax(w, b);
-    typename S::type table[16];
-    for (int c = 0; c < 16; ++c) table[c] = S::store(nf4_decode(kNf4Codebook[c], amax));
     const int64_t begin = b * bs;
     const int64_t end = std::min(begin + bs, w.numel);
-    const uint8_t* in = w.packed + begin / 2;
-    int64_t i = begin;
-    for (; i + 1 < end; i += 2) {
-      const uint8_t byte = in[(i - begin) / 2];
-      out[i] = table[nf4_high(byte)];
-      out[i + 1] = table[nf4_low(byte)];
+#ifdef LORA_OPS_X86
+    if (avx2 && std::isfinite(amax)) {
+      if constexpr (T == DType::kFloat32)
+        decode_block_avx2_32(w, begin, end, amax, out);
+      else
+        decode_block_avx2_16<T>(w, begin, end, amax, out);
+      continue;
     }
-    if (i < end) out[i] = table[nf4_high(in[(i - begin) / 2])];
+#endif
+    typename S::type table[16];
+    block_table<T>(amax, table);
+    decode_block_scalar<T>(w, begin, end, table, out);
   }
 }
 
 }  // namespace
+
+void set_nf4_avx2(bool use) { g_nf4_avx2 = use; }
 
 float nf4_block_absmax(const Nf4Weight& w, int64_t block) {
   if (!w.nested()) return w.absmax[block];

@@ -15,6 +15,10 @@ void nf4_double_quantize(const Nf4DoubleQuantParams& p);
 // Writes the dense weight, bit-identical to the spec's decode rule.
 void nf4_dequantize(const Nf4DequantizeParams& p);
 
+// Dequantize with the AVX2 kernels (true) or the portable ones; set by select_cpu_kernels (qlora_cpu.h),
+// portable until then. Both write the same bits.
+void set_nf4_avx2(bool use);
+
 // The float32 absmax of block b, decoding the nested form when present.
 float nf4_block_absmax(const Nf4Weight& w, int64_t block);
 

@@ -34,11 +34,7 @@
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define LORA_OPS_X86 1
-#define LORA_AVX2 __attribute__((target("avx2,fma,f16c")))
-#endif
+#include "cpu/x86_target.h"
 
 namespace lora_ops::cpu {
 namespace {
@@ -964,7 +960,10 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
 
 } // namespace
 
-void select_cpu_kernels(bool allow_avx2) { g_use_avx2 = allow_avx2 && cpu_has_avx2_fma_f16c(); }
+void select_cpu_kernels(bool allow_avx2) {
+  g_use_avx2 = allow_avx2 && cpu_has_avx2_fma_f16c();
+  set_nf4_avx2(g_use_avx2);
+}
 
 bool qlora_cpu_uses_avx2() { return g_use_avx2; }
 
