@@ -24,29 +24,18 @@
 
 #include <algorithm>
 
+#include "bindings/tensor_checks.h"
+
 namespace lora_ops {
 namespace {
 
 // Slab widths are multiples of this (whole SIMD vectors / GEMM micro-tiles).
 constexpr int64_t kSlabAlign = 16;
 
-at::ScalarType scalar_type(DType t) {
-  switch (t) {
-  case DType::kFloat16:
-    return at::kHalf;
-  case DType::kBFloat16:
-    return at::kBFloat16;
-  case DType::kFloat64:
-    return at::kDouble;
-  default:
-    return at::kFloat;
-  }
-}
-
 // A non-owning tensor over kernel-params memory (the op body owns it for the whole call).
 at::Tensor view(const void* ptr, DType t, at::IntArrayRef sizes, at::IntArrayRef strides, c10::Device device) {
   return at::from_blob(const_cast<void*>(ptr), sizes, strides,
-                       at::TensorOptions().dtype(scalar_type(t)).device(device));
+                       at::TensorOptions().dtype(scalar_type_of(t)).device(device));
 }
 
 // The first rows x cols elements of a flat fp32 scratch, as a contiguous matrix.

@@ -27,6 +27,20 @@ inline DType kernel_dtype(at::ScalarType t, const char* op, const char* arg) {
   }
 }
 
+// The other direction, for tensors made over kernel-params memory (fp64: the CPU-only gradcheck path).
+inline at::ScalarType scalar_type_of(DType t) {
+  switch (t) {
+    case DType::kFloat16:
+      return at::kHalf;
+    case DType::kBFloat16:
+      return at::kBFloat16;
+    case DType::kFloat64:
+      return at::kDouble;
+    default:
+      return at::kFloat;
+  }
+}
+
 inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* arg) {
   TORCH_CHECK(t.device() == ref.device(), op, ": ", arg, " is on ", t.device(), " but the weight is on ",
               ref.device(), "; move all inputs to one device");
