@@ -446,13 +446,20 @@ class NF4Linear(_NF4Base, nn.Linear):
             f"base_dtype={self.base_dtype}, compute_dtype={self.compute_dtype}"
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x ``[..., in_features]`` -> ``[..., out_features]`` in x's dtype."""
-        check_input("NF4Linear", x, self.in_features)
+    def _call_inputs(self, x: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """x checked and cast to the compute dtype, the bias the op fuses (None when absent or trainable:
+        a trainable bias is added outside the op to get its gradient), and whether it is trainable. Also
+        used by PEFT's LoraOpsLinear over this layer."""
+        check_input(who, x, self.in_features)
         xc = x.to(compute_dtype_for(x, self.compute_dtype))
         bias = self.bias
         trainable_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-        fused_bias = None if bias is None or trainable_bias else bias_for(bias, xc)
+        return xc, None if bias is None or trainable_bias else bias_for(bias, xc), trainable_bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x ``[..., in_features]`` -> ``[..., out_features]`` in x's dtype."""
+        xc, fused_bias, trainable_bias = self._call_inputs(x, "NF4Linear")
+        bias = self.bias
         w, w_meta = self._weight_op_args()
         y = _NF4MatmulFn.apply(xc, fused_bias, w_meta, *w)
         if trainable_bias:

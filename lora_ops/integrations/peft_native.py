@@ -39,7 +39,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from lora_ops import format as fmt
 from lora_ops.nf4 import quantize_nf4
-from lora_ops.nn import NF4Linear, bias_for, check_input, compute_dtype_for
+from lora_ops.nn import NF4Linear
 from lora_ops.ops import qlora as qlora_ops
 
 __all__ = ["LoraOpsLinear", "enable", "is_enabled", "register"]
@@ -96,11 +96,8 @@ class LoraOpsLinear(PeftLoraLinear):
             return self.base_layer(x, *args, **kwargs)  # the base alone (it rejects unknown arguments)
 
         base = self.get_base_layer()
-        check_input("LoraOpsLinear", x, self.in_features)
-        xc = x.to(compute_dtype_for(x, base.compute_dtype))
+        xc, fused_bias, trainable_bias = base._call_inputs(x, "LoraOpsLinear")
         bias = base.bias
-        trainable_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled()
-        fused_bias = None if bias is None or trainable_bias else bias_for(bias, xc)
 
         w, w_meta = base._weight_op_args()
         drops = {a: _dropout_p(self, a) for a in active}
