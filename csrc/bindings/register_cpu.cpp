@@ -20,6 +20,8 @@ cpu::CpuCrossover crossover_table() {
   const EnvOverrides& env = env_overrides();
   if (env.cpu_row_dot_max_m >= 0)
     t.row_dot_max_m = env.cpu_row_dot_max_m;
+  if (env.cpu_fused_row_dot_max_m >= 0)
+    t.fused_row_dot_max_m_bytes = t.fused_row_dot_max_m_other = env.cpu_fused_row_dot_max_m;
   if (env.cpu_axpy_max_m >= 0)
     t.axpy_max_m = env.cpu_axpy_max_m;
   if (env.cpu_slab_min_m >= 0)
@@ -36,7 +38,7 @@ const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_de
 
 void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();
-  const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table);
+  const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::qlora_cpu_uses_avx2());
   if (path == cpu::CpuMatmulPath::kSlabGemm)
     return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here
   cpu::qlora_matmul(p, path);

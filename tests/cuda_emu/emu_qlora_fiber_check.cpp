@@ -316,7 +316,7 @@ void check_matmul(const MatmulCase& c) {
   Buf out_gpu(out_bytes), out_cpu(out_bytes);
 
   p.out = out_cpu.ptr;
-  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, cpu::kCpuCrossover));
+  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, cpu::kCpuCrossover, cpu::qlora_cpu_uses_avx2()));
 
   p.out = out_gpu.ptr;
   cudaError_t err = cudaSuccess;

@@ -1,8 +1,9 @@
 // CPU fused QLoRA linear. Design (numbers in bench/notes_qlora_cpu.md):
 //
 //   Which path runs is chosen by choose_matmul_path (cpu/qlora_cpu_path.h), not here.
-//   small M (forward, row-dot): per 4 W rows, decode them into an L1 buffer (AVX2: 8 codes
-//     per step via variable shifts + two vpermps table lookups) and dot them with each x row.
+//   small M (forward, row-dot): AVX2 with K % blocksize == 0: codes decoded in registers and multiplied
+//     into every x row at once (nf4_rowdot.h); otherwise per 4 W rows, decode them into an L1 buffer (AVX2:
+//     8 codes per step via variable shifts + two vpermps table lookups) and dot them with each x row.
 //   small M (dx, axpy): threads own column ranges of W, decode each W row segment once
 //     and axpy it into every row's fp32 accumulator.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
@@ -28,12 +29,15 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "common/nf4_format.h"
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
 
+#include "cpu/nf4_rowdot.h"
+#include "cpu/simd_round.h"
 #include "cpu/x86_target.h"
 
 namespace lora_ops::cpu {
@@ -163,19 +167,6 @@ void decode_segment_portable(const Nf4Weight& w, DType t, int64_t f, int64_t len
 }
 
 #ifdef LORA_OPS_X86
-// Rounds 8 fp32 values to the compute dtype and back (RNE), matching round_to_compute bit for bit.
-LORA_AVX2 inline __m256 round_to_compute_avx2(__m256 v, DType t) {
-  if (t == DType::kBFloat16) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), lsb);
-    return _mm256_castsi256_ps(_mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
-  }
-  if (t == DType::kFloat16)
-    return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  return v;
-}
-
 // 8 codes per step: the 4 packed bytes are broadcast to 8 lanes and shifted so lane i holds code i
 // (element 2j = high nibble of byte j: shifts 4,0,12,8,...); vpermps looks codes 0-7 and 8-15 up in
 // two 8-entry tables and bit 3 (moved to the sign bit) selects between them.
@@ -545,16 +536,21 @@ std::vector<float> rows_to_f32(const QloraMatmulParams& p, int64_t cols) {
 // thread in every kernel below.
 bool worth_threads(const QloraMatmulParams& p) { return (p.m + 1) * p.n * p.k > (int64_t{1} << 17); }
 
-// Forward with few rows: each thread decodes whole W rows (one output column each) into an L1 buffer.
-void matmul_gemv(const QloraMatmulParams& p) {
+// Forward with few rows: each thread takes 64 W rows (output columns) at a time and either decodes them in
+// registers straight into the dot products (kRowDotFused, nf4_rowdot.h) or decodes 4 rows at a time into
+// an L1 buffer and dots them with each x row (kRowDot).
+void matmul_gemv(const QloraMatmulParams& p, CpuMatmulPath path) {
   const int64_t K = p.k, N = p.n, M = p.m;
-  const std::vector<float> x32 = rows_to_f32(p, K);
+  std::vector<float> x32 = rows_to_f32(p, K);
   const Epilogue ep(p);
   constexpr int64_t kRows = kPanel; // W rows per task: the epilogue works on 64 columns at a time
   const int64_t n_tasks = (N + kRows - 1) / kRows;
+  const bool fused = path == CpuMatmulPath::kRowDotFused; // codes decoded in registers
+  if (fused)
+    rowdot_prepare_x(p.weight, p.a_dtype, M, K, x32.data());
 #pragma omp parallel if (worth_threads(p))
   {
-    AlignedBuffer wrow(4 * K);
+    AlignedBuffer wrow(fused ? 0 : 4 * K);
     std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
     std::vector<float> c(static_cast<size_t>(M * kPanel));
 #pragma omp for schedule(static)
@@ -563,6 +559,10 @@ void matmul_gemv(const QloraMatmulParams& p) {
       const int64_t ow = std::min(kRows, N - o0);
       int64_t t = 0;
 #ifdef LORA_OPS_X86
+      if (fused) {
+        rowdot_avx2(p.weight, p.a_dtype, K, o0, ow, x32.data(), M, c.data(), kPanel);
+        t = ow;
+      }
       if (g_use_avx2) {
         for (; t + 4 <= ow; t += 4) {
           decode_segment(p.weight, p.a_dtype, (o0 + t) * K, 4 * K, wrow.ptr); // 4 consecutive W rows
@@ -813,8 +813,60 @@ template <typename Acc> void mask_row(const DropoutParams& d, uint32_t key, int6
   }
 }
 
+#ifdef LORA_OPS_X86
+// s[q] = Σ_i row[i] · f[q, i] for fp32 f with contiguous rows (the forward's A): the few-rows case, where
+// transposing f would cost more than the products. Per q: 8 lanes each sum their share of a 256-term
+// block, the lanes are added pairwise and the blocks in order, so the error grows like 32 + 3 + L / 256
+// terms (the transposing path's tree: 8 + 32 + L / 256).
+LORA_AVX2 void lora_down_rows_avx2(const float* row, const float* f, int64_t stride_q, int64_t r, int64_t L,
+                                   float* out) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t q = 0; q < r; ++q) {
+    const float* fq = f + q * stride_q;
+    float acc = 0.0f;
+    for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+      const int64_t b1 = std::min(L, b0 + kBlock);
+      __m256 v = _mm256_setzero_ps();
+      int64_t i = b0;
+      for (; i + 8 <= b1; i += 8)
+        v = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(fq + i), v);
+      alignas(32) float l[8];
+      _mm256_store_ps(l, v);
+      float blk = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+      for (; i < b1; ++i)
+        blk += row[i] * fq[i];
+      acc += blk;
+    }
+    out[q] = acc;
+  }
+}
+#endif
+
+// True when lora_down_rows_avx2 takes the call: few rows, fp32 factor rows contiguous along l.
+bool lora_down_by_rows(const LoraDownParams& p) {
+  constexpr int64_t kMaxRows = 16; // beyond, one transposition of f is cheaper than re-reading it per row
+  return g_use_avx2 && p.a_dtype != DType::kFloat64 && p.f_dtype == DType::kFloat32 && p.f_stride_l == 1 &&
+         p.m <= kMaxRows;
+}
+
 template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
   const int64_t r = p.rank, L = p.l;
+#ifdef LORA_OPS_X86
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (lora_down_by_rows(p)) {
+      const uint32_t key = dropout_key(p.dropout.seed);
+      std::vector<float> row(static_cast<size_t>(L));
+      for (int64_t m = 0; m < p.m; ++m) {
+        load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
+        if (p.dropout.enabled())
+          mask_row(p.dropout, key, m, L, row.data());
+        lora_down_rows_avx2(row.data(), static_cast<const float*>(p.f), p.f_stride_q, r, L,
+                            static_cast<float*>(p.out) + m * p.out_row_stride);
+      }
+      return;
+    }
+  }
+#endif
   // fT[i][q] = f[q, i]: the reduction becomes an axpy over the rank (vectorizes for any r).
   std::vector<Acc> ft(static_cast<size_t>(L * r));
   for (int64_t q = 0; q < r; ++q)
@@ -974,7 +1026,8 @@ void qlora_matmul(const QloraMatmulParams& p, CpuMatmulPath path) {
   case CpuMatmulPath::kFloat64:
     return matmul_f64(p);
   case CpuMatmulPath::kRowDot:
-    return matmul_gemv(p);
+  case CpuMatmulPath::kRowDotFused:
+    return matmul_gemv(p, path);
   case CpuMatmulPath::kAxpy:
     return matmul_axpy_transposed(p);
   case CpuMatmulPath::kGemm:

@@ -1,0 +1,92 @@
+"""The CPU forward with few x rows has three kernels (kRowDotFused: codes decoded in registers, through bf16
+byte tables or vpermps tables; kRowDot: rows decoded into a buffer; the portable one). Each is checked
+against the float64 reference on shapes that reach its corners: more than 64 blocks per row (the absmax
+run), N tails, x-row chunks of 4 (M = 7, 16), non-contiguous x, every blocksize kind, plain and nested
+absmax. The buffered kernel runs in a fresh process with LORA_OPS_FUSED_ROWDOT_MAX_M=0 (read at load)."""
+
+import os
+
+import pytest
+import torch
+from qlora_utils import (assert_close_rule, dense_weight, make_problem, run_script_in_fresh_process,
+                         torch_same_dtype)
+
+import lora_ops
+from lora_ops import reference
+from lora_ops.ops.qlora import qlora_linear, qlora_matmul
+
+bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+
+# (dtype, blocksize, double quant, m_shape, n, k): K is a whole number of blocks (the fused kernels'
+# condition); 4480 = 70 blocks of 64 and 4160 = 130 blocks of 32 pass the 64-block absmax run.
+CASES = [
+    (bf16, 64, True, (1,), 130, 4480),    # byte tables, M = 1 (4 accumulators), N tail
+    (bf16, 128, False, (7,), 70, 1024),   # byte tables, x rows in chunks of 4 + 3
+    (bf16, 256, True, (2, 8), 64, 512),   # byte tables, M = 16, 3-D x
+    (bf16, 32, True, (2,), 96, 4160),     # bf16 with blocksize 32: vpermps tables
+    (fp32, 64, True, (4,), 100, 640),     # vpermps tables, fp32 values
+    (fp16, 1024, False, (3,), 33, 2048),  # vpermps tables, fp16 values
+]
+
+
+def _run(case, seed, transpose_x):
+    dtype, bs, dq, m_shape, n, k = case
+    wq, x, A, B, b = make_problem(m_shape, n, k, 8, dtype, "cpu", blocksize=bs, double_quant=dq, seed=seed)
+    if transpose_x:  # the same values through a non-contiguous view
+        x = x.reshape(-1, k).t().contiguous().t().reshape(x.shape)
+    return wq, x, A, B, b, qlora_linear(x, wq, A, B, 0.5, b)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{str(c[0])[6:]}-bs{c[1]}-m{c[3]}-{c[4]}x{c[5]}")
+def test_fused_row_dot_matches_reference(case, rng):
+    seed = int(torch.randint(0, 2**30, (1,), generator=rng).item())
+    for transpose_x in (False, True):
+        wq, x, A, B, b, y = _run(case, seed, transpose_x)
+        w = dense_weight(wq, case[0])
+        ref, _ = reference.qlora_linear(x, w, A, B, 0.5, b, 0.0, 0, 0)
+        plain = torch_same_dtype(x, w, A, B, 0.5, b, 0.0, 0, 0)
+        assert_close_rule(y, ref, plain, case[0], f"{case} transpose_x={transpose_x}")
+
+
+_BUFFERED = r"""
+import sys, torch
+sys.path.insert(0, 'tests')
+import test_qlora_cpu_rowdot as t
+seed = int(sys.argv[2])
+torch.save([t._run(c, seed, False)[-1] for c in t.CASES], sys.argv[1])
+"""
+
+
+def test_buffered_row_dot_matches_fused(tmp_path, rng):
+    seed = int(torch.randint(0, 2**30, (1,), generator=rng).item())
+    path = str(tmp_path / "buffered.pt")
+    run_script_in_fresh_process(_BUFFERED, [path, str(seed)], {"LORA_OPS_FUSED_ROWDOT_MAX_M": "0"}, timeout=180)
+    buffered = torch.load(path)
+    for case, yb in zip(CASES, buffered):
+        *_, y = _run(case, seed, False)
+        tol = {bf16: 1e-2, fp16: 2e-3, fp32: 1e-5}[case[0]]
+        torch.testing.assert_close(yb, y, rtol=tol, atol=tol, msg=lambda m: f"{case}: {m}")
+    with open("/proc/cpuinfo") as f:
+        has_avx2 = " avx2 " in f.read()
+    if has_avx2 and not os.environ.get("LORA_OPS_NO_AVX2"):  # another summation order: the other kernel ran
+        fp32_case = next(i for i, c in enumerate(CASES) if c[0] == fp32)
+        assert not torch.equal(buffered[fp32_case], _run(CASES[fp32_case], seed, False)[-1])
+
+
+@pytest.mark.parametrize("dtype,bs", [(bf16, 64), (bf16, 32), (fp16, 128), (fp32, 64)])
+def test_fused_row_dot_uses_the_exact_weight_values(dtype, bs, rng):
+    # One-hot x rows make each output one product, so y shows the kernel's weight values bit for bit:
+    # T(code · absmax) rounded once (qlora_params.h), ties included (row 0 of every row's first block is
+    # 1 + 3·2^-8 with plain absmax: code 1.0 decodes to it, halfway between two bf16 values).
+    n, k = 70, 1024
+    w = (torch.randn(n, k, generator=rng) * 0.3).clamp(-1.0, 1.0)
+    w[:, 0] = 1.0 + 3 * 2.0**-8
+    wq = lora_ops.quantize_nf4(w, bs, False)
+    expect = dense_weight(wq, dtype)
+    seen = torch.empty(n, k, dtype=dtype)
+    for k0 in range(0, k, 16):
+        x = torch.zeros(16, k, dtype=dtype)
+        x[torch.arange(16), k0 + torch.arange(16)] = 1.0
+        seen[:, k0:k0 + 16] = qlora_matmul(x, wq).t()
+    assert torch.equal(seen.view(torch.int16 if dtype != fp32 else torch.int32),
+                       expect.view(torch.int16 if dtype != fp32 else torch.int32))
