@@ -3,6 +3,8 @@
 Methods (all with the same LoRA adapter, dropout 0, scale alpha/r):
     ours        lora_ops.qlora_linear (fused NF4 dequant-GEMM + LoRA epilogue; custom backward)
     bnb_peft    (a) bitsandbytes matmul_4bit + PEFT's LoRA path: lora_B(lora_A(x.to(A.dtype))) * scale
+    bnb_packed  (a') forward only, CPUs with avx512_bf16: the same after bitsandbytes' CPU repack (what its
+                Linear4bit.forward does in eval mode under no_grad there; bf16 absmax, lossy)
     dense       (b) dense matmul on the original-dtype weight + the same LoRA path
     deq_mm      (c) lora_ops nf4_dequantize to x's dtype + matmul + the same LoRA path
 
@@ -31,6 +33,7 @@ from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.qlora import qlora_linear
 
 LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N = out, K = in)
+FWD_ONLY = ("bnb_packed",)  # inference-only methods
 FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 
 
@@ -74,13 +77,17 @@ class Layer:
         self.A = (torch.randn(r, k, generator=g) / k**0.5).to(device)  # PEFT keeps adapters in fp32
         self.B = (torch.randn(n, r, generator=g) * 0.01).to(device)
         self.dense = w
-        self.bnb = None
+        self.bnb = self.bnb_packed = None
         if need_bnb:
             import bitsandbytes.functional as F
 
             q, qs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
             self.bnb = (q, qs)
             self.nf4 = NF4Weight.from_bnb(q, qs)  # same bytes for every method
+            if device.type == "cpu" and F.has_avx512bf16() and n % 32 == 0:  # its repack needs N % 32 == 0
+                import copy
+
+                self.bnb_packed = F._convert_weight_packed_for_cpu(q.clone(), copy.deepcopy(qs))
         else:
             self.nf4 = quantize_nf4(w, 64, True)
         del w
@@ -96,6 +103,13 @@ class Layer:
             q, qs = self.bnb
             out["bnb_peft"] = lambda x, A, B: (
                 bnb.matmul_4bit(x, q.t(), quant_state=qs) + self.lora(x, A, B).to(x.dtype)
+            )
+        if self.bnb_packed is not None:
+            import bitsandbytes as bnb
+
+            pq, pqs = self.bnb_packed
+            out["bnb_packed"] = lambda x, A, B: (
+                bnb.matmul_4bit(x, pq, quant_state=pqs) + self.lora(x, A, B).to(x.dtype)
             )
         out["dense"] = lambda x, A, B: x @ self.dense.t() + self.lora(x, A, B).to(x.dtype)
         out["deq_mm"] = lambda x, A, B: x @ self.nf4.dequantize(x.dtype).t() + self.lora(x, A, B).to(x.dtype)
@@ -152,7 +166,7 @@ def run(args) -> dict:
 
                         return fwd_bwd
 
-                    fb = {name: make_fwd_bwd(fn) for name, fn in methods.items()}
+                    fb = {name: make_fwd_bwd(fn) for name, fn in methods.items() if name not in FWD_ONLY}
                     for name, t in bc.interleaved_ms(fb, device, args.min_time).items():
                         row[f"{name}_fwdbwd_ms"] = t
                     for name, f in fb.items():
@@ -164,7 +178,7 @@ def run(args) -> dict:
                 row["ours_fwd_TFLOPs"] = layer.flops(m) / t / 1e9
                 row["ours_fwd_pct_copy_bw"] = 100 * row["ours_fwd_GBps"] / env["ceilings"]["copy_GBps"]
                 row["ours_fwd_pct_matmul"] = 100 * row["ours_fwd_TFLOPs"] / env["ceilings"]["matmul_TFLOPs"]
-                for base in ("bnb_peft", "dense", "deq_mm"):
+                for base in ("bnb_peft", "bnb_packed", "dense", "deq_mm"):
                     for ph in ("fwd", "fwdbwd"):
                         if f"{base}_{ph}_ms" in row and f"ours_{ph}_ms" in row:
                             row[f"speedup_{ph}_vs_{base}"] = row[f"{base}_{ph}_ms"] / row[f"ours_{ph}_ms"]
@@ -177,7 +191,7 @@ def run(args) -> dict:
 
 def summary_line(row) -> str:
     parts = [f"N={row['N']} K={row['K']} M={row['M']} r={row['r']}"]
-    for name in ("ours", "bnb_peft", "dense", "deq_mm"):
+    for name in ("ours", "bnb_peft", "bnb_packed", "dense", "deq_mm"):
         if f"{name}_fwd_ms" in row:
             s = f"{name} {row[f'{name}_fwd_ms']:.2f}"
             if f"{name}_fwdbwd_ms" in row:
@@ -196,8 +210,16 @@ def environment(device) -> dict:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
     }
+    if device.type == "cpu":
+        from lora_ops import _native
+
+        env["lora_ops_cpu_kernels"] = _native.CPU_SIMD
     if bc.bnb_version() is not None:
         env["bitsandbytes"] = bc.bnb_version()
+        if device.type == "cpu":
+            import bitsandbytes.functional as F
+
+            env["bnb_cpu_packed_path"] = bool(F.has_avx512bf16())
     if device.type == "cuda":
         env["driver"] = bc.gpu_driver()
     return env
@@ -210,7 +232,9 @@ def markdown(result) -> str:
         "# QLoRA linear benchmark",
         "",
         f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}); threads {env['threads']}; "
-        f"bitsandbytes {env.get('bitsandbytes', 'n/a')}; lora_ops commit {env['lora_ops_commit'][:12]}.",
+        f"bitsandbytes {env.get('bitsandbytes', 'n/a')}; lora_ops commit {env['lora_ops_commit'][:12]}; "
+        f"lora_ops CPU kernels {env.get('lora_ops_cpu_kernels', 'n/a')}; "
+        f"bnb CPU packed path {env.get('bnb_cpu_packed_path', 'n/a')}.",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_TFLOPs']:.3f} TFLOP/s "
         f"({c['matmul_dtype']}).",
         "",
@@ -224,12 +248,14 @@ def markdown(result) -> str:
         "r",
         "ours",
         "bnb+PEFT (a)",
+        "bnb packed (a')",
         "dense (b)",
         "deq+mm (c)",
         "ours GB/s",
         "ours TFLOP/s",
         "× vs (a) fwd",
         "× vs (a) f+b",
+        "× vs (a') fwd",
         "× vs (b) f+b",
         "× vs (c) fwd",
     ]
@@ -253,12 +279,14 @@ def markdown(result) -> str:
             str(r["r"]),
             ms(r, "ours"),
             ms(r, "bnb_peft"),
+            ms(r, "bnb_packed"),
             ms(r, "dense"),
             ms(r, "deq_mm"),
             f"{r['ours_fwd_GBps']:.1f}",
             f"{r['ours_fwd_TFLOPs']:.4f}",
             sp(r, "speedup_fwd_vs_bnb_peft"),
             sp(r, "speedup_fwdbwd_vs_bnb_peft"),
+            sp(r, "speedup_fwd_vs_bnb_packed"),
             sp(r, "speedup_fwdbwd_vs_dense"),
             sp(r, "speedup_fwd_vs_deq_mm"),
         ]

@@ -83,6 +83,6 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
   // Which CPU kernels were chosen at load time (AVX2+FMA+F16C or portable), for `python -m lora_ops env`.
-  PyModule_AddStringConstant(m, "CPU_SIMD", lora_ops::cpu::qlora_cpu_uses_avx2() ? "avx2" : "portable");
+  PyModule_AddStringConstant(m, "CPU_SIMD", lora_ops::cpu::cpu_isa_name(lora_ops::cpu::cpu_isa()));
   return m;
 }

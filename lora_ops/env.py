@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-_SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
+_SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "avx512_bf16",
+               "avx512_fp16", "amx_bf16")
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

@@ -18,8 +18,13 @@ def _env(extra: dict[str, str] | None = None) -> dict:
 def test_env_reports_cpu_and_kernel_paths():
     info = _env()
     assert info["cpu"] and isinstance(info["cpu_simd_flags"], list)
-    # The AVX2 kernels are chosen exactly when the CPU has AVX2, FMA and F16C.
-    expect = "avx2" if {"avx2", "fma", "f16c"} <= set(info["cpu_simd_flags"]) else "portable"
+    # The highest level whose extensions the CPU has (/proc/cpuinfo's names) is chosen.
+    flags = set(info["cpu_simd_flags"])
+    expect = "portable"
+    if {"avx2", "fma", "f16c"} <= flags:
+        expect = "avx2"
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16"} <= flags:
+            expect = "avx512"
     assert info["lora_ops_cpu_kernels"] == expect
     assert info["torch_cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "NO AVX", "ZVECTOR", "SVE256", "VSX")
     if info["bitsandbytes"] is not None:
@@ -30,3 +35,9 @@ def test_env_reports_cpu_and_kernel_paths():
 
 def test_env_names_the_forced_portable_path():
     assert _env({"LORA_OPS_NO_AVX2": "1"})["lora_ops_cpu_kernels"] == "portable"
+
+
+def test_env_names_the_avx512_cap():
+    info = _env({"LORA_OPS_NO_AVX512": "1"})
+    expect = "avx2" if {"avx2", "fma", "f16c"} <= set(info["cpu_simd_flags"]) else "portable"
+    assert info["lora_ops_cpu_kernels"] == expect

@@ -1,10 +1,14 @@
-"""The CPU forward with few x rows has three kernels (kRowDotFused: codes decoded in registers, through bf16
-byte tables or vpermps tables; kRowDot: rows decoded into a buffer; the portable one). Each is checked
-against the float64 reference on shapes that reach its corners: more than 64 blocks per row (the absmax
-run), N tails, x-row chunks of 4 (M = 7, 16), non-contiguous x, every blocksize kind, plain and nested
-absmax. The buffered kernel runs in a fresh process with LORA_OPS_FUSED_ROWDOT_MAX_M=0 (read at load)."""
+"""The CPU forward with few x rows has these kernels: kRowDotFused (codes decoded in registers) at each SIMD
+level, AVX2 (bf16 byte tables or vpermps tables) and AVX-512 (vdpbf16ps or vpermps); kRowDot (rows
+decoded into a buffer); the portable one. Each is checked against the float64 reference on shapes that
+reach its corners: more than 64 blocks per row (the absmax run), N tails, x-row chunks of 4 (AVX2) and 8
+(AVX-512) with remainders, non-contiguous x, every blocksize kind, plain and nested absmax. The levels
+below the CPU's and the buffered kernel run in fresh processes (LORA_OPS_NO_AVX512=1, LORA_OPS_NO_AVX2=1,
+LORA_OPS_FUSED_ROWDOT_MAX_M=0: read at load)."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -26,6 +30,7 @@ CASES = [
     (bf16, 32, True, (2,), 96, 4160),     # bf16 with blocksize 32: vpermps tables
     (fp32, 64, True, (4,), 100, 640),     # vpermps tables, fp32 values
     (fp16, 1024, False, (3,), 33, 2048),  # vpermps tables, fp16 values
+    (fp32, 32, False, (13,), 40, 1024),   # vpermps, one block per 32-column group, x rows 8 + 5 / 4·3 + 1
 ]
 
 
@@ -46,6 +51,39 @@ def test_fused_row_dot_matches_reference(case, rng):
         ref, _ = reference.qlora_linear(x, w, A, B, 0.5, b, 0.0, 0, 0)
         plain = torch_same_dtype(x, w, A, B, 0.5, b, 0.0, 0, 0)
         assert_close_rule(y, ref, plain, case[0], f"{case} transpose_x={transpose_x}")
+
+
+_AT_LEVEL = r"""
+import sys, torch
+sys.path.insert(0, 'tests')
+import lora_ops
+import test_qlora_cpu_rowdot as t
+print(lora_ops._native.CPU_SIMD)
+for case in t.CASES:
+    t.test_fused_row_dot_matches_reference(case, torch.Generator().manual_seed(int(sys.argv[1])))
+"""
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+
+
+@pytest.mark.parametrize("cap", ["LORA_OPS_NO_AVX512", "LORA_OPS_NO_AVX2"])
+def test_lower_simd_levels_match_reference(cap, rng):
+    # The kernels of the level the cap leaves (AVX2 on an AVX-512 machine; portable) against the reference.
+    # On a CPU below the capped level this reruns what it already runs (the default run is the other test).
+    seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **{cap: "1"})
+    res = subprocess.run([sys.executable, "-c", _AT_LEVEL, seed], cwd=root, env=env, capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-4000:]
+    level = res.stdout.split()[0]
+    if cap == "LORA_OPS_NO_AVX2":
+        assert level == "portable"
+    else:
+        assert level == ("avx2" if {"avx2", "fma", "f16c"} <= _cpu_flags() else "portable")
 
 
 _BUFFERED = r"""

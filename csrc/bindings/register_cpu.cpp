@@ -16,7 +16,7 @@ namespace lora_ops {
 namespace {
 
 cpu::CpuCrossover crossover_table() {
-  cpu::CpuCrossover t = cpu::kCpuCrossover;
+  cpu::CpuCrossover t = cpu::crossover_for(cpu::cpu_isa());
   const EnvOverrides& env = env_overrides();
   if (env.cpu_row_dot_max_m >= 0)
     t.row_dot_max_m = env.cpu_row_dot_max_m;
@@ -38,7 +38,7 @@ const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_de
 
 void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();
-  const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::qlora_cpu_uses_avx2());
+  const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::cpu_isa());
   if (path == cpu::CpuMatmulPath::kSlabGemm)
     return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here
   cpu::qlora_matmul(p, path);
@@ -60,7 +60,10 @@ const Backend kCpuBackend{
 } // namespace
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
-  cpu::select_cpu_kernels(/*allow_avx2=*/!env_overrides().no_avx2);
+  const EnvOverrides& env = env_overrides();
+  cpu::select_cpu_kernels(env.no_avx2     ? cpu::CpuIsa::kPortable
+                          : env.no_avx512 ? cpu::CpuIsa::kAvx2
+                                          : cpu::CpuIsa::kAvx512);
   register_ops<&kCpuBackend>(m);
 }
 

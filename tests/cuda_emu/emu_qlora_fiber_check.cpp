@@ -316,7 +316,7 @@ void check_matmul(const MatmulCase& c) {
   Buf out_gpu(out_bytes), out_cpu(out_bytes);
 
   p.out = out_cpu.ptr;
-  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, cpu::kCpuCrossover, cpu::qlora_cpu_uses_avx2()));
+  cpu::qlora_matmul(p, cpu::choose_matmul_path(p, cpu::crossover_for(cpu::cpu_isa()), cpu::cpu_isa()));
 
   p.out = out_gpu.ptr;
   cudaError_t err = cudaSuccess;
@@ -948,7 +948,7 @@ void run_mask() {
 
 int main(int argc, char** argv) {
   const std::string group = argc > 1 ? argv[1] : "all";
-  cpu::select_cpu_kernels(/*allow_avx2=*/true); // as the library does at load
+  cpu::select_cpu_kernels(cpu::CpuIsa::kAvx512); // as the library does at load
   g_rng.seed(argc > 2 ? std::atoi(argv[2]) : 1234);
   if (argc > 3) lora_emu::g_policy = std::atoi(argv[3]);
   const auto want = [&](const char* g) { return group == "all" || group == g; };

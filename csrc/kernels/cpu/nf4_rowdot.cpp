@@ -21,28 +21,20 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "common/nf4_format.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/nf4_rowdot_detail.h"
 #include "cpu/simd_round.h"
 #include "cpu/x86_target.h"
 
 namespace lora_ops::cpu {
 namespace {
 
-constexpr float kCodebook[16] = {LORA_OPS_NF4_VALUES};
-constexpr int kMaxRows = 4;           // x rows per decode (accumulators stay in registers)
-constexpr int64_t kChunk = 64;        // columns per byte-table step (32 packed bytes, one ymm)
-constexpr int64_t kAbsmaxRun = 64;    // block scales decoded ahead at a time (a stack array)
+using rowdot_detail::block_absmax;
+using rowdot_detail::kAbsmaxRun;
+using rowdot_detail::kCodebook;
 
-// The float32 absmax of blocks [b0, b0 + n), nested form decoded (spec section 3).
-void block_absmax(const Nf4Weight& w, int64_t b0, int64_t n, float* out) {
-  if (!w.nested()) {
-    std::memcpy(out, w.absmax + b0, static_cast<size_t>(n) * sizeof(float));
-    return;
-  }
-  const float offset = *w.offset;
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = nf4_nested_absmax(w.nested_code[w.qabsmax[b0 + i]], w.absmax2[(b0 + i) / kNestedBlocksize], offset);
-}
+constexpr int kMaxRows = 4;    // x rows per decode (accumulators stay in registers)
+constexpr int64_t kChunk = 64; // columns per byte-table step (32 packed bytes, one ymm)
 
 // Position of column c of a 64-column chunk in the byte-table kernel's order. The kernel produces 8
 // vectors v = src·4 + h·2 + q of 8 lanes p = 4·L + d, where lane L of the 32 packed bytes holds columns
@@ -60,6 +52,8 @@ bool rowdot_fused_applies(const Nf4Weight& w, int64_t k) { return k > 0 && k % w
 bool rowdot_byte_tables(const Nf4Weight& w, DType t) { return t == DType::kBFloat16 && w.blocksize >= kChunk; }
 
 void rowdot_prepare_x(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32) {
+  if (cpu_isa() == CpuIsa::kAvx512)
+    return rowdot_detail::rowdot_prepare_x_avx512(w, value_dtype, m, k, x32);
   if (!rowdot_byte_tables(w, value_dtype))
     return;
   float tmp[kChunk];
@@ -224,8 +218,6 @@ void rowdot_rows(const Nf4Weight& w, DType t, int64_t k, int64_t o0, int64_t row
   }
 }
 
-} // namespace
-
 void rowdot_avx2(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
                  int64_t m, float* out, int64_t ldo) {
   for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
@@ -239,11 +231,19 @@ void rowdot_avx2(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, i
     }
   }
 }
-#else
-// Not an x86 build: the AVX2 kernels are never selected, so no caller gets here.
-void rowdot_avx2(const Nf4Weight&, DType, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
-  std::abort();
-}
+
+} // namespace
 #endif
+
+void rowdot_fused(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
+                  int64_t m, float* out, int64_t ldo) {
+#ifdef LORA_OPS_X86
+  if (cpu_isa() == CpuIsa::kAvx512)
+    return rowdot_detail::rowdot_avx512(w, value_dtype, k, o0, rows, x32, m, out, ldo);
+  if (cpu_isa() == CpuIsa::kAvx2)
+    return rowdot_avx2(w, value_dtype, k, o0, rows, x32, m, out, ldo);
+#endif
+  std::abort(); // choose_matmul_path picks kRowDotFused only with a SIMD level selected
+}
 
 } // namespace lora_ops::cpu

@@ -11,23 +11,25 @@
 
 namespace lora_ops::cpu {
 
-// True when rowdot_avx2 can take this weight: a row of K elements is a whole number of quantization
-// blocks, so every row starts on a block (and a byte). The caller also checks that AVX2 is selected.
+// True when rowdot_fused can take this weight: a row of K elements is a whole number of quantization
+// blocks, so every row starts on a block (and a byte). The caller also checks that a SIMD level
+// (cpu_isa.h: AVX2 or AVX-512) is selected.
 bool rowdot_fused_applies(const Nf4Weight& w, int64_t k);
 
-// True when rowdot_avx2 decodes through byte tables for this weight and compute dtype (bf16, blocksize
-// >= 64); otherwise through vpermps tables. The two have different crossovers (qlora_cpu_path.h).
+// True when rowdot_fused takes its bf16 kernel for this weight and compute dtype (bf16, blocksize >= 64:
+// AVX2 byte tables, AVX-512 vdpbf16ps); otherwise its vpermps kernel. The two have different crossovers
+// (qlora_cpu_path.h).
 bool rowdot_byte_tables(const Nf4Weight& w, DType value_dtype);
 
-// Rewrites x32 ([m, k] fp32 rows, in place) into the order rowdot_avx2 reads for this weight and
-// compute dtype: each 64-column chunk permuted when the byte-table kernel runs (bf16, blocksize >= 64),
-// unchanged otherwise. Call once per call of the layer, before rowdot_avx2.
+// Rewrites x32 ([m, k] fp32 rows, in place) into the operand layout rowdot_fused reads for this weight,
+// compute dtype and SIMD level (columns reordered per chunk; on AVX-512 with bf16, packed to bf16 from the
+// buffer's start). The result is opaque: pass it to rowdot_fused only. Call once per call of the layer.
 void rowdot_prepare_x(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32);
 
 // out[m * ldo + j] = Σ_k x[m, k] · W[o0 + j, k]  for j < rows, m < M; fp32 accumulation, x32 as left by
-// rowdot_prepare_x. Requires rowdot_fused_applies(w, K) and the AVX2 kernels selected. Serial (the
+// rowdot_prepare_x. Requires rowdot_fused_applies(w, K) and AVX2 or AVX-512 selected. Serial (the
 // caller parallelizes over rows).
-void rowdot_avx2(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
-                 int64_t m, float* out, int64_t ldo);
+void rowdot_fused(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
+                  int64_t m, float* out, int64_t ldo);
 
 } // namespace lora_ops::cpu

@@ -20,7 +20,9 @@
 //
 // AVX2/FMA/F16C code lives in functions with __attribute__((target(...))) selected at run time with
 // __builtin_cpu_supports, so the library itself runs on any x86-64 (no -march=native). The binding layer
-// calls select_cpu_kernels once at load (LORA_OPS_NO_AVX2=1 forces the portable path; tests use it).
+// calls select_cpu_kernels once at load (cpu_isa.h; LORA_OPS_NO_AVX512=1 caps it at AVX2,
+// LORA_OPS_NO_AVX2=1 at the portable path; tests use both). The AVX-512 kernels so far: the fused row-dot
+// (nf4_rowdot_avx512.cpp); everything else runs its AVX2 kernel on an AVX-512 machine.
 #include "cpu/qlora_cpu.h"
 
 #include <omp.h>
@@ -33,6 +35,7 @@
 #include <vector>
 
 #include "common/nf4_format.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
 
@@ -50,16 +53,24 @@ constexpr int kPanel = 64;   // output columns per thread task (4 micro-panels)
 constexpr int64_t kKB = 256; // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
 constexpr int64_t kMB = 256; // rows of x converted to fp32 at a time (bounds every buffer)
 
-bool cpu_has_avx2_fma_f16c() {
+CpuIsa isa_of_this_cpu() {
 #ifdef LORA_OPS_X86
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+  __builtin_cpu_init(); // also checks that the OS saves the ymm / zmm state
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    return CpuIsa::kPortable;
+  for (const bool has : {__builtin_cpu_supports("avx512f") != 0, __builtin_cpu_supports("avx512bw") != 0,
+                         __builtin_cpu_supports("avx512vl") != 0, __builtin_cpu_supports("avx512dq") != 0,
+                         __builtin_cpu_supports("avx512bf16") != 0})
+    if (!has)
+      return CpuIsa::kAvx2;
+  return CpuIsa::kAvx512;
 #else
-  return false;
+  return CpuIsa::kPortable;
 #endif
 }
 // Constant-initialized (portable) until select_cpu_kernels() runs at library load, so the order of
-// static initializers across files does not matter.
+// static initializers across files does not matter. g_use_avx2: the level is kAvx2 or above.
+CpuIsa g_isa = CpuIsa::kPortable;
 bool g_use_avx2 = false;
 
 // ---- element conversion -------------------------------------------------------------------------
@@ -560,7 +571,7 @@ void matmul_gemv(const QloraMatmulParams& p, CpuMatmulPath path) {
       int64_t t = 0;
 #ifdef LORA_OPS_X86
       if (fused) {
-        rowdot_avx2(p.weight, p.a_dtype, K, o0, ow, x32.data(), M, c.data(), kPanel);
+        rowdot_fused(p.weight, p.a_dtype, K, o0, ow, x32.data(), M, c.data(), kPanel);
         t = ow;
       }
       if (g_use_avx2) {
@@ -1012,12 +1023,26 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
 
 } // namespace
 
-void select_cpu_kernels(bool allow_avx2) {
-  g_use_avx2 = allow_avx2 && cpu_has_avx2_fma_f16c();
+void select_cpu_kernels(CpuIsa max_isa) {
+  g_isa = std::min(max_isa, cpu_isa_supported());
+  g_use_avx2 = g_isa >= CpuIsa::kAvx2;
   set_nf4_avx2(g_use_avx2);
 }
 
-bool qlora_cpu_uses_avx2() { return g_use_avx2; }
+CpuIsa cpu_isa() { return g_isa; }
+
+CpuIsa cpu_isa_supported() {
+  static const CpuIsa supported = isa_of_this_cpu();
+  return supported;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+  case CpuIsa::kAvx512: return "avx512";
+  case CpuIsa::kAvx2: return "avx2";
+  default: return "portable";
+  }
+}
 
 void qlora_matmul(const QloraMatmulParams& p, CpuMatmulPath path) {
   if (p.m == 0)

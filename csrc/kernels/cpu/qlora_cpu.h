@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "common/qlora_params.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/qlora_cpu_path.h"
 
 namespace lora_ops::cpu {
@@ -40,10 +41,8 @@ void nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, i
 void qlora_finish_tile(const QloraMatmulParams& p, int64_t m0, int64_t mb, int64_t o0, int64_t ow, float* acc,
                        int64_t ld);
 
-// Called once at library load by the binding layer: use the AVX2+FMA+F16C kernels when allowed and
-// the CPU has them (before the call, the portable kernels run).
-void select_cpu_kernels(bool allow_avx2);
-// True when the AVX2+FMA+F16C kernels are in use.
-bool qlora_cpu_uses_avx2();
+// Called once at library load by the binding layer: run at the highest SIMD level (cpu_isa.h) the CPU has,
+// up to max_isa (before the call, the portable kernels run).
+void select_cpu_kernels(CpuIsa max_isa);
 
 } // namespace lora_ops::cpu

@@ -5,13 +5,14 @@
 #include <cstdint>
 
 #include "common/qlora_params.h"
+#include "cpu/cpu_isa.h"
 #include "cpu/nf4_rowdot.h"
 
 namespace lora_ops::cpu {
 
 enum class CpuMatmulPath {
   kRowDot,  // forward, few rows: decode W rows into L1 and dot them with each x row
-  kRowDotFused, // forward, few rows, AVX2, K % blocksize == 0: codes decoded in registers (cpu/nf4_rowdot.h)
+  kRowDotFused, // forward, few rows, AVX2 / AVX-512, K % blocksize == 0: codes decoded in registers (cpu/nf4_rowdot.h)
   kAxpy,    // dx, few rows: decode W row segments once, axpy them into each row's accumulator
   kGemm,     // cache-blocked dequantize-panel + 6x16 register-tiled GEMM
   kSlabGemm, // large M: W dequantized in bounded slabs, ATen's fp32 GEMM (MKL/oneDNN), LoRA folded into K;
@@ -23,8 +24,8 @@ enum class CpuMatmulPath {
 // dtype kind and form (forward y / backward dx), and the slab path's W scratch budget.
 struct CpuCrossover {
   int64_t row_dot_max_m;
-  int64_t fused_row_dot_max_m_bytes; // kRowDotFused with byte tables (bf16, blocksize >= 64)
-  int64_t fused_row_dot_max_m_other; // kRowDotFused with vpermps tables (fp16 / fp32, blocksize 32)
+  int64_t fused_row_dot_max_m_bytes; // kRowDotFused, its bf16 kernel (bf16, blocksize >= 64)
+  int64_t fused_row_dot_max_m_other; // kRowDotFused, its vpermps kernel (fp16 / fp32, blocksize 32)
   int64_t axpy_max_m;
   int64_t slab_min_m_fwd_16bit; // bf16 / fp16 activations, forward
   int64_t slab_min_m_dx_16bit;  // bf16 / fp16 activations, dx
@@ -37,7 +38,7 @@ struct CpuCrossover {
 // A slab_min_m_* value that no M reaches: the slab path is off for that dtype kind and form.
 constexpr int64_t kSlabNever = INT64_MAX;
 
-// Measured on a 2-core AMD EPYC (AVX2; lscpu "AMD EPYC"), bf16 and fp32, 4096x4096 and 1024x1024:
+// AVX2 (and portable) kernels. Measured on a 2-core AMD EPYC (Zen 1, AVX2; lscpu "AMD EPYC"), bf16 and fp32, 4096x4096 and 1024x1024:
 // bench/notes_qlora_cpu.md. Row-dot / axpy up to M = 16. The fused row-dot (codes decoded in registers)
 // beats the buffered one at every M <= 16 with bf16 byte tables and up to M = 4 with vpermps tables
 // (fp32: 0.91x at M = 1..4, 1.5-1.9x slower at M = 6..16, where the buffered path's 4-row dot reuses each
@@ -49,16 +50,25 @@ constexpr int64_t kSlabNever = INT64_MAX;
 // LORA_OPS_AXPY_MAX_M, LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES, LORA_OPS_SLAB_ROWS_BYTES (read by the
 // binding layer).
 // Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of fp32 rows.
-constexpr CpuCrossover kCpuCrossover{16, 16, 4, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
+constexpr CpuCrossover kCpuCrossoverAvx2{16, 16, 4, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
 
-// avx2: the AVX2 kernels are selected (qlora_cpu_uses_avx2()).
-inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCrossover& table, bool avx2) {
+// AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
+// model 17): bench/notes_qlora_cpu.md.
+constexpr CpuCrossover kCpuCrossoverAvx512{16, 16, 16, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
+
+// The table of the kernels at this SIMD level.
+constexpr const CpuCrossover& crossover_for(CpuIsa isa) {
+  return isa == CpuIsa::kAvx512 ? kCpuCrossoverAvx512 : kCpuCrossoverAvx2;
+}
+
+// isa: the SIMD level in use (cpu_isa()).
+inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCrossover& table, CpuIsa isa) {
   if (p.a_dtype == DType::kFloat64)
     return CpuMatmulPath::kFloat64;
   if (!p.transpose_w && p.m <= table.row_dot_max_m) {
     const int64_t fused_max_m = rowdot_byte_tables(p.weight, p.a_dtype) ? table.fused_row_dot_max_m_bytes
                                                                           : table.fused_row_dot_max_m_other;
-    if (avx2 && rowdot_fused_applies(p.weight, p.k) && p.m <= fused_max_m)
+    if (isa != CpuIsa::kPortable && rowdot_fused_applies(p.weight, p.k) && p.m <= fused_max_m)
       return CpuMatmulPath::kRowDotFused;
     return CpuMatmulPath::kRowDot;
   }

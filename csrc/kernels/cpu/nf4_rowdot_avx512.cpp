@@ -1,0 +1,238 @@
+// AVX-512 fused row-dot (nf4_rowdot.h): codes decoded in registers, for cpu_isa() == kAvx512.
+//
+// A 16-entry table fits one register, so a code is looked up by a single permute with the code as index:
+//
+//  - bf16, blocksize >= 64 (vdpbf16ps): per block the 16 bf16 weight values sit in the low words of a
+//    zmm (twice: words 16-31 repeat them), built by a multiply and one vcvtne2ps2bf16. Per 64 columns,
+//    the 32 packed bytes are widened to words (vpmovzxbw); vpermw reads index bits 0-4, so the widened
+//    bytes index the odd columns' (low nibble) values directly, and shifted right by 4 the even ones':
+//    3 instructions per 64 weights, then 2 vdpbf16ps per x row, which multiply the bf16 weights pairwise
+//    into fp32 accumulators against x, itself bf16 (the compute dtype: exact). x is rewritten once per
+//    call to the same column order (even columns, then odd ones, per 64-column chunk).
+//  - other dtypes and blocksize 32 (vpermps): per 32 columns, 16 packed bytes widened to dwords, split
+//    into nibbles the same way (vpermps reads index bits 0-3), two vpermps look them up in the block's
+//    16 fp32 values (each rounded to the compute dtype), FMA against x (fp32, even columns then odd ones
+//    per 32-column group).
+//
+// vdpbf16ps rounds each fused step to fp32 (nearest even) and treats subnormal bf16 inputs and results
+// as zero: a weight or x value below 2^-126 in magnitude counts as 0 (an absolute error below 2^-126 |x|
+// or 2^-126 |w| per term); otherwise the sums are fp32 sums as in the other kernels, in another order. Up to kMaxRows x rows share one decode; their accumulators stay in registers.
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#include "cpu/nf4_rowdot.h"
+#include "cpu/nf4_rowdot_detail.h"
+#include "cpu/x86_target.h"
+
+// gcc 12's AVX-512 headers start some intrinsics from an "undefined" register and then warn that it may
+// be used uninitialized (a false positive of the headers, not of this code).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+namespace lora_ops::cpu::rowdot_detail {
+#ifdef LORA_OPS_X86
+namespace {
+
+constexpr int kMaxRows = 8;          // x rows per decode (2 accumulators each, 32 zmm registers)
+constexpr int64_t kChunkBf16 = 64;   // columns per vdpbf16ps step (32 packed bytes)
+constexpr int64_t kChunkFp32 = 32;   // columns per vpermps step (16 packed bytes)
+
+bool bf16_pairs(const Nf4Weight& w, DType t) { return t == DType::kBFloat16 && w.blocksize >= kChunkBf16; }
+
+// Rewrites each `chunk`-column run of x32 as its even columns followed by its odd ones; with `to_bf16`
+// the run is written as bf16 (the high half of each fp32 value: x32 holds bf16 values widened exactly)
+// packed from the start of the same buffer, rows k bf16 elements apart.
+void split_even_odd(int64_t m, int64_t k, float* x32, int64_t chunk, bool to_bf16) {
+  float tmp[kChunkBf16];
+  uint16_t* x16 = reinterpret_cast<uint16_t*>(x32);
+  for (int64_t i = 0; i < m * k; i += chunk) { // k % chunk == 0: chunks never straddle rows
+    const int64_t half = chunk / 2;
+    for (int64_t c = 0; c < half; ++c) {
+      tmp[c] = x32[i + 2 * c];
+      tmp[half + c] = x32[i + 2 * c + 1];
+    }
+    if (!to_bf16) {
+      std::copy(tmp, tmp + chunk, x32 + i);
+      continue;
+    }
+    for (int64_t c = 0; c < chunk; ++c) { // writes bytes [2i, 2i + 2·chunk), all read already
+      uint32_t u;
+      std::memcpy(&u, tmp + c, 4);
+      x16[i + c] = static_cast<uint16_t>(u >> 16);
+    }
+  }
+}
+
+LORA_AVX512 inline float hsum(__m512 a, __m512 b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
+
+// The 16 bf16 values of a block (code · amax rounded to nearest even, as float_to_bf16), in words 0-15
+// and again in words 16-31, so a word index's bit 4 does not matter. vcvtne2ps2bf16 flushes values below
+// 2^-126 to zero, as vdpbf16ps would treat them anyway.
+LORA_AVX512 inline __m512i bf16_table(float amax) {
+  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(kCodebook), _mm512_set1_ps(amax));
+  return (__m512i)_mm512_cvtne2ps_pbh(v, v);
+}
+
+// The 16 fp32 values of a block, each rounded to the compute dtype and back (round_to_compute's rule).
+LORA_AVX512 inline __m512 fp32_table(float amax, DType t) {
+  const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(kCodebook), _mm512_set1_ps(amax));
+  if (t == DType::kBFloat16) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_castsi512_ps(_mm512_and_si512(r, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+  }
+  if (t == DType::kFloat16)
+    return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return v;
+}
+
+// MC bf16 x rows (even / odd columns per 64-column chunk) against one W row, blocksize >= 64.
+// U chunk steps in flight per row when few rows give too few independent accumulators.
+template <int MC>
+LORA_AVX512 void row_bf16(const Nf4Weight& w, int64_t k, int64_t row, const uint16_t* x, int64_t ldx, float* out,
+                          int64_t ldo) {
+  constexpr int U = MC <= 2 ? 2 : 1;
+  const int64_t bs = w.blocksize;
+  const int chunk_shift = __builtin_ctzll(static_cast<uint64_t>(bs / kChunkBf16)); // blocksizes are 2^n
+  __m512 acc[MC][2 * U];
+  for (int m = 0; m < MC; ++m)
+    for (int u = 0; u < 2 * U; ++u)
+      acc[m][u] = _mm512_setzero_ps();
+  const int64_t n_blocks = k / bs;
+  const uint8_t* codes = w.packed + row * k / 2; // a block boundary: k % bs == 0
+  float amax[kAbsmaxRun];
+  auto step = [&](int64_t c, const __m512i table, int u) LORA_AVX512 { // table built inline: cheaper here
+                                                                        // than storing a run of them
+    const __m512i cw = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 32)));
+    const __m512bh even = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(cw, 4), table);
+    const __m512bh odd = (__m512bh)_mm512_permutexvar_epi16(cw, table); // bits 0-4: the table repeats
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const uint16_t* xs = x + m * ldx + c * kChunkBf16;
+      acc[m][2 * u] = _mm512_dpbf16_ps(acc[m][2 * u], even, (__m512bh)_mm512_loadu_si512(xs));
+      acc[m][2 * u + 1] = _mm512_dpbf16_ps(acc[m][2 * u + 1], odd, (__m512bh)_mm512_loadu_si512(xs + 32));
+    }
+  };
+  for (int64_t b0 = 0; b0 < n_blocks; b0 += kAbsmaxRun) {
+    const int64_t nb = std::min(kAbsmaxRun, n_blocks - b0);
+    block_absmax(w, row * k / bs + b0, nb, amax);
+    const int64_t c0 = (b0 * bs) / kChunkBf16, c1 = ((b0 + nb) * bs) / kChunkBf16;
+    int64_t c = c0;
+    for (; c + U <= c1; c += U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u)
+        step(c + u, bf16_table(amax[(c + u - c0) >> chunk_shift]), u);
+    }
+    for (; c < c1; ++c)
+      step(c, bf16_table(amax[(c - c0) >> chunk_shift]), 0);
+  }
+  for (int m = 0; m < MC; ++m) {
+    __m512 a = acc[m][0], b = acc[m][1];
+    for (int u = 1; u < U; ++u) {
+      a = _mm512_add_ps(a, acc[m][2 * u]);
+      b = _mm512_add_ps(b, acc[m][2 * u + 1]);
+    }
+    out[m * ldo] = hsum(a, b);
+  }
+}
+
+// MC fp32 x rows (even / odd columns per 32-column group) against one W row, any dtype and blocksize.
+template <int MC>
+LORA_AVX512 void row_fp32(const Nf4Weight& w, DType t, int64_t k, int64_t row, const float* x, int64_t ldx,
+                          float* out, int64_t ldo) {
+  constexpr int U = MC <= 2 ? 2 : 1;
+  const int64_t bs = w.blocksize; // >= 32
+  const int group_shift = __builtin_ctzll(static_cast<uint64_t>(bs / kChunkFp32));
+  __m512 acc[MC][2 * U];
+  for (int m = 0; m < MC; ++m)
+    for (int u = 0; u < 2 * U; ++u)
+      acc[m][u] = _mm512_setzero_ps();
+  const int64_t n_blocks = k / bs;
+  const uint8_t* codes = w.packed + row * k / 2;
+  float amax[kAbsmaxRun];
+  auto step = [&](int64_t g, const __m512 table, int u) LORA_AVX512 {
+    const __m512i cd = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16)));
+    const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(cd, 4), table);
+    const __m512 odd = _mm512_permutexvar_ps(cd, table); // vpermps reads index bits 0-3 only
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const float* xs = x + m * ldx + g * kChunkFp32;
+      acc[m][2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs), acc[m][2 * u]);
+      acc[m][2 * u + 1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs + 16), acc[m][2 * u + 1]);
+    }
+  };
+  for (int64_t b0 = 0; b0 < n_blocks; b0 += kAbsmaxRun) {
+    const int64_t nb = std::min(kAbsmaxRun, n_blocks - b0);
+    block_absmax(w, row * k / bs + b0, nb, amax);
+    const int64_t g0 = (b0 * bs) / kChunkFp32, g1 = ((b0 + nb) * bs) / kChunkFp32;
+    int64_t g = g0;
+    for (; g + U <= g1; g += U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u)
+        step(g + u, fp32_table(amax[(g + u - g0) >> group_shift], t), u);
+    }
+    for (; g < g1; ++g)
+      step(g, fp32_table(amax[(g - g0) >> group_shift], t), 0);
+  }
+  for (int m = 0; m < MC; ++m) {
+    __m512 a = acc[m][0], b = acc[m][1];
+    for (int u = 1; u < U; ++u) {
+      a = _mm512_add_ps(a, acc[m][2 * u]);
+      b = _mm512_add_ps(b, acc[m][2 * u + 1]);
+    }
+    out[m * ldo] = hsum(a, b);
+  }
+}
+
+template <int MC>
+void rows_of(const Nf4Weight& w, DType t, int64_t k, int64_t o0, int64_t rows, const float* x32, float* out,
+             int64_t ldo) {
+  if (bf16_pairs(w, t)) {
+    const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x32);
+    for (int64_t j = 0; j < rows; ++j)
+      row_bf16<MC>(w, k, o0 + j, x16, k, out + j, ldo);
+  } else {
+    for (int64_t j = 0; j < rows; ++j)
+      row_fp32<MC>(w, t, k, o0 + j, x32, k, out + j, ldo);
+  }
+}
+
+} // namespace
+
+void rowdot_prepare_x_avx512(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32) {
+  if (bf16_pairs(w, value_dtype))
+    split_even_odd(m, k, x32, kChunkBf16, /*to_bf16=*/true);
+  else
+    split_even_odd(m, k, x32, kChunkFp32, /*to_bf16=*/false);
+}
+
+void rowdot_avx512(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
+                   int64_t m, float* out, int64_t ldo) {
+  // Row m0 of the prepared x: bf16 rows are k elements apart from the buffer's start.
+  const bool pairs = bf16_pairs(w, value_dtype);
+  for (int64_t m0 = 0; m0 < m; m0 += kMaxRows) {
+    const float* x = pairs ? reinterpret_cast<const float*>(reinterpret_cast<const uint16_t*>(x32) + m0 * k)
+                           : x32 + m0 * k;
+    float* o = out + m0 * ldo;
+    switch (std::min<int64_t>(kMaxRows, m - m0)) {
+    case 1: rows_of<1>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 2: rows_of<2>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 3: rows_of<3>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 4: rows_of<4>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 5: rows_of<5>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 6: rows_of<6>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    case 7: rows_of<7>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    default: rows_of<8>(w, value_dtype, k, o0, rows, x, o, ldo); break;
+    }
+  }
+}
+#else
+// Not an x86 build: cpu_isa() is never kAvx512, so no caller gets here.
+void rowdot_prepare_x_avx512(const Nf4Weight&, DType, int64_t, int64_t, float*) { std::abort(); }
+void rowdot_avx512(const Nf4Weight&, DType, int64_t, int64_t, int64_t, const float*, int64_t, float*, int64_t) {
+  std::abort();
+}
+#endif
+
+} // namespace lora_ops::cpu::rowdot_detail
