@@ -6,7 +6,8 @@ against the CPU one under tests/cuda_emu); this is its CPU twin.
 The path is chosen from the crossover table read once at library load, so the cases run in a fresh
 process with the overrides LORA_OPS_SLAB_MIN_M=1 (every M takes the slab path) and tiny slab / row
 budgets (many slabs and several M chunks even for these small shapes, slab edges inside quantization
-blocks)."""
+blocks), once with the fp32 GEMM for every dtype and once with the bf16 GEMM for bf16 activations
+(LORA_OPS_SLAB_BF16_GEMM=1; the default on AVX512_BF16 CPUs: hi / lo split LoRA operands and bias)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,9 @@ CASES = [
 ]
 
 # Tiny budgets: slabs of 16 columns (the minimum width), M chunks of a few rows.
-SLAB_ENV = {"LORA_OPS_SLAB_MIN_M": "1", "LORA_OPS_SLAB_BYTES": "1", "LORA_OPS_SLAB_ROWS_BYTES": "4096"}
+SLAB_ENV = {"LORA_OPS_SLAB_MIN_M": "1", "LORA_OPS_SLAB_BYTES": "1", "LORA_OPS_SLAB_ROWS_BYTES": "4096",
+            "LORA_OPS_SLAB_BF16_GEMM": "0"}
+SLAB_BF16_ENV = dict(SLAB_ENV, LORA_OPS_SLAB_BF16_GEMM="1")
 
 
 def check_case(case, seed: int) -> torch.Tensor:
@@ -71,7 +74,7 @@ sys.path.insert(0, 'tests')
 import test_qlora_slab_path as t
 seed = int(sys.argv[2])
 ys = [t.check_case(c, seed + i) for i, c in enumerate(t.CASES)]
-torch.save(ys[2], sys.argv[1])  # the fp32 case: compared with the default path below
+torch.save(ys, sys.argv[1])
 """
 
 
@@ -79,7 +82,7 @@ def test_slab_path_matches_reference(tmp_path):
     seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
     out = str(tmp_path / "slab_y.pt")
     run_script_in_fresh_process(_SCRIPT, [out, str(seed)], SLAB_ENV, timeout=300)
-    y_slab = torch.load(out)
+    y_slab = torch.load(out)[2]  # the fp32 case: compared with the default path below
     # This process runs the default table, where M = 23 takes the kGemm kernel. Same
     # values up to summation order, and not bit-equal: proof that the other process took another path.
     m_shape, n, k, r, dtype, adt, bs, dq, p, has_bias = CASES[2]
@@ -88,3 +91,20 @@ def test_slab_path_matches_reference(tmp_path):
     y = qlora_linear(x, wq, A, B, 0.75, bias, p, make_rng(99 + k, 5))
     torch.testing.assert_close(y_slab, y, rtol=1e-5, atol=1e-5)
     assert not torch.equal(y_slab, y)
+
+
+def test_slab_path_bf16_gemm_matches_reference(tmp_path):
+    seed = int(torch.randint(0, 2**30, (1,)).item())
+    outs = []
+    for name, env in (("fp32", SLAB_ENV), ("bf16", SLAB_BF16_ENV)):
+        outs.append(str(tmp_path / f"slab_{name}.pt"))
+        run_script_in_fresh_process(_SCRIPT, [outs[-1], str(seed)], env, timeout=300)
+    y32, y16 = (torch.load(o) for o in outs)
+    for i, case in enumerate(CASES):
+        if case[4] == bf16:  # y of bf16 x: the bf16 GEMM ran (the forward's LoRA term is always folded);
+            # another summation order and split LoRA operands: not bit-equal over ~10^4 outputs (case 4)
+            torch.testing.assert_close(y16[i], y32[i], rtol=2e-2, atol=2e-2)
+            if y16[i].numel() > 5000:
+                assert not torch.equal(y16[i], y32[i])
+        else:  # the fp32 GEMM either way: same code, same bits
+            assert torch.equal(y16[i], y32[i]), case

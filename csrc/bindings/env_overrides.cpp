@@ -29,6 +29,7 @@ const EnvOverrides& env_overrides() {
     e.cpu_slab_min_m = integer("LORA_OPS_SLAB_MIN_M");
     e.cpu_slab_bytes = integer("LORA_OPS_SLAB_BYTES");
     e.cpu_slab_rows_bytes = integer("LORA_OPS_SLAB_ROWS_BYTES");
+    e.cpu_slab_bf16_gemm = integer("LORA_OPS_SLAB_BF16_GEMM");
     return e;
   }();
   return env;

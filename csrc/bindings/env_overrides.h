@@ -16,7 +16,9 @@ struct EnvOverrides {
   int64_t cpu_slab_min_m = -1;       // LORA_OPS_SLAB_MIN_M: smallest M of the CPU slab GEMM, every dtype
                                      // and form (-1: the table's; huge: never)
   int64_t cpu_slab_bytes = -1;       // LORA_OPS_SLAB_BYTES: CPU slab GEMM's W scratch (-1: the table's)
-  int64_t cpu_slab_rows_bytes = -1;  // LORA_OPS_SLAB_ROWS_BYTES: its fp32 activation chunk (-1: the table's)
+  int64_t cpu_slab_rows_bytes = -1;  // LORA_OPS_SLAB_ROWS_BYTES: its activation chunk (-1: the table's)
+  int64_t cpu_slab_bf16_gemm = -1;   // LORA_OPS_SLAB_BF16_GEMM: 1 / 0: bf16 activations take ATen's bf16 GEMM
+                                     // in the slab path, or its fp32 one (-1: the table's)
 };
 
 // Read once, at the first call (library load).

@@ -10,11 +10,15 @@
 // masked elementwise, so it stays out of the GEMM and the kernels' epilogue adds it (with bias) while
 // rounding the fp32 slab once (SlabKernels::finish_tile).
 //
-// Why fp32 GEMMs for bf16 / fp16 activations (CPU; CUDA sends only fp32 activations here): the slab holds the weight values rounded to the compute
-// dtype (the qlora_params.h contract) widened exactly, activations widen exactly, products accumulate in
-// fp32 and the output is rounded once -- the contract bit for bit up to summation order, fp32 adapters
-// kept at fp32 (no hi/lo split needed). And ATen's sgemm is the fast GEMM on AVX2 CPUs: its bf16 GEMM
-// was ~6x slower on the 2-core AMD EPYC this was measured on (bench/notes_qlora_cpu.md).
+// Two GEMM kinds. fp32 (default; CUDA sends only fp32 activations here): the slab holds the weight values
+// rounded to the compute dtype (the qlora_params.h contract) widened exactly, activations widen exactly,
+// products accumulate in fp32 and the output is rounded once -- the contract bit for bit up to summation
+// order, fp32 adapters kept at fp32. ATen's sgemm is the fast GEMM on AVX2 CPUs: its bf16 GEMM was ~6x
+// slower on the 2-core AMD EPYC (Zen 1) this was measured on (bench/notes_qlora_cpu.md). bf16 (bf16_gemm,
+// CPUs with AVX512_BF16, where oneDNN's bf16 GEMM is ~2x its sgemm): the slab holds the same values in
+// bf16 (exact), x is used as is, products are exact in fp32 and accumulate in fp32, the output is rounded
+// once; the fp32 LoRA operands and bias ride as hi + lo bf16 pairs (relative error ~2^-16 of the LoRA
+// term, instead of 2^-24). With dropout in dx the fp32 kind runs (its epilogue needs fp32 sums).
 //
 // Memory: the fp32 activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes
 // W once more), the W slab by slab_bytes, the fp32 output slab by rows x slab width. Never a dense W.
@@ -45,14 +49,22 @@ at::Tensor matrix(const at::Tensor& flat, int64_t rows, int64_t cols) {
 
 } // namespace
 
-void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes) {
+void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes,
+                       bool bf16_gemm) {
   const int64_t M = p.m, N = p.n, K = p.k;
   const bool tw = p.transpose_w;
   const int64_t n_in = tw ? N : K, n_out = tw ? K : N;
   const bool fold = p.rank > 0 && !p.dropout.enabled(); // masked LoRA term: added by the epilogue instead
   const bool epilogue = p.rank > 0 && !fold;
   const int64_t r = fold ? p.rank : 0;
-  const int64_t kk = n_in + r; // GEMM reduction length
+  // The bf16 GEMM: bf16 activations and no fp32 epilogue left to run. Its extra reduction columns hold
+  // the fp32 LoRA operands split hi + lo (s·B ≈ s_hi·B_hi + s_hi·B_lo + s_lo·B_hi, 3r columns) and the
+  // bias as hi + lo against two columns of ones, so the output is still rounded once.
+  const bool g16 = bf16_gemm && p.a_dtype == DType::kBFloat16 && !epilogue;
+  const bool bias_in_k = g16 && p.bias != nullptr;
+  const int64_t kk = n_in + (g16 ? 3 * r + (bias_in_k ? 2 : 0) : r); // GEMM reduction length
+  const at::ScalarType gt = g16 ? at::kBFloat16 : at::kFloat;
+  const int64_t gsize = g16 ? 2 : 4;
 
   TORCH_CHECK(!epilogue || k.finish_tile != nullptr, "qlora_matmul: the slab path on ", k.device,
               " cannot mask the LoRA term (dispatch error)");
@@ -66,50 +78,102 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   if (p.bias != nullptr && !epilogue)
     bias = view(p.bias, p.bias_dtype, {n_out}, {1}, k.device).to(at::kFloat);
   const float scale = static_cast<float>(p.scale); // rounded once, as the kernels do
+  at::Tensor lw_hi, lw_lo, bias_hi, bias_lo; // bf16 GEMM: the split operands (small: [n_out, r], [n_out])
+  if (g16 && fold) {
+    const at::Tensor lws = lw.to(at::kFloat).mul(scale);
+    lw_hi = lws.to(at::kBFloat16);
+    lw_lo = lws.sub(lw_hi.to(at::kFloat)).to(at::kBFloat16);
+  }
+  if (bias_in_k) {
+    bias_hi = bias.to(at::kBFloat16);
+    bias_lo = bias.sub(bias_hi.to(at::kFloat)).to(at::kBFloat16);
+  }
 
-  // Slab width: output columns whose fp32 W slab ([kk, width]) fits slab_bytes.
+  // Slab width: output columns whose fp32 W slab ([kk, width], the decode's output) fits slab_bytes.
   int64_t width = std::max<int64_t>(slab_bytes / (4 * kk), kSlabAlign) / kSlabAlign * kSlabAlign;
   width = std::min(width, n_out);
-  const int64_t mc_max = std::min(M, std::max<int64_t>(rows_bytes / (4 * kk), 1));
+  const int64_t mc_max = std::min(M, std::max<int64_t>(rows_bytes / (gsize * kk), 1));
 
-  const auto f32 = at::TensorOptions().dtype(at::kFloat).device(k.device);
-  const at::Tensor a32_buf = at::empty({mc_max * kk}, f32);
-  const at::Tensor w_buf = at::empty({kk * width}, f32);
-  const at::Tensor y_buf = at::empty({mc_max * width}, f32);
+  const auto opts = at::TensorOptions().dtype(gt).device(k.device);
+  const at::Tensor a_buf = at::empty({mc_max * kk}, opts);
+  const at::Tensor w_buf = at::empty({kk * width}, opts);
+  const at::Tensor y_buf = at::empty({mc_max * width}, opts);
+  // bf16 GEMM: the window is decoded to fp32 here, then narrowed (exactly: bf16 values) into w_buf.
+  const at::Tensor w32_buf = g16 ? at::empty({n_in * width}, opts.dtype(at::kFloat)) : w_buf;
 
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
-    const at::Tensor a32 = matrix(a32_buf, mc, kk);
-    a32.narrow(1, 0, n_in).copy_(a.narrow(0, m0, mc));
-    if (fold)
-      a32.narrow(1, n_in, r).copy_(s.narrow(0, m0, mc));
+    const at::Tensor am = matrix(a_buf, mc, kk);
+    am.narrow(1, 0, n_in).copy_(a.narrow(0, m0, mc));
+    if (fold && !g16)
+      am.narrow(1, n_in, r).copy_(s.narrow(0, m0, mc));
+    if (fold && g16) {
+      const at::Tensor sm = s.narrow(0, m0, mc);
+      const at::Tensor s_hi = sm.to(at::kBFloat16);
+      am.narrow(1, n_in, r).copy_(s_hi);
+      am.narrow(1, n_in + r, r).copy_(s_hi);
+      am.narrow(1, n_in + 2 * r, r).copy_(sm.sub(s_hi.to(at::kFloat)));
+    }
+    if (bias_in_k)
+      am.narrow(1, n_in + 3 * r, 2).fill_(1);
     for (int64_t o0 = 0; o0 < n_out; o0 += width) {
       const int64_t ow = std::min(width, n_out - o0);
       // op(W)'s slab as a [kk, ow] GEMM operand: forward keeps W rows (a [ow, kk] buffer used transposed),
-      // dx W columns (a [kk, ow] buffer). The last r reduction rows hold scale · lora_w of these outputs.
+      // dx W columns (a [kk, ow] buffer). The reduction rows after n_in hold scale · lora_w of these
+      // outputs (hi, lo, hi with the bf16 GEMM) and the bias (hi, lo).
       at::Tensor wop;
       if (!tw) {
         const at::Tensor wb = matrix(w_buf, ow, kk);
-        k.decode_window(p.weight, p.a_dtype, K, o0, o0 + ow, 0, K, wb.data_ptr<float>(), kk);
-        if (fold)
+        if (g16) {
+          const at::Tensor w32 = matrix(w32_buf, ow, n_in);
+          k.decode_window(p.weight, p.a_dtype, K, o0, o0 + ow, 0, K, w32.data_ptr<float>(), n_in);
+          wb.narrow(1, 0, K).copy_(w32);
+        } else {
+          k.decode_window(p.weight, p.a_dtype, K, o0, o0 + ow, 0, K, wb.data_ptr<float>(), kk);
+        }
+        if (fold && !g16)
           wb.narrow(1, K, r).copy_(lw.narrow(0, o0, ow)).mul_(scale);
+        if (fold && g16) {
+          wb.narrow(1, K, r).copy_(lw_hi.narrow(0, o0, ow));
+          wb.narrow(1, K + r, r).copy_(lw_lo.narrow(0, o0, ow));
+          wb.narrow(1, K + 2 * r, r).copy_(lw_hi.narrow(0, o0, ow));
+        }
+        if (bias_in_k) {
+          wb.select(1, K + 3 * r).copy_(bias_hi.narrow(0, o0, ow));
+          wb.select(1, K + 3 * r + 1).copy_(bias_lo.narrow(0, o0, ow));
+        }
         wop = wb.t();
       } else {
         const at::Tensor wb = matrix(w_buf, kk, ow);
-        k.decode_window(p.weight, p.a_dtype, K, 0, N, o0, o0 + ow, wb.data_ptr<float>(), ow);
-        if (fold)
+        if (g16) {
+          const at::Tensor w32 = matrix(w32_buf, N, ow);
+          k.decode_window(p.weight, p.a_dtype, K, 0, N, o0, o0 + ow, w32.data_ptr<float>(), ow);
+          wb.narrow(0, 0, N).copy_(w32);
+        } else {
+          k.decode_window(p.weight, p.a_dtype, K, 0, N, o0, o0 + ow, wb.data_ptr<float>(), ow);
+        }
+        if (fold && !g16)
           wb.narrow(0, N, r).copy_(lw.narrow(0, o0, ow).t()).mul_(scale);
+        if (fold && g16) {
+          wb.narrow(0, N, r).copy_(lw_hi.narrow(0, o0, ow).t());
+          wb.narrow(0, N + r, r).copy_(lw_lo.narrow(0, o0, ow).t());
+          wb.narrow(0, N + 2 * r, r).copy_(lw_hi.narrow(0, o0, ow).t());
+        }
+        if (bias_in_k) {
+          wb.select(0, N + 3 * r).copy_(bias_hi.narrow(0, o0, ow));
+          wb.select(0, N + 3 * r + 1).copy_(bias_lo.narrow(0, o0, ow));
+        }
         wop = wb;
       }
-      at::Tensor y32 = matrix(y_buf, mc, ow);
-      if (bias.defined())
-        at::addmm_out(y32, bias.narrow(0, o0, ow), a32, wop);
+      at::Tensor y = matrix(y_buf, mc, ow);
+      if (bias.defined() && !bias_in_k)
+        at::addmm_out(y, bias.narrow(0, o0, ow), am, wop);
       else
-        at::mm_out(y32, a32, wop);
+        at::mm_out(y, am, wop); // the bf16 GEMM accumulates in fp32 and rounds once into y
       if (epilogue)
-        k.finish_tile(p, m0, mc, o0, ow, y32.data_ptr<float>(), ow);
+        k.finish_tile(p, m0, mc, o0, ow, y.data_ptr<float>(), ow);
       else
-        out.narrow(0, m0, mc).narrow(1, o0, ow).copy_(y32); // the single rounding to the output dtype
+        out.narrow(0, m0, mc).narrow(1, o0, ow).copy_(y); // fp32: the single rounding to the output dtype
     }
   }
 }

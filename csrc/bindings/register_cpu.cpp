@@ -25,12 +25,14 @@ cpu::CpuCrossover crossover_table() {
   if (env.cpu_axpy_max_m >= 0)
     t.axpy_max_m = env.cpu_axpy_max_m;
   if (env.cpu_slab_min_m >= 0)
-    t.slab_min_m_fwd_16bit = t.slab_min_m_dx_16bit = t.slab_min_m_fwd_fp32 = t.slab_min_m_dx_fp32 =
-        env.cpu_slab_min_m;
+    t.slab_min_m_fwd_bf16 = t.slab_min_m_dx_bf16 = t.slab_min_m_fwd_fp16 = t.slab_min_m_dx_fp16 =
+        t.slab_min_m_fwd_fp32 = t.slab_min_m_dx_fp32 = env.cpu_slab_min_m;
   if (env.cpu_slab_bytes > 0)
     t.slab_bytes = env.cpu_slab_bytes;
   if (env.cpu_slab_rows_bytes > 0)
     t.slab_rows_bytes = env.cpu_slab_rows_bytes;
+  if (env.cpu_slab_bf16_gemm >= 0)
+    t.slab_bf16_gemm = env.cpu_slab_bf16_gemm != 0;
   return t;
 }
 
@@ -40,7 +42,8 @@ void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();
   const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::cpu_isa());
   if (path == cpu::CpuMatmulPath::kSlabGemm)
-    return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes); // ATen's GEMM: bound here
+    return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes, // ATen's GEMM: bound here
+                             table.slab_bf16_gemm);
   cpu::qlora_matmul(p, path);
 }
 

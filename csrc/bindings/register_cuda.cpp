@@ -84,7 +84,7 @@ void qlora_matmul(const QloraMatmulParams& p) {
     return;
   case cuda::CudaMatmulPath::kSlabGemm:
     qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr}, kCudaSlabBytes,
-                      kCudaSlabRowsBytes);
+                      kCudaSlabRowsBytes, /*bf16_gemm=*/false);
     return;
   case cuda::CudaMatmulPath::kFfma: {
     const int splits = cuda::qlora_ffma_splits(p, sms);

@@ -21,40 +21,51 @@ enum class CpuMatmulPath {
 };
 
 // Largest M of each small-M path, smallest M of the slab GEMM (kGemm in between), per activation
-// dtype kind and form (forward y / backward dx), and the slab path's W scratch budget.
+// dtype and form (forward y / backward dx), and the slab path's budgets and GEMM kind.
 struct CpuCrossover {
   int64_t row_dot_max_m;
   int64_t fused_row_dot_max_m_bytes; // kRowDotFused, its bf16 kernel (bf16, blocksize >= 64)
   int64_t fused_row_dot_max_m_other; // kRowDotFused, its vpermps kernel (fp16 / fp32, blocksize 32)
   int64_t axpy_max_m;
-  int64_t slab_min_m_fwd_16bit; // bf16 / fp16 activations, forward
-  int64_t slab_min_m_dx_16bit;  // bf16 / fp16 activations, dx
-  int64_t slab_min_m_fwd_fp32;  // fp32 activations, forward
-  int64_t slab_min_m_dx_fp32;   // fp32 activations, dx
-  int64_t slab_bytes;           // fp32 W slab scratch of the slab path (one slab, reused)
-  int64_t slab_rows_bytes;      // fp32 activation copy of the slab path (M is chunked beyond it)
+  int64_t slab_min_m_fwd_bf16; // bf16 activations, forward
+  int64_t slab_min_m_dx_bf16;  // bf16 activations, dx
+  int64_t slab_min_m_fwd_fp16; // fp16 activations, forward
+  int64_t slab_min_m_dx_fp16;  // fp16 activations, dx
+  int64_t slab_min_m_fwd_fp32; // fp32 activations, forward
+  int64_t slab_min_m_dx_fp32;  // fp32 activations, dx
+  int64_t slab_bytes;          // fp32 W slab scratch of the slab path (one slab, reused)
+  int64_t slab_rows_bytes;     // activation copy of the slab path (M is chunked beyond it)
+  bool slab_bf16_gemm;         // bf16 activations take ATen's bf16 GEMM in the slab path (else its fp32 one)
 };
 
-// A slab_min_m_* value that no M reaches: the slab path is off for that dtype kind and form.
+// A slab_min_m_* value that no M reaches: the slab path is off for that dtype and form.
 constexpr int64_t kSlabNever = INT64_MAX;
 
-// AVX2 (and portable) kernels. Measured on a 2-core AMD EPYC (Zen 1, AVX2; lscpu "AMD EPYC"), bf16 and fp32, 4096x4096 and 1024x1024:
-// bench/notes_qlora_cpu.md. Row-dot / axpy up to M = 16. The fused row-dot (codes decoded in registers)
-// beats the buffered one at every M <= 16 with bf16 byte tables and up to M = 4 with vpermps tables
-// (fp32: 0.91x at M = 1..4, 1.5-1.9x slower at M = 6..16, where the buffered path's 4-row dot reuses each
-// x load; EPYC Zen 1, bench/notes_qlora_cpu.md). The slab path (ATen's MKL sgemm) never beat the
-// 6x16 AVX2 kernel consistently there: 0.71-0.99x of its speed for M = 32..512 and 8192, 0.99-1.05x at
-// M = 2048 (bench/results/cpu_crossover*/), so it is off on this CPU kind. NOT measured on an AVX-512 /
-// AVX-512 BF16 Xeon (none was available): measure there with bench/bench_cpu_crossover.py before
-// enabling it. Overrides for tests and benchmarks: LORA_OPS_GEMV_MAX_M, LORA_OPS_FUSED_ROWDOT_MAX_M,
-// LORA_OPS_AXPY_MAX_M, LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES, LORA_OPS_SLAB_ROWS_BYTES (read by the
-// binding layer).
-// Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of fp32 rows.
-constexpr CpuCrossover kCpuCrossoverAvx2{16, 16, 4, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
+// AVX2 (and portable) kernels. Measured on a 2-core AMD EPYC (Zen 1, AVX2; lscpu "AMD EPYC"), bf16 and
+// fp32, 4096x4096 and 1024x1024: bench/notes_qlora_cpu.md. Row-dot / axpy up to M = 16. The fused row-dot
+// (codes decoded in registers) beats the buffered one at every M <= 16 with bf16 byte tables and up to
+// M = 4 with vpermps tables (fp32: 0.91x at M = 1..4, 1.5-1.9x slower at M = 6..16, where the buffered
+// path's 4-row dot reuses each x load). The slab path (ATen's MKL sgemm; torch's bf16 GEMM is ~6x slower
+// there) never beat the 6x16 AVX2 kernel consistently: 0.71-0.99x of its speed for M = 32..512 and 8192,
+// 0.99-1.05x at M = 2048 (bench/results/cpu_crossover*/), so it is off on this CPU kind.
+// Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of rows.
+constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,         kSlabNever, kSlabNever,
+                                         kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20,    64 << 20,
+                                         false};
 
 // AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
-// model 17): bench/notes_qlora_cpu.md.
-constexpr CpuCrossover kCpuCrossoverAvx512{16, 16, 16, 16, kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20};
+// model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
+// dtype. The slab path with oneDNN's bf16 GEMM beats the 6x16 AVX2 kernel for bf16 from M = 32 forward
+// (1.24x; 1.97x at M = 2048) and M = 256 dx (1.15x, 0.57-0.92x below; 2.02x at M = 2048); with the fp32
+// GEMM (fp32 and fp16 activations) it loses at every measured M (0.45-1.00x): off
+// (bench/results/cpu_crossover_avx512/).
+constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,      32,       256,
+                                           kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20,
+                                           true};
+
+// Overrides for tests and benchmarks (applied by the binding layer): LORA_OPS_GEMV_MAX_M,
+// LORA_OPS_FUSED_ROWDOT_MAX_M, LORA_OPS_AXPY_MAX_M, LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES,
+// LORA_OPS_SLAB_ROWS_BYTES, LORA_OPS_SLAB_BF16_GEMM.
 
 // The table of the kernels at this SIMD level.
 constexpr const CpuCrossover& crossover_for(CpuIsa isa) {
@@ -74,9 +85,10 @@ inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCro
   }
   if (p.transpose_w && p.m <= table.axpy_max_m)
     return CpuMatmulPath::kAxpy;
-  const bool fp32 = p.a_dtype == DType::kFloat32;
-  const int64_t slab_min_m = p.transpose_w ? (fp32 ? table.slab_min_m_dx_fp32 : table.slab_min_m_dx_16bit)
-                                           : (fp32 ? table.slab_min_m_fwd_fp32 : table.slab_min_m_fwd_16bit);
+  const bool dx = p.transpose_w;
+  const int64_t slab_min_m = p.a_dtype == DType::kBFloat16  ? (dx ? table.slab_min_m_dx_bf16 : table.slab_min_m_fwd_bf16)
+                             : p.a_dtype == DType::kFloat16 ? (dx ? table.slab_min_m_dx_fp16 : table.slab_min_m_fwd_fp16)
+                                                            : (dx ? table.slab_min_m_dx_fp32 : table.slab_min_m_fwd_fp32);
   if (p.m >= slab_min_m)
     return CpuMatmulPath::kSlabGemm;
   return CpuMatmulPath::kGemm;
