@@ -1,5 +1,7 @@
 """NF4 kernels (CPU, and CUDA when present) against the reference, byte for byte."""
 
+import sys
+
 import pytest
 import torch
 from conftest import randn
@@ -65,6 +67,24 @@ def test_dequantize_bit_identical(device, rng, out_dtype, double_quant, shape):
     ref = R.nf4_dequantize(q.packed.cpu(), absmax, 64, w.shape, out_dtype)
     assert torch.equal(out.cpu().view(torch.uint8) if out_dtype != torch.float32 else out.cpu(),
                        ref.view(torch.uint8) if out_dtype != torch.float32 else ref)
+
+
+def test_dequantize_large_output_is_an_ordinary_tensor(rng):
+    # CPU outputs of >= 8 MiB come from huge-page memory (csrc/bindings/cpu_huge_pages.h): the values are
+    # the reference's, and the tensor behaves as any other (in-place ops, views, freed with its last use).
+    w = randn(1031, 4096, generator=rng, scale=0.05)  # 8.06 MiB of fp16: just above the threshold
+    q = lora_ops.quantize_nf4(w, 64, double_quant=True)
+    absmax = R.nested_absmax(q.absmax, q.absmax2, q.offset)
+    ref = R.nf4_dequantize(q.packed, absmax, 64, w.shape, torch.float16)
+    for _ in range(3):  # fresh memory each time
+        out = q.dequantize(torch.float16)
+        assert out.is_contiguous() and out.shape == w.shape
+        if sys.platform.startswith("linux"):  # the huge-page allocation ran: 2 MiB-aligned
+            assert out.data_ptr() % (2 << 20) == 0
+        assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8))
+        out.add_(1.0)[5:9].mul_(0.0)
+        assert torch.equal(out[5:9], torch.zeros(4, 4096, dtype=torch.float16))
+        del out
 
 
 @pytest.mark.parametrize("blocksize", [32, 128, 4096])

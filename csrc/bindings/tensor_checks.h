@@ -10,6 +10,7 @@
 #include "common/dtype.h"
 #include "common/nf4_format.h"
 #include "common/nf4_params.h"
+#include "bindings/cpu_huge_pages.h"
 #include "bindings/env_overrides.h"
 
 namespace lora_ops {
@@ -63,10 +64,16 @@ inline void check_blocksize(int64_t blocksize, const char* op) {
 // Tests set LORA_OPS_POISON_OUTPUTS=1 so every freshly allocated output is filled with 0xFF bytes
 // (NaN for floats) before a kernel writes it: an element a kernel forgets to write then fails the
 // comparison instead of passing on memory that a previous identical call left behind.
-inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(shape, options);
+// t filled with 0xFF bytes (NaN) when LORA_OPS_POISON_OUTPUTS is set, so a kernel that skips an element
+// shows; otherwise t.
+inline at::Tensor poisoned(at::Tensor t) {
   if (env_overrides().poison_outputs) t.view(at::kByte).fill_(0xFF);
   return t;
+}
+
+// A new op output: on the CPU, large ones on huge pages (cpu_huge_pages.h).
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& options) {
+  return poisoned(options.device().is_cpu() ? empty_cpu_output(shape, options) : at::empty(shape, options));
 }
 
 }  // namespace lora_ops
