@@ -98,8 +98,11 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   const at::Tensor a_buf = at::empty({mc_max * kk}, opts);
   const at::Tensor w_buf = at::empty({kk * width}, opts);
   const at::Tensor y_buf = at::empty({mc_max * width}, opts);
-  // bf16 GEMM: the window is decoded to fp32 here, then narrowed (exactly: bf16 values) into w_buf.
-  const at::Tensor w32_buf = g16 ? at::empty({n_in * width}, opts.dtype(at::kFloat)) : w_buf;
+  // bf16 GEMM: the window is decoded straight to bf16 where the device can (rows start on whole bytes),
+  // else to fp32 here and narrowed (exactly: bf16 values) into w_buf.
+  const bool direct16 = g16 && k.decode_window_16bit != nullptr && K % 2 == 0;
+  const at::Tensor w32_buf = g16 && !direct16 ? at::empty({n_in * width}, opts.dtype(at::kFloat)) : w_buf;
+  auto bf16_ptr = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
 
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
@@ -124,7 +127,9 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
       at::Tensor wop;
       if (!tw) {
         const at::Tensor wb = matrix(w_buf, ow, kk);
-        if (g16) {
+        if (direct16) {
+          k.decode_window_16bit(p.weight, p.a_dtype, K, o0, o0 + ow, 0, K, bf16_ptr(wb), kk);
+        } else if (g16) {
           const at::Tensor w32 = matrix(w32_buf, ow, n_in);
           k.decode_window(p.weight, p.a_dtype, K, o0, o0 + ow, 0, K, w32.data_ptr<float>(), n_in);
           wb.narrow(1, 0, K).copy_(w32);
@@ -145,7 +150,9 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
         wop = wb.t();
       } else {
         const at::Tensor wb = matrix(w_buf, kk, ow);
-        if (g16) {
+        if (direct16) {
+          k.decode_window_16bit(p.weight, p.a_dtype, K, 0, N, o0, o0 + ow, bf16_ptr(wb), ow);
+        } else if (g16) {
           const at::Tensor w32 = matrix(w32_buf, N, ow);
           k.decode_window(p.weight, p.a_dtype, K, 0, N, o0, o0 + ow, w32.data_ptr<float>(), ow);
           wb.narrow(0, 0, N).copy_(w32);
@@ -173,7 +180,7 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
       if (epilogue)
         k.finish_tile(p, m0, mc, o0, ow, y.data_ptr<float>(), ow);
       else
-        out.narrow(0, m0, mc).narrow(1, o0, ow).copy_(y); // fp32: the single rounding to the output dtype
+        out.narrow(0, m0, mc).narrow(1, o0, ow).copy_(y); // fp32 y: the single rounding to the output dtype
     }
   }
 }

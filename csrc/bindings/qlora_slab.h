@@ -16,6 +16,10 @@ struct SlabKernels {
   // fp32 product for fp32), row pitch ld, into dst on `device` (the current stream on CUDA).
   void (*decode_window)(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
                         int64_t c1, float* dst, int64_t ld);
+  // The same window as 16-bit values of value_dtype (row_len and c0 even), for the bf16 GEMM; nullptr on
+  // a device without it (the fp32 window is then narrowed).
+  void (*decode_window_16bit)(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1,
+                              int64_t c0, int64_t c1, uint16_t* dst, int64_t ld);
   // Adds the LoRA term masked by dropout (dx form), bias, and rounds once into p.out, for rows
   // [m0, m0 + mb) x outputs [o0, o0 + ow) whose fp32 base products are in acc (pitch ld); nullptr on a
   // device whose dispatcher never sends a masked LoRA term here.

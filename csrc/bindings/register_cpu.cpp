@@ -36,7 +36,8 @@ cpu::CpuCrossover crossover_table() {
   return t;
 }
 
-const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_decode_window, cpu::qlora_finish_tile};
+const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_decode_window,
+                                  cpu::nf4_decode_window_16bit, cpu::qlora_finish_tile};
 
 void qlora_matmul(const QloraMatmulParams& p) {
   static const cpu::CpuCrossover table = crossover_table();

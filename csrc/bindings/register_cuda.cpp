@@ -83,7 +83,7 @@ void qlora_matmul(const QloraMatmulParams& p) {
     check_cuda(cuda::qlora_mma(p, current_stream()), op);
     return;
   case cuda::CudaMatmulPath::kSlabGemm:
-    qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr}, kCudaSlabBytes,
+    qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr, nullptr}, kCudaSlabBytes,
                       kCudaSlabRowsBytes, /*bf16_gemm=*/false);
     return;
   case cuda::CudaMatmulPath::kFfma: {

@@ -67,18 +67,20 @@ void block_table(float amax, typename Storage<T>::type (&table)[16]) {
   for (int c = 0; c < 16; ++c) table[c] = Storage<T>::store(nf4_decode(kNf4Codebook[c], amax));
 }
 
-// Elements [begin, end) of one block through its table (begin is even: blocksizes are even).
+// Elements [begin, end) of one block through its table into out[0 .. end - begin) (begin is even:
+// blocksizes are even). The block decoders below share this contract.
 template <DType T>
 void decode_block_scalar(const Nf4Weight& w, int64_t begin, int64_t end, const typename Storage<T>::type (&table)[16],
                          typename Storage<T>::type* out) {
   const uint8_t* in = w.packed + begin / 2;
-  int64_t i = begin;
-  for (; i + 1 < end; i += 2) {
-    const uint8_t byte = in[(i - begin) / 2];
+  int64_t i = 0;
+  const int64_t n = end - begin;
+  for (; i + 1 < n; i += 2) {
+    const uint8_t byte = in[i / 2];
     out[i] = table[nf4_high(byte)];
     out[i + 1] = table[nf4_low(byte)];
   }
-  if (i < end) out[i] = table[nf4_high(in[(i - begin) / 2])];
+  if (i < n) out[i] = table[nf4_high(in[i / 2])];
 }
 
 #ifdef LORA_OPS_X86
@@ -121,8 +123,8 @@ LORA_AVX2 void decode_block_avx2_16(const Nf4Weight& w, int64_t begin, int64_t e
     const __m128i lo = _mm_and_si128(c, nib);
     const __m128i idx = _mm_unpacklo_epi8(hi, lo);  // codes of elements i .. i + 15 in order
     const __m128i bl = _mm_shuffle_epi8(t_lo, idx), bh = _mm_shuffle_epi8(t_hi, idx);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i), _mm_unpacklo_epi8(bl, bh));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + i + 8), _mm_unpackhi_epi8(bl, bh));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (i - begin)), _mm_unpacklo_epi8(bl, bh));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + (i - begin) + 8), _mm_unpackhi_epi8(bl, bh));
   }
   if (i < end) {
     alignas(16) uint16_t table[16];
@@ -130,7 +132,7 @@ LORA_AVX2 void decode_block_avx2_16(const Nf4Weight& w, int64_t begin, int64_t e
     _mm_store_si128(reinterpret_cast<__m128i*>(table + 8), v_hi);
     for (; i < end; ++i) {
       const uint8_t byte = in[(i - begin) / 2];
-      out[i] = table[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)];
+      out[i - begin] = table[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)];
     }
   }
 }
@@ -149,11 +151,11 @@ LORA_AVX2 void decode_block_avx2_32(const Nf4Weight& w, int64_t begin, int64_t e
     std::memcpy(&u, in + (i - begin) / 2, 4);
     const __m256i idx = _mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int>(u)), shifts), low4);
     const __m256 lo = _mm256_permutevar8x32_ps(t_lo, idx), hi = _mm256_permutevar8x32_ps(t_hi, idx);
-    _mm256_storeu_ps(out + i, _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
+    _mm256_storeu_ps(out + (i - begin), _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28))));
   }
   for (; i < end; ++i) {
     const uint8_t byte = in[(i - begin) / 2];
-    out[i] = nf4_decode(kNf4Codebook[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)], amax);
+    out[i - begin] = nf4_decode(kNf4Codebook[((i - begin) & 1) ? nf4_low(byte) : nf4_high(byte)], amax);
   }
 }
 #endif
@@ -174,15 +176,34 @@ void dequantize_typed(const Nf4DequantizeParams& p) {
 #ifdef LORA_OPS_X86
     if (avx2 && std::isfinite(amax)) {
       if constexpr (T == DType::kFloat32)
-        decode_block_avx2_32(w, begin, end, amax, out);
+        decode_block_avx2_32(w, begin, end, amax, out + begin);
       else
-        decode_block_avx2_16<T>(w, begin, end, amax, out);
+        decode_block_avx2_16<T>(w, begin, end, amax, out + begin);
       continue;
     }
 #endif
     typename S::type table[16];
     block_table<T>(amax, table);
-    decode_block_scalar<T>(w, begin, end, table, out);
+    decode_block_scalar<T>(w, begin, end, table, out + begin);
+  }
+}
+
+// Elements [e0, e1) of the flattened W (e0 even) into out, block by block.
+template <DType T>
+void decode_run(const Nf4Weight& w, int64_t e0, int64_t e1, typename Storage<T>::type* out) {
+  const int64_t bs = w.blocksize;
+  for (int64_t b = e0 / bs; b * bs < e1; ++b) {
+    const int64_t begin = std::max(b * bs, e0), end = std::min((b + 1) * bs, e1);
+    const float amax = nf4_block_absmax(w, b);
+#ifdef LORA_OPS_X86
+    if (g_nf4_avx2 && std::isfinite(amax)) {
+      decode_block_avx2_16<T>(w, begin, end, amax, out + (begin - e0));
+      continue;
+    }
+#endif
+    typename Storage<T>::type table[16];
+    block_table<T>(amax, table);
+    decode_block_scalar<T>(w, begin, end, table, out + (begin - e0));
   }
 }
 
@@ -203,6 +224,18 @@ int64_t nf4_quantize(const Nf4QuantizeParams& p) {
       return quantize_typed<DType::kBFloat16>(p);
     default:
       return quantize_typed<DType::kFloat32>(p);
+  }
+}
+
+void nf4_decode_window_16bit(const Nf4Weight& w, DType t, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                             int64_t c1, uint16_t* dst, int64_t ld) {
+#pragma omp parallel for schedule(static)
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t e0 = r * row_len + c0;
+    if (t == DType::kBFloat16)
+      decode_run<DType::kBFloat16>(w, e0, e0 + (c1 - c0), dst + (r - r0) * ld);
+    else
+      decode_run<DType::kFloat16>(w, e0, e0 + (c1 - c0), dst + (r - r0) * ld);
   }
 }
 

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "common/dtype.h"
 #include "common/nf4_params.h"
 
 namespace lora_ops::cpu {
@@ -14,6 +15,12 @@ void nf4_double_quantize(const Nf4DoubleQuantParams& p);
 
 // Writes the dense weight, bit-identical to the spec's decode rule.
 void nf4_dequantize(const Nf4DequantizeParams& p);
+
+// The window W[r0:r1, c0:c1] of W viewed [rows, row_len] as 16-bit values of t (bf16 / fp16, the
+// nf4_dequantize bits) into dst with row pitch ld (elements). Requires row_len and c0 even (every row
+// then starts on a whole byte). Parallel over rows. Feeds the slab path's bf16 GEMM.
+void nf4_decode_window_16bit(const Nf4Weight& w, DType t, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                             int64_t c1, uint16_t* dst, int64_t ld);
 
 // Dequantize with the AVX2 kernels (true) or the portable ones; set by select_cpu_kernels (qlora_cpu.h),
 // portable until then. Both write the same bits.
