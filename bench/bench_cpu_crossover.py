@@ -1,6 +1,6 @@
 """Measures the CPU crossover of qlora_matmul between the kGemm kernel (hand-written 6x16 AVX2 GEMM)
 and the kSlabGemm path (dequantized W slabs + ATen's fp32 GEMM), per form (forward y / backward dx),
-activation dtype, M and weight shape: the numbers behind kCpuCrossover's slab_min_m_* fields
+activation dtype, M and weight shape: the numbers behind the slab_min_m_* fields of the CPU crossover tables (kCpuCrossoverAvx2 / kCpuCrossoverAvx512)
 (csrc/kernels/cpu/qlora_cpu_path.h).
 
 The path is picked from the table read once at library load, so each path runs in its own process

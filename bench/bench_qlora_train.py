@@ -1,6 +1,6 @@
 """One QLoRA layer in training mode, forward + backward, side by side in one run (issue 11's CPU bar):
 
-    ours       lora_ops.nn.QLoRALinear (NF4 base, fused op; CPU path chosen by kCpuCrossover)
+    ours       lora_ops.nn.QLoRALinear (NF4 base, fused op; CPU path chosen by the crossover table of the CPU's SIMD level)
     bnb_peft   bitsandbytes Linear4bit (nf4, double quant, compute dtype = x's) under PEFT LoRA
     dense      nn.Linear in x's dtype (frozen) under PEFT LoRA
 
