@@ -1,7 +1,8 @@
 """Measures the CPU crossover of qlora_matmul between the kGemm kernel (hand-written 6x16 AVX2 GEMM)
-and the kSlabGemm path (dequantized W slabs + ATen's fp32 GEMM), per form (forward y / backward dx),
-activation dtype, M and weight shape: the numbers behind the slab_min_m_* fields of the CPU crossover tables (kCpuCrossoverAvx2 / kCpuCrossoverAvx512)
-(csrc/kernels/cpu/qlora_cpu_path.h).
+and the kSlabGemm path (dequantized W slabs + ATen's GEMM: fp32, or bf16 for bf16 activations where the
+table's slab_bf16_gemm is set), per form (forward y / backward dx), activation dtype, M and weight shape:
+the numbers behind the slab_min_m_* fields of the CPU crossover tables (kCpuCrossoverAvx2 /
+kCpuCrossoverAvx512 in csrc/kernels/cpu/qlora_cpu_path.h).
 
 The path is picked from the table read once at library load, so each path runs in its own process
 (LORA_OPS_SLAB_MIN_M=1: always the slab path; =2^62: never); both stay alive and the calls alternate
