@@ -73,6 +73,16 @@ LORA_AVX2 inline float hsum(__m256 v) {
   return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
 }
 
+// out[m * ldo] = the sum of row m's U accumulators, for the MC rows.
+template <int MC, int U> LORA_AVX2 inline void store_sums(const __m256 (&acc)[MC][U], float* out, int64_t ldo) {
+  for (int m = 0; m < MC; ++m) {
+    __m256 s = acc[m][0];
+    for (int u = 1; u < U; ++u)
+      s = _mm256_add_ps(s, acc[m][u]);
+    out[m * ldo] = hsum(s);
+  }
+}
+
 // 8 finite fp32 values rounded to bf16 (nearest even), left in the high 16 bits of each lane. The same
 // rule as round_to_compute_avx2 with the tie bit found by a compare rather than a shift: on Zen 1, whose
 // one vector shift port also runs half of every shuffle, this loop is bound by that port.
@@ -149,12 +159,7 @@ LORA_AVX2 void rowdot_row_bytes(const Nf4Weight& w, int64_t k, int64_t row, cons
       }
     }
   }
-  for (int m = 0; m < MC; ++m) {
-    __m256 s = acc[m][0];
-    for (int u = 1; u < U; ++u)
-      s = _mm256_add_ps(s, acc[m][u]);
-    out[m * ldo] = hsum(s);
-  }
+  store_sums<MC, U>(acc, out, ldo);
 }
 
 // MC x rows (in order) against one W row, any compute dtype and blocksize.
@@ -198,12 +203,7 @@ LORA_AVX2 void rowdot_row_permute(const Nf4Weight& w, DType t, int64_t k, int64_
       }
     }
   }
-  for (int m = 0; m < MC; ++m) {
-    __m256 s = acc[m][0];
-    for (int u = 1; u < U; ++u)
-      s = _mm256_add_ps(s, acc[m][u]);
-    out[m * ldo] = hsum(s);
-  }
+  store_sums<MC, U>(acc, out, ldo);
 }
 
 template <int MC>

@@ -26,9 +26,10 @@
 #include "cpu/nf4_rowdot_detail.h"
 #include "cpu/x86_target.h"
 
-// gcc 12's AVX-512 headers start some intrinsics from an "undefined" register and then warn that it may
-// be used uninitialized (a false positive of the headers, not of this code).
+// gcc 12's AVX-512 headers start some intrinsics from an "undefined" register (`__Y = __Y`) and then warn
+// that it is, or may be, used uninitialized (a false positive of the headers, not of this code).
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace lora_ops::cpu::rowdot_detail {
 #ifdef LORA_OPS_X86
@@ -77,6 +78,19 @@ LORA_AVX512 inline __m512bh load_bh(const uint16_t* p) { return *reinterpret_cas
 
 LORA_AVX512 inline float hsum(__m512 a, __m512 b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
 
+// out[m * ldo] = the sum of row m's 2U accumulators, for the MC rows.
+template <int MC, int U>
+LORA_AVX512 inline void store_sums(const __m512 (&acc)[MC][2 * U], float* out, int64_t ldo) {
+  for (int m = 0; m < MC; ++m) {
+    __m512 a = acc[m][0], b = acc[m][1];
+    for (int u = 1; u < U; ++u) {
+      a = _mm512_add_ps(a, acc[m][2 * u]);
+      b = _mm512_add_ps(b, acc[m][2 * u + 1]);
+    }
+    out[m * ldo] = hsum(a, b);
+  }
+}
+
 // The 16 bf16 values of a block (code · amax rounded to nearest even, as float_to_bf16), in words 0-15
 // and again in words 16-31, so a word index's bit 4 does not matter. vcvtne2ps2bf16 flushes values below
 // 2^-126 to zero, as vdpbf16ps would treat them anyway.
@@ -99,54 +113,54 @@ LORA_AVX512 inline __m512 fp32_table(float amax, DType t) {
   return v;
 }
 
+// Calls step(g, amax, u) for the column groups g (of `group` columns) of W row `row`, amax being the
+// absmax of g's block (decoded a run of kAbsmaxRun blocks ahead): U consecutive groups at a time with
+// u = 0 .. U-1 (independent accumulators), the remainder with u = 0.
+template <int U, typename Step>
+LORA_AVX512 inline void for_each_group(const Nf4Weight& w, int64_t k, int64_t row, int64_t group, Step&& step) {
+  const int64_t bs = w.blocksize;
+  const int shift = __builtin_ctzll(static_cast<uint64_t>(bs / group)); // blocksizes are 2^n
+  const int64_t n_blocks = k / bs;
+  float amax[kAbsmaxRun];
+  for (int64_t b0 = 0; b0 < n_blocks; b0 += kAbsmaxRun) {
+    const int64_t nb = std::min(kAbsmaxRun, n_blocks - b0);
+    block_absmax(w, row * k / bs + b0, nb, amax);
+    const int64_t g0 = (b0 * bs) / group, g1 = ((b0 + nb) * bs) / group;
+    int64_t g = g0;
+    for (; g + U <= g1; g += U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u)
+        step(g + u, amax[(g + u - g0) >> shift], u);
+    }
+    for (; g < g1; ++g)
+      step(g, amax[(g - g0) >> shift], 0);
+  }
+}
+
 // MC bf16 x rows (even / odd columns per 64-column chunk) against one W row, blocksize >= 64.
 // U chunk steps in flight per row when few rows give too few independent accumulators.
 template <int MC>
 LORA_AVX512 void row_bf16(const Nf4Weight& w, int64_t k, int64_t row, const uint16_t* x, int64_t ldx, float* out,
                           int64_t ldo) {
   constexpr int U = MC <= 2 ? 2 : 1;
-  const int64_t bs = w.blocksize;
-  const int chunk_shift = __builtin_ctzll(static_cast<uint64_t>(bs / kChunkBf16)); // blocksizes are 2^n
   __m512 acc[MC][2 * U];
   for (int m = 0; m < MC; ++m)
     for (int u = 0; u < 2 * U; ++u)
       acc[m][u] = _mm512_setzero_ps();
-  const int64_t n_blocks = k / bs;
   const uint8_t* codes = w.packed + row * k / 2; // a block boundary: k % bs == 0
-  float amax[kAbsmaxRun];
-  auto step = [&](int64_t c, const __m512i table, int u) LORA_AVX512 { // table built inline: cheaper here
-                                                                        // than storing a run of them
+  for_each_group<U>(w, k, row, kChunkBf16, [&](int64_t c, float amax, int u) LORA_AVX512 {
+    const __m512i table = bf16_table(amax); // built here, next to its use: cheaper than storing a run
     const __m512i cw = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + c * 32)));
     const __m512bh even = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(cw, 4), table);
     const __m512bh odd = (__m512bh)_mm512_permutexvar_epi16(cw, table); // bits 0-4: the table repeats
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
       const uint16_t* xs = x + m * ldx + c * kChunkBf16;
-      acc[m][2 * u] = _mm512_dpbf16_ps(acc[m][2 * u], even, (__m512bh)_mm512_loadu_si512(xs));
-      acc[m][2 * u + 1] = _mm512_dpbf16_ps(acc[m][2 * u + 1], odd, (__m512bh)_mm512_loadu_si512(xs + 32));
+      acc[m][2 * u] = _mm512_dpbf16_ps(acc[m][2 * u], even, load_bh(xs));
+      acc[m][2 * u + 1] = _mm512_dpbf16_ps(acc[m][2 * u + 1], odd, load_bh(xs + 32));
     }
-  };
-  for (int64_t b0 = 0; b0 < n_blocks; b0 += kAbsmaxRun) {
-    const int64_t nb = std::min(kAbsmaxRun, n_blocks - b0);
-    block_absmax(w, row * k / bs + b0, nb, amax);
-    const int64_t c0 = (b0 * bs) / kChunkBf16, c1 = ((b0 + nb) * bs) / kChunkBf16;
-    int64_t c = c0;
-    for (; c + U <= c1; c += U) {
-#pragma GCC unroll 2
-      for (int u = 0; u < U; ++u)
-        step(c + u, bf16_table(amax[(c + u - c0) >> chunk_shift]), u);
-    }
-    for (; c < c1; ++c)
-      step(c, bf16_table(amax[(c - c0) >> chunk_shift]), 0);
-  }
-  for (int m = 0; m < MC; ++m) {
-    __m512 a = acc[m][0], b = acc[m][1];
-    for (int u = 1; u < U; ++u) {
-      a = _mm512_add_ps(a, acc[m][2 * u]);
-      b = _mm512_add_ps(b, acc[m][2 * u + 1]);
-    }
-    out[m * ldo] = hsum(a, b);
-  }
+  });
+  store_sums<MC, U>(acc, out, ldo);
 }
 
 // MC fp32 x rows (even / odd columns per 32-column group) against one W row, any dtype and blocksize.
@@ -154,16 +168,13 @@ template <int MC>
 LORA_AVX512 void row_fp32(const Nf4Weight& w, DType t, int64_t k, int64_t row, const float* x, int64_t ldx,
                           float* out, int64_t ldo) {
   constexpr int U = MC <= 2 ? 2 : 1;
-  const int64_t bs = w.blocksize; // >= 32
-  const int group_shift = __builtin_ctzll(static_cast<uint64_t>(bs / kChunkFp32));
   __m512 acc[MC][2 * U];
   for (int m = 0; m < MC; ++m)
     for (int u = 0; u < 2 * U; ++u)
       acc[m][u] = _mm512_setzero_ps();
-  const int64_t n_blocks = k / bs;
-  const uint8_t* codes = w.packed + row * k / 2;
-  float amax[kAbsmaxRun];
-  auto step = [&](int64_t g, const __m512 table, int u) LORA_AVX512 {
+  const uint8_t* codes = w.packed + row * k / 2; // blocksize >= 32
+  for_each_group<U>(w, k, row, kChunkFp32, [&](int64_t g, float amax, int u) LORA_AVX512 {
+    const __m512 table = fp32_table(amax, t);
     const __m512i cd = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + g * 16)));
     const __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(cd, 4), table);
     const __m512 odd = _mm512_permutexvar_ps(cd, table); // vpermps reads index bits 0-3 only
@@ -173,28 +184,8 @@ LORA_AVX512 void row_fp32(const Nf4Weight& w, DType t, int64_t k, int64_t row, c
       acc[m][2 * u] = _mm512_fmadd_ps(even, _mm512_loadu_ps(xs), acc[m][2 * u]);
       acc[m][2 * u + 1] = _mm512_fmadd_ps(odd, _mm512_loadu_ps(xs + 16), acc[m][2 * u + 1]);
     }
-  };
-  for (int64_t b0 = 0; b0 < n_blocks; b0 += kAbsmaxRun) {
-    const int64_t nb = std::min(kAbsmaxRun, n_blocks - b0);
-    block_absmax(w, row * k / bs + b0, nb, amax);
-    const int64_t g0 = (b0 * bs) / kChunkFp32, g1 = ((b0 + nb) * bs) / kChunkFp32;
-    int64_t g = g0;
-    for (; g + U <= g1; g += U) {
-#pragma GCC unroll 2
-      for (int u = 0; u < U; ++u)
-        step(g + u, fp32_table(amax[(g + u - g0) >> group_shift], t), u);
-    }
-    for (; g < g1; ++g)
-      step(g, fp32_table(amax[(g - g0) >> group_shift], t), 0);
-  }
-  for (int m = 0; m < MC; ++m) {
-    __m512 a = acc[m][0], b = acc[m][1];
-    for (int u = 1; u < U; ++u) {
-      a = _mm512_add_ps(a, acc[m][2 * u]);
-      b = _mm512_add_ps(b, acc[m][2 * u + 1]);
-    }
-    out[m * ldo] = hsum(a, b);
-  }
+  });
+  store_sums<MC, U>(acc, out, ldo);
 }
 
 // MC (5..16) bf16 x rows against W rows [o0, o0 + rows), blocksize >= 64, in column blocks of kColBlock:
