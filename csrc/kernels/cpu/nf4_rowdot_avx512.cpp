@@ -208,6 +208,9 @@ LORA_AVX512 void rows_bf16_blocked(const Nf4Weight& w, int64_t k, int64_t o0, in
       const int64_t row = o0 + j;
       const uint8_t* codes = w.packed + row * k / 2;
       const int64_t first_block = row * k / bs;
+      if (c1 * kChunkBf16 < k) // this row's codes of the next column block (2 lines), wanted ~rows W rows later:
+        for (int64_t off = 0; off < kColBlock / 2; off += 64) // W streams from DRAM in real use
+          _mm_prefetch(reinterpret_cast<const char*>(codes + c1 * 32 + off), _MM_HINT_T0);
       __m512 acc[MC];
       for (int m = 0; m < MC; ++m)
         acc[m] = kb == 0 ? _mm512_setzero_ps() : _mm512_load_ps(partial + (j * MC + m) * 16);
