@@ -853,6 +853,40 @@ LORA_AVX2 void lora_down_rows_avx2(const float* row, const float* f, int64_t str
 }
 #endif
 
+#ifdef LORA_OPS_X86
+// out[q] = Σ_i row[i] · ft[i · r + q] for the NV · 8 ranks from q0 (ft: the factor transposed, [L, r]),
+// summed in the generic path's tree (kChunk terms, then kChunk-term chunks of a kBlock block, then the
+// blocks), with the ranks' partial sums in registers instead of arrays.
+template <int NV>
+LORA_AVX2 void lora_down_ft_avx2(const float* row, const float* ft, int64_t r, int64_t L, int64_t q0, float* out) {
+  constexpr int64_t kChunk = 8, kBlock = 256;
+  __m256 acc[NV], blk[NV], part[NV];
+  for (int v = 0; v < NV; ++v)
+    acc[v] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+    for (int v = 0; v < NV; ++v)
+      blk[v] = _mm256_setzero_ps();
+    const int64_t b1 = std::min(L, b0 + kBlock);
+    for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
+      for (int v = 0; v < NV; ++v)
+        part[v] = _mm256_setzero_ps();
+      for (int64_t i = c0; i < std::min(b1, c0 + kChunk); ++i) {
+        const __m256 x = _mm256_set1_ps(row[i]);
+        const float* fi = ft + i * r + q0;
+        for (int v = 0; v < NV; ++v)
+          part[v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(fi + 8 * v), part[v]);
+      }
+      for (int v = 0; v < NV; ++v)
+        blk[v] = _mm256_add_ps(blk[v], part[v]);
+    }
+    for (int v = 0; v < NV; ++v)
+      acc[v] = _mm256_add_ps(acc[v], blk[v]);
+  }
+  for (int v = 0; v < NV; ++v)
+    _mm256_storeu_ps(out + q0 + 8 * v, acc[v]);
+}
+#endif
+
 // True when lora_down_rows_avx2 takes the call: few rows, fp32 factor rows contiguous along l.
 bool lora_down_by_rows(const LoraDownParams& p) {
   constexpr int64_t kMaxRows = 16; // beyond, one transposition of f is cheaper than re-reading it per row
@@ -895,6 +929,19 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
       load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
       if (p.dropout.enabled())
         mask_row(p.dropout, key, m, L, row.data());
+#ifdef LORA_OPS_X86
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (g_use_avx2 && r % 8 == 0) { // the same tree, 16 ranks at a time in registers
+          float* out = static_cast<float*>(p.out) + m * p.out_row_stride;
+          int64_t q0 = 0;
+          for (; q0 + 16 <= r; q0 += 16)
+            lora_down_ft_avx2<2>(row.data(), ft.data(), r, L, q0, out);
+          if (q0 < r)
+            lora_down_ft_avx2<1>(row.data(), ft.data(), r, L, q0, out);
+          continue;
+        }
+      }
+#endif
       // A tree over L, like lora_outer's over M: kChunk terms, the chunks of a kBlock-term block,
       // then the blocks, so the error grows like kChunk + kBlock / kChunk + L / kBlock terms.
       std::fill(acc.begin(), acc.end(), Acc(0));
@@ -959,6 +1006,44 @@ private:
   std::vector<bool> full_;
 };
 
+#ifdef LORA_OPS_X86
+// a[q0 + j] += Σ_mm left[mm · np + pp] · right[mm · Q + q0 + j] for j < 8 · NV: one output row's columns
+// over a chunk of mc rows, the chunk summed first (the lowest level of lora_outer_typed's tree).
+template <int NV>
+LORA_AVX2 void outer_chunk_cols_avx2(const float* left, int64_t np, int64_t pp, const float* right, int64_t Q,
+                                     int64_t q0, int64_t mc, float* a) {
+  __m256 part[NV];
+  for (int v = 0; v < NV; ++v)
+    part[v] = _mm256_setzero_ps();
+  for (int64_t mm = 0; mm < mc; ++mm) {
+    const __m256 lv = _mm256_set1_ps(left[mm * np + pp]);
+    const float* rr = right + mm * Q + q0;
+    for (int v = 0; v < NV; ++v)
+      part[v] = _mm256_fmadd_ps(lv, _mm256_loadu_ps(rr + 8 * v), part[v]);
+  }
+  for (int v = 0; v < NV; ++v)
+    _mm256_storeu_ps(a + q0 + 8 * v, _mm256_add_ps(_mm256_loadu_ps(a + q0 + 8 * v), part[v]));
+}
+
+// The whole row pp of the chunk (Q % 8 == 0), 64 columns at a time.
+void outer_chunk_row_avx2(const float* left, int64_t np, int64_t pp, const float* right, int64_t Q, int64_t mc,
+                          float* a) {
+  int64_t q0 = 0;
+  for (; q0 + 64 <= Q; q0 += 64)
+    outer_chunk_cols_avx2<8>(left, np, pp, right, Q, q0, mc, a);
+  switch ((Q - q0) / 8) {
+  case 7: return outer_chunk_cols_avx2<7>(left, np, pp, right, Q, q0, mc, a);
+  case 6: return outer_chunk_cols_avx2<6>(left, np, pp, right, Q, q0, mc, a);
+  case 5: return outer_chunk_cols_avx2<5>(left, np, pp, right, Q, q0, mc, a);
+  case 4: return outer_chunk_cols_avx2<4>(left, np, pp, right, Q, q0, mc, a);
+  case 3: return outer_chunk_cols_avx2<3>(left, np, pp, right, Q, q0, mc, a);
+  case 2: return outer_chunk_cols_avx2<2>(left, np, pp, right, Q, q0, mc, a);
+  case 1: return outer_chunk_cols_avx2<1>(left, np, pp, right, Q, q0, mc, a);
+  default: return;
+  }
+}
+#endif
+
 template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
   // M are consumed kChunk at a time so each accumulator row is reused from L1. The reduction over M
@@ -993,7 +1078,17 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
           if (p.dropout.enabled())
             mask_row(p.dropout, key, m0 + mm, Q, right.data() + mm * Q);
         }
-        for (int64_t pp = 0; pp < np; ++pp) {
+        bool chunk_done = false;
+#ifdef LORA_OPS_X86
+        if constexpr (std::is_same_v<Acc, float>) {
+          if (g_use_avx2 && Q % 8 == 0) { // the same tree level, in registers
+            for (int64_t pp = 0; pp < np; ++pp)
+              outer_chunk_row_avx2(left.data(), np, pp, right.data(), Q, mc, acc.data() + pp * Q);
+            chunk_done = true;
+          }
+        }
+#endif
+        for (int64_t pp = 0; pp < np && !chunk_done; ++pp) {
           // The chunk's kChunk rows are summed on their own first, then added: one more level of
           // the tree, which keeps short reductions (small M, a 1-element output) accurate too.
           std::fill(part.begin(), part.end(), Acc(0));
