@@ -6,9 +6,11 @@
 //    zmm (twice: words 16-31 repeat them), built by a multiply and one vcvtne2ps2bf16. Per 64 columns,
 //    the 32 packed bytes are widened to words (vpmovzxbw); vpermw reads index bits 0-4, so the widened
 //    bytes index the odd columns' (low nibble) values directly, and shifted right by 4 the even ones':
-//    3 instructions per 64 weights, then 2 vdpbf16ps per x row, which multiply the bf16 weights pairwise
-//    into fp32 accumulators against x, itself bf16 (the compute dtype: exact). x is rewritten once per
-//    call to the same column order (even columns, then odd ones, per 64-column chunk).
+//    4 instructions per 64 weights (widen, shift, 2 vpermw), then 2 vdpbf16ps per x row, which multiply
+//    the bf16 weights pairwise into fp32 accumulators against x, itself bf16 (the compute dtype: exact).
+//    x is rewritten once per call to the same column order (even columns, then odd ones, per 64-column
+//    chunk), as bf16 rows bf16_row_pitch(k) apart. Up to 4 x rows: one W row at a time (row_bf16); 5 to
+//    16: one pass with x in column blocks (rows_bf16_blocked).
 //  - other dtypes and blocksize 32 (vpermps): per 32 columns, 16 packed bytes widened to dwords, split
 //    into nibbles the same way (vpermps reads index bits 0-3), two vpermps look them up in the block's
 //    16 fp32 values (each rounded to the compute dtype), FMA against x (fp32, even columns then odd ones
@@ -16,7 +18,8 @@
 //
 // vdpbf16ps rounds each fused step to fp32 (nearest even) and treats subnormal bf16 inputs and results
 // as zero: a weight or x value below 2^-126 in magnitude counts as 0 (an absolute error below 2^-126 |x|
-// or 2^-126 |w| per term); otherwise the sums are fp32 sums as in the other kernels, in another order. Up to kMaxRows x rows share one decode; their accumulators stay in registers.
+// or 2^-126 |w| per term); otherwise the sums are fp32 sums as in the other kernels, in another order.
+// Up to kMaxRows (fp32) or 16 (bf16) x rows share one decode.
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -48,7 +51,7 @@ int64_t bf16_row_pitch(int64_t k) { return k + 64; }
 
 // Rewrites each `chunk`-column run of x32 as its even columns followed by its odd ones; with `to_bf16`
 // the run is written as bf16 (the high half of each fp32 value: x32 holds bf16 values widened exactly)
-// packed from the start of the same buffer, rows k bf16 elements apart.
+// packed from the start of the same buffer, rows bf16_row_pitch(k) elements apart.
 void split_even_odd(int64_t m, int64_t k, float* x32, int64_t chunk, bool to_bf16) {
   float tmp[kChunkBf16];
   uint16_t* x16 = reinterpret_cast<uint16_t*>(x32);
