@@ -10,8 +10,10 @@ from qlora_utils import make_problem
 from lora_ops.ops import qlora as qlora_ops
 
 
-@pytest.mark.parametrize("m_shape, n, k", [((2,), 64, 64), ((3,), 512, 640), ((70,), 96, 128), ((300,), 256, 192)])
-def test_forward_and_backward_do_not_depend_on_threads(m_shape, n, k, rng):
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])  # 0: the 6x16 kernel folds the LoRA term into its reduction
+@pytest.mark.parametrize("m_shape, n, k", [((2,), 64, 64), ((3,), 512, 640), ((70,), 96, 128), ((300,), 256, 192),
+                                           ((300,), 40, 320)])
+def test_forward_and_backward_do_not_depend_on_threads(m_shape, n, k, dropout_p, rng):
     wq, x, A, B, b = make_problem(m_shape, n, k, 8, torch.float32, "cpu", generator=rng)
     dy = torch.randn(*m_shape, n, generator=rng)
     seed = qlora_ops.make_rng(int(torch.randint(0, 2**40, (1,), generator=rng)))
@@ -21,7 +23,7 @@ def test_forward_and_backward_do_not_depend_on_threads(m_shape, n, k, rng):
         for nt in (1, max(2, threads)):
             torch.set_num_threads(nt)
             xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
-            y = qlora_ops.qlora_linear(xs, wq, As, Bs, 0.5, b, 0.1, seed)
+            y = qlora_ops.qlora_linear(xs, wq, As, Bs, 0.5, b, dropout_p, seed)
             y.backward(dy)
             results.append((y.detach(), xs.grad, As.grad, Bs.grad))
     finally:

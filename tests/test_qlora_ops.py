@@ -31,6 +31,7 @@ CASES = [
     ((255,), 96, 264, 8, bf16, bf16, 64, True, 0.2),  # many 6-row groups + tail rows
     ((2, 5), 37, 45, 8, fp32, fp32, 32, True, 0.0),  # 3-D x, odd N*K, blocks straddle rows
     ((4, 3), 100, 256, 16, fp16, fp32, 64, False, 0.3),  # N not a multiple of 16/64
+    ((300,), 40, 96, 16, fp16, fp16, 64, True, 0.0),  # one output panel split over row parts, LoRA folded into K
 ]
 
 

@@ -451,6 +451,38 @@ LORA_AVX2 void store_row_16bit_avx2(uint16_t* out, const float* c, int64_t n, DT
 }
 #endif
 
+// lr[t] = Σ_q s[q] · lw[q * kPanel + t] for the kPanel columns, q in order: the LoRA term of one output
+// row (AVX2: one fused multiply-add per term, the 64 columns in 8 ymm accumulators).
+void lora_panel_term_portable(const float* s, const float* lw, int64_t rank, float* lr) {
+  for (int t = 0; t < kPanel; ++t)
+    lr[t] = 0.0f;
+  for (int64_t q = 0; q < rank; ++q)
+    for (int t = 0; t < kPanel; ++t)
+      lr[t] += s[q] * lw[q * kPanel + t];
+}
+#ifdef LORA_OPS_X86
+static_assert(kPanel == 64, "lora_panel_term_avx2 holds kPanel columns in 8 ymm registers");
+LORA_AVX2 void lora_panel_term_avx2(const float* s, const float* lw, int64_t rank, float* lr) {
+  __m256 acc[8];
+  for (int v = 0; v < 8; ++v)
+    acc[v] = _mm256_setzero_ps();
+  for (int64_t q = 0; q < rank; ++q) {
+    const __m256 sv = _mm256_set1_ps(s[q]);
+    for (int v = 0; v < 8; ++v)
+      acc[v] = _mm256_fmadd_ps(sv, _mm256_loadu_ps(lw + q * kPanel + 8 * v), acc[v]);
+  }
+  for (int v = 0; v < 8; ++v)
+    _mm256_storeu_ps(lr + 8 * v, acc[v]);
+}
+#endif
+void lora_panel_term(const float* s, const float* lw, int64_t rank, float* lr) {
+#ifdef LORA_OPS_X86
+  if (g_use_avx2)
+    return lora_panel_term_avx2(s, lw, rank, lr);
+#endif
+  lora_panel_term_portable(s, lw, rank, lr);
+}
+
 // ---- the shared epilogue: LoRA term (masked in backward), bias, single rounding ------------------
 struct Epilogue {
   const QloraMatmulParams& p;
@@ -459,27 +491,57 @@ struct Epilogue {
   explicit Epilogue(const QloraMatmulParams& params) : p(params) { key = dropout_key(p.dropout.seed); }
 
   // lw[q * kPanel + t] = lora_w[o0 + t, q] in fp32 (zero beyond ow).
+  // Reads along lora_w's contiguous index (B [N, r] in forward: q; the Aᵀ view in dx: t): column-wise
+  // reads of B touched a new cache line per element and cost ~10% of an M = 1 forward.
   void load_lora_panel(int64_t o0, int64_t ow, float* lw) const {
-    for (int64_t q = 0; q < p.rank; ++q)
-      for (int64_t t = 0; t < kPanel; ++t)
-        lw[q * kPanel + t] =
-            t < ow ? load_elem<float>(p.lora_w, p.lora_w_dtype, (o0 + t) * p.lora_w_stride_o + q * p.lora_w_stride_q)
-                   : 0.0f;
+    const auto elem = [&](int64_t t, int64_t q) {
+      return load_elem<float>(p.lora_w, p.lora_w_dtype, (o0 + t) * p.lora_w_stride_o + q * p.lora_w_stride_q);
+    };
+    if (ow < kPanel)
+      std::fill(lw, lw + p.rank * kPanel, 0.0f);
+    if (p.lora_w_dtype == DType::kFloat32 && p.lora_w_stride_q == 1) { // PEFT's fp32 B: no per-element switch
+      const float* b = static_cast<const float*>(p.lora_w) + o0 * p.lora_w_stride_o;
+      for (int64_t t = 0; t < ow; ++t)
+        for (int64_t q = 0; q < p.rank; ++q)
+          lw[q * kPanel + t] = b[t * p.lora_w_stride_o + q];
+      return;
+    }
+    if (p.lora_w_stride_q < p.lora_w_stride_o) {
+      for (int64_t t = 0; t < ow; ++t)
+        for (int64_t q = 0; q < p.rank; ++q)
+          lw[q * kPanel + t] = elem(t, q);
+    } else {
+      for (int64_t q = 0; q < p.rank; ++q)
+        for (int64_t t = 0; t < ow; ++t)
+          lw[q * kPanel + t] = elem(t, q);
+    }
   }
 
-  // Finishes row m (global) of the panel: c[t] holds the fp32 base product for columns o0 + t.
+  // Asks for the panel's lora_w rows ahead of load_lora_panel (B in forward, contiguous rows): issued
+  // before the panel's W rows are decoded, so they arrive during that work instead of after it.
+  void prefetch_lora_panel(int64_t o0, int64_t ow) const {
+#ifdef LORA_OPS_X86
+    if (p.rank == 0 || p.lora_w_stride_q != 1)
+      return;
+    const int64_t row_bytes = p.rank * dtype_size(p.lora_w_dtype);
+    const char* base = static_cast<const char*>(p.lora_w);
+    for (int64_t t = 0; t < ow; ++t) {
+      const char* row = base + (o0 + t) * p.lora_w_stride_o * dtype_size(p.lora_w_dtype);
+      for (int64_t b = 0; b < row_bytes; b += 64)
+        _mm_prefetch(row + b, _MM_HINT_T0);
+    }
+#else
+    (void)o0;
+    (void)ow;
+#endif
+  }
+
+  // Finishes row m (global) of the panel: c[t] holds the fp32 base product for columns o0 + t (with
+  // lw == nullptr: the LoRA term is in it already, folded into the reduction by the caller).
   void finish_row(int64_t m, int64_t o0, int64_t ow, float* c, const float* lw) const {
-    if (p.rank > 0) {
+    if (p.rank > 0 && lw != nullptr) {
       float lr[kPanel];
-      for (int t = 0; t < kPanel; ++t)
-        lr[t] = 0.0f;
-      const float* s = static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride;
-      for (int64_t q = 0; q < p.rank; ++q) {
-        const float sv = s[q];
-        const float* lwq = lw + q * kPanel;
-        for (int t = 0; t < kPanel; ++t)
-          lr[t] += sv * lwq[t];
-      }
+      lora_panel_term(static_cast<const float*>(p.lora_s) + m * p.lora_s_row_stride, lw, p.rank, lr);
       if (p.dropout.enabled())
         apply_mask(m, o0, ow, lr);
       const float scale = static_cast<float>(p.scale);
@@ -569,6 +631,7 @@ void matmul_gemv(const QloraMatmulParams& p, CpuMatmulPath path) {
       const int64_t o0 = task * kRows;
       const int64_t ow = std::min(kRows, N - o0);
       int64_t t = 0;
+      ep.prefetch_lora_panel(o0, ow);
 #ifdef LORA_OPS_X86
       if (fused) {
         rowdot_fused(p.weight, p.a_dtype, K, o0, ow, x32.data(), M, c.data(), kPanel);
@@ -721,31 +784,57 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
   const int64_t mb_max = std::min(kMB, p.m);
   // Row pitch padded off multiples of 4 KiB so the 6 rows a micro-kernel reads do not alias in L1.
-  const int64_t ldx = ((n_in + 15) / 16) * 16 + 16;
+  // Without dropout the LoRA term joins the reduction as r more terms (LoRA folded into K): x rows get
+  // s [m, :] after their n_in values, the panel r more rows scale·lw[o, :], and the micro-kernel does
+  // the rest (a separate term per output row cost half as much as the K = 128 product itself). With
+  // dropout the term is masked per output element, so it stays in the epilogue.
+  const bool fold = p.rank > 0 && !p.dropout.enabled();
+  const int64_t n_fold = fold ? p.rank : 0;
+  const int64_t ldx = ((n_in + n_fold + 15) / 16) * 16 + 16;
   std::vector<float> x32(static_cast<size_t>(mb_max * ldx));
   const Epilogue ep(p);
   const bool parallel = worth_threads(p);
+  const int64_t n_threads = parallel ? omp_get_max_threads() : 1;
   for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
     const int64_t mb = std::min(kMB, p.m - m0);
 #pragma omp parallel for schedule(static) if (parallel)
-    for (int64_t m = 0; m < mb; ++m)
+    for (int64_t m = 0; m < mb; ++m) {
       load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * ldx);
+      if (fold)
+        std::memcpy(x32.data() + m * ldx + n_in, static_cast<const float*>(p.lora_s) + (m0 + m) * p.lora_s_row_stride,
+                    static_cast<size_t>(n_fold) * sizeof(float));
+    }
+    // Fewer panels than 4 per thread (small N, as in the demo's k/v projections: one panel) would leave
+    // threads idle or unevenly loaded: the rows are then split into parts too, a task being (panel, part). Parts of
+    // one panel re-decode it, unless one thread runs them back to back with the whole reduction in
+    // one block (the scratch still holds it).
+    const int64_t n_parts =
+        std::clamp<int64_t>((4 * n_threads + n_panels - 1) / n_panels, 1, (mb + kMR - 1) / kMR);
+    const int64_t part_rows = ((mb + n_parts - 1) / n_parts + kMR - 1) / kMR * kMR;
+    const int64_t n_tasks = n_panels * n_parts;
 #pragma omp parallel if (parallel)
     {
       AlignedBuffer scratch(kKB * kPanel);
       std::vector<float> tmp(static_cast<size_t>(8 * kKB));
       AlignedBuffer c(mb * kPanel);
       std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
-#pragma omp for schedule(dynamic, 1)
-      for (int64_t panel = 0; panel < n_panels; ++panel) {
+      AlignedBuffer lora_panel(n_fold * kPanel); // fold: micro-panels [r][16] of scale·lw
+      int64_t in_scratch = -1; // the panel whose whole reduction the scratch holds (n_in <= kKB)
+      const auto run_task = [&](int64_t task) {
+        const int64_t panel = task / n_parts, r0 = (task % n_parts) * part_rows;
+        const int64_t r1 = std::min(mb, r0 + part_rows);
+        if (r0 >= r1)
+          return;
         const int64_t o0 = panel * kPanel;
         const int64_t ow = std::min<int64_t>(kPanel, n_out - o0);
         const int n_micro = static_cast<int>((ow + kNR - 1) / kNR);
         for (int64_t i0 = 0; i0 < n_in; i0 += kKB) {
           const int64_t kb = std::min(kKB, n_in - i0);
-          dequant_panel(p, o0, ow, i0, kb, scratch.ptr, tmp.data());
-          for (int64_t mg = 0; mg < mb; mg += kMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, mb - mg));
+          if (!(n_in <= kKB && in_scratch == panel))
+            dequant_panel(p, o0, ow, i0, kb, scratch.ptr, tmp.data());
+          in_scratch = n_in <= kKB ? panel : -1;
+          for (int64_t mg = r0; mg < r1; mg += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, r1 - mg));
             for (int j = 0; j < n_micro; ++j)
               ukernel_rows(mr, x32.data() + mg * ldx + i0, ldx, scratch.ptr + j * kKB * kNR, kb,
                            c.ptr + mg * kPanel + j * kNR, kPanel, i0 > 0);
@@ -753,8 +842,30 @@ void matmul_gemm(const QloraMatmulParams& p) {
         }
         if (p.rank > 0)
           ep.load_lora_panel(o0, ow, lw.data());
-        for (int64_t m = 0; m < mb; ++m)
-          ep.finish_row(m0 + m, o0, ow, c.ptr + m * kPanel, lw.data());
+        if (fold) {
+          const float scale = static_cast<float>(p.scale);
+          for (int j = 0; j < n_micro; ++j)
+            for (int64_t q = 0; q < n_fold; ++q)
+              for (int cc = 0; cc < kNR; ++cc)
+                lora_panel.ptr[(j * n_fold + q) * kNR + cc] = scale * lw[q * kPanel + j * kNR + cc];
+          for (int64_t mg = r0; mg < r1; mg += kMR) {
+            const int mr = static_cast<int>(std::min<int64_t>(kMR, r1 - mg));
+            for (int j = 0; j < n_micro; ++j)
+              ukernel_rows(mr, x32.data() + mg * ldx + n_in, ldx, lora_panel.ptr + j * n_fold * kNR, n_fold,
+                           c.ptr + mg * kPanel + j * kNR, kPanel, true);
+          }
+        }
+        for (int64_t m = r0; m < r1; ++m)
+          ep.finish_row(m0 + m, o0, ow, c.ptr + m * kPanel, fold ? nullptr : lw.data());
+      };
+      if (n_parts > 1) { // contiguous task runs per thread: a panel's parts mostly on one thread
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < n_tasks; ++task)
+          run_task(task);
+      } else {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_tasks; ++task)
+          run_task(task);
       }
     }
   }
@@ -832,6 +943,7 @@ template <typename Acc> void mask_row(const DropoutParams& d, uint32_t key, int6
 LORA_AVX2 void lora_down_rows_avx2(const float* row, const float* f, int64_t stride_q, int64_t r, int64_t L,
                                    float* out) {
   constexpr int64_t kBlock = 256;
+  constexpr int64_t kPrefetchBytes = 2048; // f comes from DRAM at decode sizes: more lines in flight
   for (int64_t q = 0; q < r; ++q) {
     const float* fq = f + q * stride_q;
     float acc = 0.0f;
@@ -839,8 +951,10 @@ LORA_AVX2 void lora_down_rows_avx2(const float* row, const float* f, int64_t str
       const int64_t b1 = std::min(L, b0 + kBlock);
       __m256 v = _mm256_setzero_ps();
       int64_t i = b0;
-      for (; i + 8 <= b1; i += 8)
+      for (; i + 8 <= b1; i += 8) {
+        _mm_prefetch(reinterpret_cast<const char*>(fq + i) + kPrefetchBytes, _MM_HINT_T0);
         v = _mm256_fmadd_ps(_mm256_loadu_ps(row + i), _mm256_loadu_ps(fq + i), v);
+      }
       alignas(32) float l[8];
       _mm256_store_ps(l, v);
       float blk = ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
@@ -899,14 +1013,22 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
 #ifdef LORA_OPS_X86
   if constexpr (std::is_same_v<Acc, float>) {
     if (lora_down_by_rows(p)) {
+      // Rows converted (and masked) up front, then the (row, rank) dots split over threads: at decode
+      // sizes f (r x L fp32, 256 KiB at r 16, L 4096) comes from DRAM, and one thread streaming it took
+      // ~55 us of an M = 1 forward. Each dot is computed by one thread: results do not depend on it.
       const uint32_t key = dropout_key(p.dropout.seed);
-      std::vector<float> row(static_cast<size_t>(L));
+      std::vector<float> rows(static_cast<size_t>(p.m * L));
       for (int64_t m = 0; m < p.m; ++m) {
-        load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
+        load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, rows.data() + m * L);
         if (p.dropout.enabled())
-          mask_row(p.dropout, key, m, L, row.data());
-        lora_down_rows_avx2(row.data(), static_cast<const float*>(p.f), p.f_stride_q, r, L,
-                            static_cast<float*>(p.out) + m * p.out_row_stride);
+          mask_row(p.dropout, key, m, L, rows.data() + m * L);
+      }
+      const float* f = static_cast<const float*>(p.f);
+#pragma omp parallel for schedule(static) if (p.m * r * L >= (int64_t{1} << 16))
+      for (int64_t mq = 0; mq < p.m * r; ++mq) {
+        const int64_t m = mq / r, q = mq % r;
+        lora_down_rows_avx2(rows.data() + m * L, f + q * p.f_stride_q, p.f_stride_q, 1, L,
+                            static_cast<float*>(p.out) + m * p.out_row_stride + q);
       }
       return;
     }
