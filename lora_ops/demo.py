@@ -253,9 +253,37 @@ def lr_schedule(opt, steps: int):
         opt, lambda s: min(1.0, (s + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * s / steps))))
 
 
-def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
+# Steps a lock-step worker runs per turn (train_lockstep): short enough that a load change on a shared
+# machine reaches every variant within a second or so, long enough that the hand-over costs nothing.
+LOCKSTEP_CHUNK = 10
+
+
+class Turns:
+    """A lock-step worker's side of the hand-over with the parent (train_lockstep): ``wait()`` blocks
+    until the parent gives this worker the machine, ``release()`` hands it back. Two pipe fds."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self.read = os.fdopen(read_fd, "r")
+        self.write = os.fdopen(write_fd, "w")
+
+    def ready(self) -> None:  # built: the parent starts the turns once every worker is
+        self.write.write("ready\n")
+        self.write.flush()
+
+    def wait(self) -> None:
+        if self.read.readline().strip() != "go":
+            raise SystemExit("demo worker: the parent closed the lock-step pipe")
+
+    def release(self) -> None:
+        self.write.write("done\n")
+        self.write.flush()
+
+
+def train(variant: str, cfg: DemoConfig, progress: bool = True, turns: Turns | None = None) -> dict:
     """Builds the ``variant`` model inside the memory measurement, fine-tunes its trainable parameters
-    for cfg.steps steps and returns losses, tokens/s (after a few warm-up steps), peak memory, time."""
+    for cfg.steps steps and returns losses, tokens/s (after a few warm-up steps), peak memory, time.
+    With ``turns`` the steps run LOCKSTEP_CHUNK at a time, each chunk when the parent says so, and only
+    the time inside the chunks counts."""
     from tqdm.auto import tqdm
 
     label, build, opt_cpu, opt_cuda = VARIANTS[variant]
@@ -271,8 +299,18 @@ def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
         bar = tqdm(range(cfg.steps), desc=f"{label:<27}", disable=not progress,
                    mininterval=0.5 if sys.stderr.isatty() else 10, leave=True,
                    bar_format="{desc}{percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]{postfix}")
+        if turns is not None:
+            turns.ready()
+        elapsed = 0.0
         t0 = time.perf_counter()
         for step in bar:
+            if turns is not None and step % LOCKSTEP_CHUNK == 0:
+                if step > 0:
+                    _sync(cfg.device)
+                    elapsed += time.perf_counter() - t0 if step > warmup else 0.0
+                    turns.release()
+                turns.wait()
+                t0 = time.perf_counter()
             if step == warmup:
                 _sync(cfg.device)
                 t0 = time.perf_counter()
@@ -286,10 +324,12 @@ def train(variant: str, cfg: DemoConfig, progress: bool = True) -> dict:
             if step % 10 == 0 or step == cfg.steps - 1:
                 bar.set_postfix_str(f"loss {losses[-1]:.3f}", refresh=False)
         _sync(cfg.device)
-        elapsed = time.perf_counter() - t0
+        elapsed += time.perf_counter() - t0
         bar.close()
         trainable = sum(p.numel() for p in params)
         op_calls = count_op_calls(model, next(batches))
+        if turns is not None:
+            turns.release()
     tail = losses[-10:]
     return {
         "variant": variant,
@@ -341,6 +381,61 @@ def train_in_subprocess(variant: str, cfg: DemoConfig, progress: bool) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"demo: the {variant!r} run failed (exit code {proc.returncode})")
         return json.loads(result.read_text())
+
+
+def train_lockstep(variants: list[str], cfg: DemoConfig, progress: bool) -> list[dict]:
+    """Runs :func:`train` for every variant in its own interpreter (each peak memory its own), all alive
+    at once but one at a time: each worker runs LOCKSTEP_CHUNK steps when handed the machine, the
+    parent going round the workers (starting one further each round). The variants' tokens/s then come
+    from interleaved stretches of time, so a load change on a shared machine hits them alike instead of
+    favouring whichever ran while the machine was quiet."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = []
+        try:
+            for v in variants:
+                go_r, go_w = os.pipe()
+                done_r, done_w = os.pipe()
+                result = Path(tmp) / f"{v}.json"
+                cmd = [sys.executable, "-m", "lora_ops.demo", "--worker", v, "--config", json.dumps(asdict(cfg)),
+                       "--result", str(result), "--no-progress", "--lockstep-fds", f"{go_r},{done_w}"]
+                proc = subprocess.Popen(cmd, pass_fds=(go_r, done_w))
+                os.close(go_r)
+                os.close(done_w)
+                workers.append((v, proc, os.fdopen(go_w, "w"), os.fdopen(done_r, "r"), result))
+            for v, proc, _, done, _ in workers:  # every model built before any step is timed
+                if done.readline().strip() != "ready":
+                    raise SystemExit(f"demo: the {v!r} run failed (exit code {proc.wait()})")
+            n_turns = -(-cfg.steps // LOCKSTEP_CHUNK)  # the last one also counts the ops (train's tail)
+            for turn in range(n_turns):
+                for i in range(len(workers)):
+                    v, proc, go, done, _ = workers[(turn + i) % len(workers)]
+                    go.write("go\n")
+                    go.flush()
+                    if done.readline().strip() != "done":
+                        raise SystemExit(f"demo: the {v!r} run failed (exit code {proc.wait()})")
+                if progress:
+                    step = min(cfg.steps, (turn + 1) * LOCKSTEP_CHUNK)
+                    print(f"\rsteps {step}/{cfg.steps}, variants taking turns", end="", flush=True)
+            if progress:
+                print()
+            runs = []
+            for v, proc, go, done, result in workers:
+                go.close()
+                if proc.wait() != 0:
+                    raise SystemExit(f"demo: the {v!r} run failed (exit code {proc.returncode})")
+                runs.append(json.loads(result.read_text()))
+            return runs
+        finally:
+            for _, proc, go, done, _ in workers:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                for f in (go, done):
+                    if not f.closed:
+                        f.close()
 
 
 # ---- output -----------------------------------------------------------------------------------------
@@ -413,7 +508,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="reduced size for CI (< 60 s on 2 CPU cores); exits non-zero unless the loss fell")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--in-process", action="store_true",
-                   help="run every variant in this process (faster start; peak memory less exact)")
+                   help="run every variant in this process, one after another (faster start; peak memory "
+                        "less exact; tokens/s not interleaved)")
     p.add_argument("--distributed", choices=["fsdp", "ddp"], default=None,
                    help="under torchrun: fine-tune the lora_ops model on all ranks with FSDP2 (NF4 base sharded) "
                         "or DDP (see lora_ops/demo_distributed.py); no comparison runs")
@@ -422,6 +518,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--config", help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--lockstep-fds", help=argparse.SUPPRESS)
     return p
 
 
@@ -435,7 +532,8 @@ def run(argv: list[str] | None = None) -> dict:
                          "matplotlib)")
     if args.worker:  # one run inside a fresh interpreter, started by train_in_subprocess
         cfg = DemoConfig(**json.loads(args.config))
-        args.result.write_text(json.dumps(train(args.worker, cfg, not args.no_progress)))
+        turns = Turns(*map(int, args.lockstep_fds.split(","))) if args.lockstep_fds else None
+        args.result.write_text(json.dumps(train(args.worker, cfg, not args.no_progress, turns)))
         return {}
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -461,7 +559,12 @@ def run(argv: list[str] | None = None) -> dict:
           f"{len(TARGET_MODULES)} projections | copy task n={cfg.copy_len} | batch {cfg.batch} x {cfg.seq_len} "
           f"tokens | {cfg.steps} steps | {cfg.dtype}", flush=True)
     progress = not args.no_progress
-    runs = [train(v, cfg, progress) if args.in_process else train_in_subprocess(v, cfg, progress) for v in variants]
+    if args.in_process:
+        runs = [train(v, cfg, progress) for v in variants]
+    elif len(variants) > 1:
+        runs = train_lockstep(variants, cfg, progress)
+    else:
+        runs = [train_in_subprocess(variants[0], cfg, progress)]
 
     print()
     print(format_table(runs))

@@ -4,6 +4,7 @@ and bnb + PEFT patched by lora_ops follows the same loss curve from the same sta
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -34,3 +35,22 @@ def test_demo_ci_runs_and_loss_falls(tmp_path):
 def test_demo_rejects_bad_options():
     with pytest.raises(SystemExit):
         demo.run(["--size", "huge"])
+
+
+def test_lockstep_runs_every_variant_to_the_last_step():
+    # The subprocess runs take turns (demo.train_lockstep); 23 steps: the last turn is a partial chunk.
+    cfg = demo.make_config("ci", "cpu", steps=23)
+    variants = ["lora_ops", "patched"] if demo._available("peft", "bitsandbytes") else ["lora_ops", "lora_ops"]
+    runs = demo.train_lockstep(variants, cfg, progress=False)
+    assert [r["variant"] for r in runs] == variants
+    for r in runs:
+        assert len(r["losses"]) == 23 and all(math.isfinite(v) for v in r["losses"])
+        assert r["tokens_per_s"] > 0 and 0 < r["train_seconds"]
+        assert r["op_calls"]["lora_ops"] > 0
+
+
+def test_lockstep_reports_a_worker_that_dies():
+    cfg = demo.make_config("ci", "cpu", steps=5)
+    cfg.device = "no-such-device"  # the worker fails while building its model, before its first turn
+    with pytest.raises(SystemExit, match="run failed"):
+        demo.train_lockstep(["lora_ops", "lora_ops"], cfg, progress=False)
