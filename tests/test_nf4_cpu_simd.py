@@ -1,17 +1,20 @@
-"""The CPU dequantize kernels chosen at load (AVX2: pshufb / vpermps lookups in per-block tables; portable:
-scalar tables; LORA_OPS_NO_AVX2=1 forces the portable ones) write the same bits. The portable run happens
-in a fresh process because the choice is made once at library load. On a machine without AVX2 both runs
-are portable; the bits of this process's run against the spec's decode are checked in test_nf4_ops.py."""
+"""The CPU dequantize kernels chosen at load (AVX-512: vpermw / vpermps lookups of indices built in output
+order; AVX2: pshufb / vpermps lookups in per-block tables; portable: scalar tables) write the same bits.
+LORA_OPS_NO_AVX512=1 caps a process at AVX2, LORA_OPS_NO_AVX2=1 forces the portable kernels; those runs
+happen in fresh processes because the choice is made once at library load. A machine without a level
+runs the next lower one (the comparison is then between equal levels); the bits of this process's run
+against the spec's decode are checked in test_nf4_ops.py."""
 
+import pytest
 import torch
 from qlora_utils import run_script_in_fresh_process
 
 import lora_ops
 
 # (numel, blocksize, double quant, value scale): partial last blocks, 16-byte loop tails, fp16 subnormal
-# (1e-6) and overflowing (1e5) products, every output dtype below.
+# (1e-6) and overflowing (1e5) products, fp32 / bf16 subnormal ones (1e-39), every output dtype below.
 CASES = [(4096 + 48, 64, True, 1.0), (3000 + 6, 32, False, 1e-6), (8192 + 130, 128, True, 1e5),
-         (2 * 4096 + 2, 4096, False, 0.05), (1000, 2048, True, 3.0)]
+         (2 * 4096 + 2, 4096, False, 0.05), (1000, 2048, True, 3.0), (2048 + 34, 64, False, 1e-39)]
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _SCRIPT = r"""
@@ -40,14 +43,18 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-def test_portable_and_simd_dequantize_are_bit_identical(tmp_path):
+@pytest.mark.parametrize("level_env", [{"LORA_OPS_NO_AVX2": "1"}, {"LORA_OPS_NO_AVX512": "1"}],
+                         ids=["portable", "avx2"])
+def test_lower_simd_levels_and_this_one_dequantize_bit_identically(level_env, tmp_path):
     seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
-    path = str(tmp_path / "portable.pt")
-    run_script_in_fresh_process(_SCRIPT, [path, str(seed)], {"LORA_OPS_NO_AVX2": "1"}, timeout=120)
-    portable = torch.load(path)
+    path = str(tmp_path / "lower.pt")
+    run_script_in_fresh_process(_SCRIPT, [path, str(seed)], level_env, timeout=120)
+    lower = torch.load(path)
     here = dequantized(seed)
-    assert len(portable) == len(here) == len(CASES) * len(DTYPES)
-    for i, (a, b) in enumerate(zip(portable, here)):
+    assert len(lower) == len(here) == len(CASES) * len(DTYPES)
+    for i, (a, b) in enumerate(zip(lower, here)):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert torch.equal(_bits(a), _bits(b)), f"case {CASES[i // len(DTYPES)]}, {b.dtype}, seed {seed}"
     assert any(bool(torch.isinf(t).any()) for t in here if t.dtype == torch.float16)  # overflow exercised
+    tiny = torch.finfo(torch.float32).tiny
+    assert any(bool(((t != 0) & (t.abs() < tiny)).any()) for t in here if t.dtype == torch.bfloat16)  # subnormals

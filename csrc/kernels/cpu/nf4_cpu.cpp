@@ -9,6 +9,7 @@
 
 #include "common/nf4_format.h"
 #include "cpu/float_convert.h"
+#include "cpu/nf4_dequant_avx512.h"
 #include "cpu/x86_target.h"
 
 namespace lora_ops::cpu {
@@ -16,6 +17,7 @@ namespace {
 
 constexpr float kNf4Codebook[16] = {LORA_OPS_NF4_VALUES};
 bool g_nf4_avx2 = false;
+bool g_nf4_avx512 = false;
 
 template <DType T>
 int64_t quantize_typed(const Nf4QuantizeParams& p) {
@@ -160,6 +162,19 @@ LORA_AVX2 void decode_block_avx2_32(const Nf4Weight& w, int64_t begin, int64_t e
 }
 #endif
 
+#ifdef LORA_OPS_X86
+// The AVX-512 block decoder of output type T (nf4_dequant_avx512.h).
+template <DType T>
+void decode_block_avx512(const uint8_t* codes, int64_t n, float amax, typename Storage<T>::type* out) {
+  if constexpr (T == DType::kFloat32)
+    nf4_decode_block_avx512_fp32(codes, n, amax, out);
+  else if constexpr (T == DType::kBFloat16)
+    nf4_decode_block_avx512_bf16(codes, n, amax, out);
+  else
+    nf4_decode_block_avx512_fp16(codes, n, amax, out);
+}
+#endif
+
 template <DType T>
 void dequantize_typed(const Nf4DequantizeParams& p) {
   using S = Storage<T>;
@@ -167,13 +182,17 @@ void dequantize_typed(const Nf4DequantizeParams& p) {
   const Nf4Weight& w = p.weight;
   const int64_t bs = w.blocksize;
   const int64_t n_blocks = w.n_blocks();
-  const bool avx2 = g_nf4_avx2;
+  const bool avx2 = g_nf4_avx2, avx512 = g_nf4_avx512;
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < n_blocks; ++b) {
     const float amax = nf4_block_absmax(w, b);
     const int64_t begin = b * bs;
     const int64_t end = std::min(begin + bs, w.numel);
 #ifdef LORA_OPS_X86
+    if (avx512 && std::isfinite(amax)) {
+      decode_block_avx512<T>(w.packed + begin / 2, end - begin, amax, out + begin);
+      continue;
+    }
     if (avx2 && std::isfinite(amax)) {
       if constexpr (T == DType::kFloat32)
         decode_block_avx2_32(w, begin, end, amax, out + begin);
@@ -196,6 +215,10 @@ void decode_run(const Nf4Weight& w, int64_t e0, int64_t e1, typename Storage<T>:
     const int64_t begin = std::max(b * bs, e0), end = std::min((b + 1) * bs, e1);
     const float amax = nf4_block_absmax(w, b);
 #ifdef LORA_OPS_X86
+    if (g_nf4_avx512 && std::isfinite(amax)) {
+      decode_block_avx512<T>(w.packed + begin / 2, end - begin, amax, out + (begin - e0));
+      continue;
+    }
     if (g_nf4_avx2 && std::isfinite(amax)) {
       decode_block_avx2_16<T>(w, begin, end, amax, out + (begin - e0));
       continue;
@@ -209,7 +232,10 @@ void decode_run(const Nf4Weight& w, int64_t e0, int64_t e1, typename Storage<T>:
 
 }  // namespace
 
-void set_nf4_avx2(bool use) { g_nf4_avx2 = use; }
+void set_nf4_isa(CpuIsa isa) {
+  g_nf4_avx2 = isa >= CpuIsa::kAvx2;
+  g_nf4_avx512 = isa == CpuIsa::kAvx512;
+}
 
 float nf4_block_absmax(const Nf4Weight& w, int64_t block) {
   if (!w.nested()) return w.absmax[block];

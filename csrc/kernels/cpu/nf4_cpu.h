@@ -4,6 +4,7 @@
 
 #include "common/dtype.h"
 #include "common/nf4_params.h"
+#include "cpu/cpu_isa.h"
 
 namespace lora_ops::cpu {
 
@@ -22,9 +23,9 @@ void nf4_dequantize(const Nf4DequantizeParams& p);
 void nf4_decode_window_16bit(const Nf4Weight& w, DType t, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
                              int64_t c1, uint16_t* dst, int64_t ld);
 
-// Dequantize with the AVX2 kernels (true) or the portable ones; set by select_cpu_kernels (qlora_cpu.h),
-// portable until then. Both write the same bits.
-void set_nf4_avx2(bool use);
+// The SIMD level of the dequantize kernels (AVX-512, AVX2 or portable); set by select_cpu_kernels
+// (qlora_cpu.h), portable until then. All write the same bits.
+void set_nf4_isa(CpuIsa isa);
 
 // The float32 absmax of block b, decoding the nested form when present.
 float nf4_block_absmax(const Nf4Weight& w, int64_t block);

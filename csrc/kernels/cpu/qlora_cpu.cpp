@@ -1243,7 +1243,7 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
 void select_cpu_kernels(CpuIsa max_isa) {
   g_isa = std::min(max_isa, cpu_isa_supported());
   g_use_avx2 = g_isa >= CpuIsa::kAvx2;
-  set_nf4_avx2(g_use_avx2);
+  set_nf4_isa(g_isa);
 }
 
 CpuIsa cpu_isa() { return g_isa; }
