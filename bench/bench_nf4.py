@@ -123,6 +123,16 @@ def run(device: str, shapes, reps: int) -> dict:
             row["clone_GBps"] = clone_bw / 1e9
             row["dequant_pct_clone"] = 100 * dequant_bytes(n, nested) / t / clone_bw
 
+            # Into an existing output (out=, as bnb's dequantize_4bit(out=...)): what copy_ is measured as.
+            outs = [torch.empty(shape, dtype=OUT_DTYPE, device=device) for _ in qs]
+            for o in outs:
+                o.fill_(1.0)  # first touch outside the timing, as copy_'s destination
+            pairs = list(zip(qs, outs))
+            t = timer(lambda qo: qo[0].dequantize(out=qo[1]), pairs)
+            row["dequant_into_ms"] = t * 1e3
+            row["dequant_into_pct_copy"] = 100 * dequant_bytes(n, nested) / t / copy_bw
+            del outs, pairs
+
             t = timer(lambda w: lora_ops.quantize_nf4(w, BLOCKSIZE, double_quant=nested), ws)
             row["quant_ms"] = t * 1e3
             row["quant_GBps"] = quant_bytes(n, nested) / t / 1e9
@@ -157,9 +167,10 @@ def markdown(h: dict, res: dict) -> str:
              f"Device copy bandwidth (read + write) measured in this run: {res['copy_GBps']:.3g} GB/s. "
              f"Blocksize {res['blocksize']}, median of {res['reps']} passes over rotating inputs. "
              "% copy: of that copy into an existing buffer; % clone: of clone() of a tensor the size of the "
-             "output, measured per shape (allocation and first touch included, as for dequantize).", "",
-             "| shape | dq | dequant ms | GB/s | % copy | % clone | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "output, measured per shape (allocation and first touch included, as for dequantize); into: "
+             "dequantize(out=) into an existing output, and its % of the copy bandwidth.", "",
+             "| shape | dq | dequant ms | GB/s | % copy | % clone | into ms | into % copy | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(row, key, fmt):
         return format(row[key], fmt) if key in row else "-"
@@ -168,11 +179,12 @@ def markdown(h: dict, res: dict) -> str:
         lines.append(
             f"| {r['shape'][0]}x{r['shape'][1]} | {'on' if r['double_quant'] else 'off'} | {r['dequant_ms']:.3f} | "
             f"{r['dequant_GBps']:.3g} | {r['dequant_pct_copy']:.3g}% | {r['dequant_pct_clone']:.3g}% | "
+            f"{f(r, 'dequant_into_ms', '.3f')} | {f(r, 'dequant_into_pct_copy', '.3g')}% | "
             f"{f(r, 'bnb_dequant_ms', '.3f')} | "
             f"{f(r, 'dequant_speedup_vs_bnb', '.2f')} | {r.get('dequant_bits_equal_bnb', '-')} | {r['quant_ms']:.3f} | "
             f"{f(r, 'bnb_quant_ms', '.3f')} | {f(r, 'quant_speedup_vs_bnb', '.2f')} |")
         if "bnb_error" in r:
-            lines.append(f"| | bnb failed: {r['bnb_error']} ||||||||||")
+            lines.append(f"| | bnb failed: {r['bnb_error']} ||||||||||||")
     return "\n".join(lines) + "\n"
 
 

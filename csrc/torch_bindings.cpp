@@ -19,6 +19,8 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def("nf4_double_quantize(Tensor absmax, Tensor nested_code) -> (Tensor qabsmax, Tensor absmax2, Tensor offset)");
   // The dense weight [*w_meta[1:]] in `dtype`.
   m.def("nf4_dequantize(Tensor[] w, int[] w_meta, ScalarType dtype) -> Tensor");
+  // The same into an existing contiguous `out` of the weight's shape (its dtype: fp32/fp16/bf16).
+  m.def("nf4_dequantize_into(Tensor[] w, int[] w_meta, Tensor(a!) out) -> ()");
 
   // ---- Fused QLoRA linear -------------------------------------------------------------------------
   // Kernel seam: csrc/kernels/common/qlora_params.h. x [..., K] fp16/bf16/fp32 (fp64: CPU only); the weight

@@ -94,13 +94,14 @@ class NF4Weight:
             w += [self.absmax2, self.nested_code, self.offset]
         return w, [self.blocksize, *self.shape]
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight ``[*shape]`` in ``dtype`` (default: the original dtype)."""
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight ``[*shape]`` in ``dtype`` (default: the original dtype), or written into
+        ``out`` (contiguous, ``[*shape]``, same device; its dtype) and returned."""
         w, w_meta = self.op_args()
         try:
-            return torch.ops.lora_ops.nf4_dequantize(w, w_meta, dtype or self.dtype)
+            return nf4_ops.dequantize_weight(w, w_meta, dtype if out is not None else (dtype or self.dtype), out)
         except NotImplementedError:
-            explain_dispatch_error("nf4_dequantize", **weight_parts(w))
+            explain_dispatch_error("nf4_dequantize", **weight_parts(w), out=out)
             raise
 
     def absmax_float(self) -> torch.Tensor:

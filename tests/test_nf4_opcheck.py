@@ -28,6 +28,26 @@ def test_opcheck_dequantize(device, rng, double_quant):
     torch.library.opcheck(ops.nf4_dequantize.default, args)
 
 
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_opcheck_dequantize_into(device, rng, double_quant):
+    q = lora_ops.quantize_nf4(randn(33, 70, generator=rng, device=device), 64, double_quant)
+    out = torch.full((33, 70), float("nan"), dtype=torch.bfloat16, device=device)
+    torch.library.opcheck(ops.nf4_dequantize_into.default, (*q.op_args(), out))
+
+
+def test_compile_fullgraph_dequantize_into(device, rng):
+    q = lora_ops.quantize_nf4(randn(40, 64, generator=rng, device=device), 64, True)
+
+    def into(out):
+        q.dequantize(out=out)
+        return out * 2
+
+    torch._dynamo.reset()
+    compiled = torch.compile(into, fullgraph=True)
+    got = compiled(torch.full((40, 64), float("nan"), device=device))
+    assert torch.equal(got, 2 * q.dequantize(torch.float32))
+
+
 def test_compile_fullgraph_quantize_dequantize(device, rng):
     def roundtrip(w, code):
         packed, absmax = ops.nf4_quantize(w, 64)

@@ -69,6 +69,41 @@ def test_dequantize_bit_identical(device, rng, out_dtype, double_quant, shape):
                        ref.view(torch.uint8) if out_dtype != torch.float32 else ref)
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_into_out_writes_the_reference_bits(device, rng, out_dtype, double_quant):
+    w = randn(37, 3, 71, generator=rng, device=device, scale=0.05)  # odd numel: a partial last block
+    q = lora_ops.quantize_nf4(w, 64, double_quant=double_quant)
+    absmax = R.nested_absmax(q.absmax.cpu(), q.absmax2.cpu(), q.offset.cpu()) if double_quant else q.absmax.cpu()
+    ref = R.nf4_dequantize(q.packed.cpu(), absmax, 64, w.shape, out_dtype)
+    out = torch.full(w.shape, float("nan"), dtype=out_dtype, device=device)  # poisoned: every element written
+    assert q.dequantize(out=out) is out
+    assert torch.equal(out.cpu().view(torch.uint8), ref.view(torch.uint8))
+    out2 = torch.full(w.shape, float("nan"), dtype=out_dtype, device=device)
+    got = lora_ops.nf4_dequantize(q.packed, q.absmax, 64, w.shape, None, q.absmax2, q.nested_code, q.offset,
+                                  out=out2)
+    assert got is out2 and torch.equal(out2.cpu().view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_dequantize_into_rejects_bad_out(device, rng):
+    q = lora_ops.quantize_nf4(randn(16, 64, generator=rng, device=device), 64, double_quant=True)
+    with pytest.raises(ValueError, match="shape"):
+        q.dequantize(out=torch.empty(64, 16, device=device))
+    with pytest.raises(ValueError, match="contiguous"):
+        q.dequantize(out=torch.empty(64, 16, device=device).t())
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        q.dequantize(out=torch.empty(16, 64, dtype=torch.int32, device=device))
+    with pytest.raises(TypeError, match="differs"):
+        q.dequantize(torch.float16, out=torch.empty(16, 64, device=device))
+    # out overlapping the weight's own bytes (here: its packed codes) would be read while written
+    buf = torch.empty(16 * 64, dtype=torch.float32, device=device)
+    packed_alias = buf.view(torch.uint8)[: q.packed.numel()].view(q.packed.shape)
+    packed_alias.copy_(q.packed)
+    w, meta = q.op_args()
+    with pytest.raises(ValueError, match="shares memory"):
+        torch.ops.lora_ops.nf4_dequantize_into([packed_alias, *w[1:]], meta, buf.view(16, 64))
+
+
 def test_dequantize_large_output_is_an_ordinary_tensor(rng):
     # CPU outputs of >= 8 MiB come from huge-page memory (csrc/bindings/cpu_huge_pages.h): the values are
     # the reference's, and the tensor behaves as any other (in-place ops, views, freed with its last use).

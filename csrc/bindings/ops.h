@@ -1,6 +1,6 @@
 // The op bodies, one per schema of csrc/torch_bindings.cpp, shared by every device: each takes the
 // device's Backend first (register_ops.h binds it) and then exactly the schema's arguments.
-//   ops_nf4.cpp    nf4_quantize, nf4_double_quantize, nf4_dequantize
+//   ops_nf4.cpp    nf4_quantize, nf4_double_quantize, nf4_dequantize, nf4_dequantize_into
 //   ops_qlora.cpp  qlora_linear, qlora_matmul, lora_down, lora_outer, lora_dropout_mask
 //   ops_adamw.cpp  adamw_step_, adamw_step_pages_
 // An NF4 weight arrives as one value (Tensor[] w, int[] w_meta); weight_arg.h turns it into the
@@ -19,6 +19,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize_op(const Backend& be, const at::
 std::tuple<at::Tensor, at::Tensor, at::Tensor> nf4_double_quantize_op(const Backend& be, const at::Tensor& absmax,
                                                                       const at::Tensor& nested_code);
 at::Tensor nf4_dequantize_op(const Backend& be, at::TensorList w, at::IntArrayRef w_meta, at::ScalarType dtype);
+void nf4_dequantize_into_op(const Backend& be, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& out);
 
 std::tuple<at::Tensor, at::Tensor> qlora_linear_op(const Backend& be, const at::Tensor& x, at::TensorList w,
                                                    at::IntArrayRef w_meta, const at::Tensor& A, const at::Tensor& B,

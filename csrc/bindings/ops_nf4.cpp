@@ -82,4 +82,23 @@ at::Tensor nf4_dequantize_op(const Backend& be, at::TensorList w, at::IntArrayRe
   return out;
 }
 
+void nf4_dequantize_into_op(const Backend& be, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& out) {
+  constexpr const char* op = "nf4_dequantize_into";
+  const Nf4WeightArg weight = nf4_weight_arg(w, w_meta, op);
+  const c10::DeviceGuard guard(weight.device);
+  check_same_device(out, w[0], op, "out");
+  TORCH_CHECK_VALUE(out.sizes() == at::IntArrayRef(weight.shape), op, ": out has shape ", out.sizes(),
+                    ", the weight ", at::IntArrayRef(weight.shape));
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  for (const at::Tensor& part : w) // the kernel reads the weight while it writes out
+    TORCH_CHECK_VALUE(!part.defined() || part.numel() == 0 || out.numel() == 0 ||
+                          !(out.storage().is_alias_of(part.storage())),
+                      op, ": out shares memory with the weight");
+  Nf4DequantizeParams p;
+  p.weight = weight.kernel;
+  p.out_dtype = kernel_dtype(out.scalar_type(), op, "out");
+  p.out = out.data_ptr();
+  be.nf4_dequantize(p);
+}
+
 }  // namespace lora_ops

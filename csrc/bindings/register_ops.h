@@ -22,6 +22,7 @@ template <const Backend* B> void register_ops(torch::Library& m) {
   m.impl("nf4_quantize", &BoundOp<&nf4_quantize_op, B>::call);
   m.impl("nf4_double_quantize", &BoundOp<&nf4_double_quantize_op, B>::call);
   m.impl("nf4_dequantize", &BoundOp<&nf4_dequantize_op, B>::call);
+  m.impl("nf4_dequantize_into", &BoundOp<&nf4_dequantize_into_op, B>::call);
   m.impl("qlora_linear", &BoundOp<&qlora_linear_op, B>::call);
   m.impl("qlora_matmul", &BoundOp<&qlora_matmul_op, B>::call);
   m.impl("lora_down", &BoundOp<&lora_down_op, B>::call);

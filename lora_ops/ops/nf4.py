@@ -40,6 +40,26 @@ def _nf4_dequantize_fake(w, w_meta, dtype):
     return w[0].new_empty(tuple(w_meta[1:]), dtype=dtype)
 
 
+@torch.library.register_fake("lora_ops::nf4_dequantize_into")
+def _nf4_dequantize_into_fake(w, w_meta, out):
+    check_one_device("nf4_dequantize_into", "the weight", w[0], out=out, **weight_parts(w))
+    if tuple(out.shape) != tuple(w_meta[1:]):
+        raise ValueError(f"nf4_dequantize_into: out has shape {tuple(out.shape)}, the weight {tuple(w_meta[1:])}")
+
+
+def dequantize_weight(w: list[torch.Tensor], w_meta: list[int], dtype: torch.dtype | None,
+                      out: torch.Tensor | None) -> torch.Tensor:
+    """The op call behind :func:`nf4_dequantize` and :meth:`lora_ops.NF4Weight.dequantize` (the weight
+    as ``op_args()``): a new tensor in ``dtype``, or ``out`` written in place (its dtype; ``dtype``
+    must then be None or the same)."""
+    if out is None:
+        return _ops.nf4_dequantize(w, w_meta, dtype)
+    if dtype is not None and dtype != out.dtype:
+        raise TypeError(f"nf4_dequantize: dtype {dtype} differs from out's dtype {out.dtype}")
+    _ops.nf4_dequantize_into(w, w_meta, out)
+    return out
+
+
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise NF4 codes of ``w`` (any shape, float32/float16/bfloat16, CPU or CUDA).
 
@@ -75,12 +95,16 @@ def nf4_dequantize(
     absmax: torch.Tensor,
     blocksize: int,
     shape: Sequence[int],
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
     absmax2: torch.Tensor | None = None,
     nested_code: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense weight ``[*shape]`` in ``dtype`` (float32/float16/bfloat16), bit-identical to the spec.
+    """Dense weight ``[*shape]`` in ``dtype`` (float32/float16/bfloat16; default bfloat16), bit-identical
+    to the spec. With ``out`` (contiguous, ``[*shape]``, on the weight's device) the values are written
+    there, in out's dtype, and ``out`` is returned: no new allocation (a fresh CPU output's first-touch
+    page faults cost more than the decode itself).
 
     ``absmax`` is float32 (plain) or the uint8 codes of a double-quantized absmax, in which case
     ``absmax2``, ``nested_code`` and ``offset`` are required (decoded inside the same kernel). The
@@ -88,9 +112,12 @@ def nf4_dequantize(
     """
     nested = [t for t in (absmax2, nested_code, offset) if t is not None]
     try:
-        return _ops.nf4_dequantize([packed, absmax, *nested], [blocksize, *shape], dtype)
+        if out is None and dtype is None:
+            dtype = torch.bfloat16
+        return dequantize_weight([packed, absmax, *nested], [blocksize, *shape], dtype, out)
     except NotImplementedError:
         explain_dispatch_error(
-            "nf4_dequantize", packed=packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code, offset=offset
+            "nf4_dequantize", packed=packed, absmax=absmax, absmax2=absmax2, nested_code=nested_code, offset=offset,
+            out=out,
         )
         raise
