@@ -5,10 +5,11 @@
     dense      nn.Linear in x's dtype (frozen) under PEFT LoRA
 
 Same weight (seeded), r, alpha = 2r, dropout 0, x [M, K] requiring grad (a middle layer), PEFT's
-default fp32 adapters. Each method runs in its own fresh process (peak memory: lora_ops.demo.PeakMemory,
-the RSS high-water mark above the RSS before the first forward, sampled every 2 ms plus the exact
-ru_maxrss -- torch's CPU allocations are invisible to tracemalloc), in the order ours, bnb_peft, dense,
-ours, so that a load drift on a shared machine shows up in ours' two sets.
+default fp32 adapters. Times: all three methods in one process, calls round-robin (each round starting
+one method further), so that a load drift on a shared machine hits every method alike; medians.
+Peak memory: each method again in its own fresh process, one call (lora_ops.demo.PeakMemory, the RSS
+high-water mark above the RSS before the first forward, sampled every 2 ms plus the exact ru_maxrss --
+torch's CPU allocations are invisible to tracemalloc).
 
     python bench/bench_qlora_train.py --ms 2048 --out bench/results/cpu_train_bf16_m2048
 
@@ -91,6 +92,31 @@ def worker(args) -> dict:
     return {"method": args.worker, "times_ms": times, "peak_MiB": mem.peak / 2**20}
 
 
+def worker_interleaved(args) -> dict:
+    """Times every method in this process, round-robin, args.reps rounds after one warm-up round."""
+    dtype = getattr(torch, args.dtype)
+    models = {name: build(name, args.n, args.k, args.r, dtype) for name in METHODS}
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.m, args.k, generator=g).to(dtype).requires_grad_()
+    dy = torch.randn(args.m, args.n, generator=g).to(dtype)
+
+    def call(model):
+        x.grad = None
+        model.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        model(x).backward(dy)
+        return (time.perf_counter() - t0) * 1e3
+
+    for model in models.values():  # warm-up: library / kernel initialization stays out of the times
+        call(model)
+    times = {name: [] for name in METHODS}
+    for rnd in range(args.reps):
+        for i in range(len(METHODS)):
+            name = METHODS[(rnd + i) % len(METHODS)]
+            times[name].append(call(models[name]))
+    return {"method": "interleaved", "times_ms": times}
+
+
 def run_worker(method: str, m: int, reps: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--m", str(m), "--reps", str(reps),
            "--n", str(args.n), "--k", str(args.k), "--r", str(args.r), "--dtype", args.dtype]
@@ -99,7 +125,10 @@ def run_worker(method: str, m: int, reps: int, args) -> dict:
     if res.returncode != 0:
         raise RuntimeError(f"{method} M={m} failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    print(f"M={m} {method}: {[round(t) for t in out['times_ms']]} ms, peak {out['peak_MiB']:.0f} MiB", flush=True)
+    if method == "interleaved":
+        print(f"M={m} " + ", ".join(f"{k}: {[round(t) for t in v]} ms" for k, v in out["times_ms"].items()), flush=True)
+    else:
+        print(f"M={m} {method}: {[round(t) for t in out['times_ms']]} ms, peak {out['peak_MiB']:.0f} MiB", flush=True)
     return out
 
 
@@ -122,15 +151,14 @@ def main(argv=None):
     ap.add_argument("--k", type=int, default=4096)
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--reps-ours", type=int, default=3, help="fwd+bwd calls per ours process (two processes)")
-    ap.add_argument("--reps-base", type=int, default=1, help="fwd+bwd calls per baseline process")
+    ap.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds (one fwd+bwd per method each)")
     ap.add_argument("--out", default="bench/results/cpu_train_latest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--reps", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args)))
+        print(json.dumps(worker_interleaved(args) if args.worker == "interleaved" else worker(args)))
         return
     import bitsandbytes
     import peft
@@ -143,17 +171,14 @@ def main(argv=None):
     rows = []
     result = {"environment": env, "args": vars(args), "rows": rows}
     for m in (int(v) for v in args.ms.split(",")):
-        runs = {name: [] for name in METHODS}
-        peaks = {name: [] for name in METHODS}
-        for method in ("ours", "bnb_peft", "dense", "ours"):
-            out = run_worker(method, m, args.reps_ours if method == "ours" else args.reps_base, args)
-            runs[method] += out["times_ms"]
-            peaks[method].append(out["peak_MiB"])
+        runs = run_worker("interleaved", m, args.rounds, args)["times_ms"]
         row = {"M": m, "N": args.n, "K": args.k, "r": args.r, "dtype": args.dtype}
         for name in METHODS:
+            out = run_worker(name, m, 1, args)
             row[f"{name}_fwdbwd_ms"] = statistics.median(runs[name])
             row[f"{name}_all_ms"] = runs[name]
-            row[f"{name}_peak_MiB"] = max(peaks[name])
+            row[f"{name}_peak_MiB"] = out["peak_MiB"]
+            row[f"{name}_fresh_process_ms"] = out["times_ms"]
         row["speedup_vs_bnb_peft"] = row["bnb_peft_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
         row["ours_over_dense"] = row["ours_fwdbwd_ms"] / row["dense_fwdbwd_ms"]
         rows.append(row)
@@ -180,8 +205,9 @@ def markdown(result) -> str:
         f"at start / end {env['load_avg_start'][0]:.1f} / {env.get('load_avg_end', [float('nan')])[0]:.1f} "
         "(shared machine: only ratios within one run mean anything).",
         "",
-        "Median ms of forward+backward (all calls listed in the JSON); peak = RSS high-water mark above the "
-        "pre-run RSS, fresh process per method (after one 1-row warm-up call).",
+        "Median ms of forward+backward, methods round-robin in one process (all calls listed in the JSON); "
+        "peak = RSS high-water mark above the pre-run RSS, fresh process per method (after one 1-row warm-up "
+        "call).",
         "",
         "| N×K | M | r | dtype | ours | bnb Linear4bit + PEFT | dense + PEFT | × vs bnb+PEFT | ours / dense | "
         "peak MiB ours / bnb / dense |",
