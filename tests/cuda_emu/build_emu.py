@@ -197,14 +197,15 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, .
     jobs = [(out_dir / "cuda" / u, runtime) for u in QLORA_UNITS]
     jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []), (KERNELS / "cpu" / "nf4_rowdot.cpp", []),
              (KERNELS / "cpu" / "nf4_rowdot_avx512.cpp", []),
-             (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
+             (KERNELS / "cpu" / "nf4_cpu.cpp", []), (KERNELS / "cpu" / "nf4_dequant_avx512.cpp", [])]
     return _build(out_dir, "emu_qlora_fiber_check", jobs, cxx, extra_flags)
 
 
 def build_nf4_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
     """Compiles tests/cuda_emu/emu_nf4_check.cpp (it includes the rewritten NF4 .cu files) and the CPU
     NF4 kernels; returns the binary."""
-    jobs = [(EMU / "emu_nf4_check.cpp", []), (KERNELS / "cpu" / "nf4_cpu.cpp", [])]
+    jobs = [(EMU / "emu_nf4_check.cpp", []), (KERNELS / "cpu" / "nf4_cpu.cpp", []),
+            (KERNELS / "cpu" / "nf4_dequant_avx512.cpp", [])]
     return _build(out_dir, "emu_nf4_check", jobs, cxx, extra_flags)
 
 
