@@ -43,6 +43,17 @@ def try_import_bnb():
         return None
 
 
+def try_import_torchao():
+    """torchao's to_nf4 (its NF4Tensor: blocksize 64, int8 scalers per 256 blocks; not byte-compatible
+    with the spec, a speed witness only), or None when torchao is not installed (bench extra)."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4  # noqa: PLC0415
+
+        return to_nf4
+    except Exception:  # noqa: BLE001 - any import problem means "no baseline"
+        return None
+
+
 class Timer:
     """Median seconds per call of fn(arg) over rotating args (bench_common.rotating_seconds)."""
 
@@ -89,12 +100,17 @@ def header(device: str) -> dict:
         h["device_name"] = bc.cpu_model()
         h["cpu_threads"] = torch.get_num_threads()
     h["bitsandbytes"] = bc.bnb_version() if try_import_bnb() else None
+    if try_import_torchao() is not None:
+        import torchao  # noqa: PLC0415
+
+        h["torchao"] = torchao.__version__
     return h
 
 
 def run(device: str, shapes, reps: int) -> dict:
     timer = Timer(device, reps)
     F = try_import_bnb()
+    to_nf4 = try_import_torchao()
     copy_bw = copy_bandwidth(device, timer)
     rows = []
     for shape in shapes:
@@ -137,6 +153,12 @@ def run(device: str, shapes, reps: int) -> dict:
             row["quant_ms"] = t * 1e3
             row["quant_GBps"] = quant_bytes(n, nested) / t / 1e9
 
+            if nested and to_nf4 is not None:  # torchao's NF4 is always double-quantized
+                tq = [to_nf4(w.to(OUT_DTYPE), BLOCKSIZE, 256) for w in ws]
+                tt = timer(lambda t4: t4.get_original_weight(), tq)
+                row["torchao_dequant_ms"] = tt * 1e3
+                row["dequant_speedup_vs_torchao"] = tt / (row["dequant_ms"] / 1e3)
+                del tq
             if F is not None:
                 try:
                     bq = [F.quantize_4bit(w, blocksize=BLOCKSIZE, compress_statistics=nested, quant_type="nf4")
@@ -168,9 +190,10 @@ def markdown(h: dict, res: dict) -> str:
              f"Blocksize {res['blocksize']}, median of {res['reps']} passes over rotating inputs. "
              "% copy: of that copy into an existing buffer; % clone: of clone() of a tensor the size of the "
              "output, measured per shape (allocation and first touch included, as for dequantize); into: "
-             "dequantize(out=) into an existing output, and its % of the copy bandwidth.", "",
-             "| shape | dq | dequant ms | GB/s | % copy | % clone | into ms | into % copy | bnb ms | speedup | bits = bnb | quant ms | bnb quant ms | speedup |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "dequantize(out=) into an existing output, and its % of the copy bandwidth; torchao: its NF4Tensor's "
+             "get_original_weight() (double quant only).", "",
+             "| shape | dq | dequant ms | GB/s | % copy | % clone | into ms | into % copy | bnb ms | speedup | bits = bnb | torchao ms | speedup | quant ms | bnb quant ms | speedup |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(row, key, fmt):
         return format(row[key], fmt) if key in row else "-"
@@ -181,10 +204,11 @@ def markdown(h: dict, res: dict) -> str:
             f"{r['dequant_GBps']:.3g} | {r['dequant_pct_copy']:.3g}% | {r['dequant_pct_clone']:.3g}% | "
             f"{f(r, 'dequant_into_ms', '.3f')} | {f(r, 'dequant_into_pct_copy', '.3g')}% | "
             f"{f(r, 'bnb_dequant_ms', '.3f')} | "
-            f"{f(r, 'dequant_speedup_vs_bnb', '.2f')} | {r.get('dequant_bits_equal_bnb', '-')} | {r['quant_ms']:.3f} | "
+            f"{f(r, 'dequant_speedup_vs_bnb', '.2f')} | {r.get('dequant_bits_equal_bnb', '-')} | "
+            f"{f(r, 'torchao_dequant_ms', '.3f')} | {f(r, 'dequant_speedup_vs_torchao', '.1f')} | {r['quant_ms']:.3f} | "
             f"{f(r, 'bnb_quant_ms', '.3f')} | {f(r, 'quant_speedup_vs_bnb', '.2f')} |")
         if "bnb_error" in r:
-            lines.append(f"| | bnb failed: {r['bnb_error']} ||||||||||||")
+            lines.append(f"| | bnb failed: {r['bnb_error']} ||||||||||||||")
     return "\n".join(lines) + "\n"
 
 

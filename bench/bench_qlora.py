@@ -5,6 +5,8 @@ Methods (all with the same LoRA adapter, dropout 0, scale alpha/r):
     bnb_peft    (a) bitsandbytes matmul_4bit + PEFT's LoRA path: lora_B(lora_A(x.to(A.dtype))) * scale
     bnb_packed  (a') forward only, CPUs with avx512_bf16: the same after bitsandbytes' CPU repack (what its
                 Linear4bit.forward does in eval mode under no_grad there; bf16 absmax, lossy)
+    torchao     (t) forward only, when torchao is installed (bench extra): torchao's NF4Tensor (its own
+                double-quantized NF4 layout, not byte-compatible) through its linear_nf4 + the same LoRA path
     dense       (b) dense matmul on the original-dtype weight + the same LoRA path
     deq_mm      (c) lora_ops nf4_dequantize to x's dtype + matmul + the same LoRA path
 
@@ -33,7 +35,7 @@ from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.qlora import qlora_linear
 
 LLAMA_SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]  # (N = out, K = in)
-FWD_ONLY = ("bnb_packed",)  # inference-only methods
+FWD_ONLY = ("bnb_packed", "torchao")  # timed for the forward only
 FULL_MS = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 
 
@@ -90,6 +92,7 @@ class Layer:
                 self.bnb_packed = F._convert_weight_packed_for_cpu(q.clone(), copy.deepcopy(qs))
         else:
             self.nf4 = quantize_nf4(w, 64, True)
+        self.torchao = torchao_nf4(w)
         del w
 
     def lora(self, x, A, B):  # PEFT's path: lora_B(lora_A(dropout(x))) * scaling, in the adapter dtype
@@ -111,6 +114,10 @@ class Layer:
             out["bnb_packed"] = lambda x, A, B: (
                 bnb.matmul_4bit(x, pq, quant_state=pqs) + self.lora(x, A, B).to(x.dtype)
             )
+        if self.torchao is not None:
+            from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import linear_nf4
+
+            out["torchao"] = lambda x, A, B: linear_nf4(x, self.torchao) + self.lora(x, A, B).to(x.dtype)
         out["dense"] = lambda x, A, B: x @ self.dense.t() + self.lora(x, A, B).to(x.dtype)
         out["deq_mm"] = lambda x, A, B: x @ self.nf4.dequantize(x.dtype).t() + self.lora(x, A, B).to(x.dtype)
         return out
@@ -121,6 +128,15 @@ class Layer:
 
     def flops(self, m):
         return 2 * m * self.n * self.k + 2 * m * self.r * (self.k + self.n)
+
+
+def torchao_nf4(w):
+    """torchao's NF4Tensor of w (blocksize 64, scaler blocks 256, as QLoRA), or None without torchao."""
+    try:
+        from torchao.quantization.quantize_.workflows.nf4.nf4_tensor import to_nf4
+    except Exception:  # noqa: BLE001 - not installed or not importable here: no such baseline
+        return None
+    return to_nf4(w, 64, 256)
 
 
 def save(result, out_dir) -> None:
@@ -178,7 +194,7 @@ def run(args) -> dict:
                 row["ours_fwd_TFLOPs"] = layer.flops(m) / t / 1e9
                 row["ours_fwd_pct_copy_bw"] = 100 * row["ours_fwd_GBps"] / env["ceilings"]["copy_GBps"]
                 row["ours_fwd_pct_matmul"] = 100 * row["ours_fwd_TFLOPs"] / env["ceilings"]["matmul_TFLOPs"]
-                for base in ("bnb_peft", "bnb_packed", "dense", "deq_mm"):
+                for base in ("bnb_peft", "bnb_packed", "torchao", "dense", "deq_mm"):
                     for ph in ("fwd", "fwdbwd"):
                         if f"{base}_{ph}_ms" in row and f"ours_{ph}_ms" in row:
                             row[f"speedup_{ph}_vs_{base}"] = row[f"{base}_{ph}_ms"] / row[f"ours_{ph}_ms"]
@@ -191,7 +207,7 @@ def run(args) -> dict:
 
 def summary_line(row) -> str:
     parts = [f"N={row['N']} K={row['K']} M={row['M']} r={row['r']}"]
-    for name in ("ours", "bnb_peft", "bnb_packed", "dense", "deq_mm"):
+    for name in ("ours", "bnb_peft", "bnb_packed", "torchao", "dense", "deq_mm"):
         if f"{name}_fwd_ms" in row:
             s = f"{name} {row[f'{name}_fwd_ms']:.2f}"
             if f"{name}_fwdbwd_ms" in row:
@@ -220,6 +236,12 @@ def environment(device) -> dict:
             import bitsandbytes.functional as F
 
             env["bnb_cpu_packed_path"] = bool(F.has_avx512bf16())
+    try:
+        import torchao
+
+        env["torchao"] = torchao.__version__
+    except Exception:  # noqa: BLE001 - an optional baseline
+        pass
     if device.type == "cuda":
         env["driver"] = bc.gpu_driver()
     return env
@@ -232,7 +254,8 @@ def markdown(result) -> str:
         "# QLoRA linear benchmark",
         "",
         f"Device: {env['device']}; torch {env['torch']} (CUDA {env['cuda']}); threads {env['threads']}; "
-        f"bitsandbytes {env.get('bitsandbytes', 'n/a')}; lora_ops commit {env['lora_ops_commit'][:12]}; "
+        f"bitsandbytes {env.get('bitsandbytes', 'n/a')}; torchao {env.get('torchao', 'n/a')}; "
+        f"lora_ops commit {env['lora_ops_commit'][:12]}; "
         f"lora_ops CPU kernels {env.get('lora_ops_cpu_kernels', 'n/a')}; "
         f"bnb CPU packed path {env.get('bnb_cpu_packed_path', 'n/a')}.",
         f"Ceilings measured in this run: copy {c['copy_GBps']:.1f} GB/s, matmul {c['matmul_TFLOPs']:.3f} TFLOP/s "
@@ -249,6 +272,7 @@ def markdown(result) -> str:
         "ours",
         "bnb+PEFT (a)",
         "bnb packed (a')",
+        "torchao (t)",
         "dense (b)",
         "deq+mm (c)",
         "ours GB/s",
@@ -256,6 +280,7 @@ def markdown(result) -> str:
         "× vs (a) fwd",
         "× vs (a) f+b",
         "× vs (a') fwd",
+        "× vs (t) fwd",
         "× vs (b) f+b",
         "× vs (c) fwd",
     ]
@@ -280,6 +305,7 @@ def markdown(result) -> str:
             ms(r, "ours"),
             ms(r, "bnb_peft"),
             ms(r, "bnb_packed"),
+            ms(r, "torchao"),
             ms(r, "dense"),
             ms(r, "deq_mm"),
             f"{r['ours_fwd_GBps']:.1f}",
@@ -287,6 +313,7 @@ def markdown(result) -> str:
             sp(r, "speedup_fwd_vs_bnb_peft"),
             sp(r, "speedup_fwdbwd_vs_bnb_peft"),
             sp(r, "speedup_fwd_vs_bnb_packed"),
+            sp(r, "speedup_fwd_vs_torchao"),
             sp(r, "speedup_fwdbwd_vs_dense"),
             sp(r, "speedup_fwd_vs_deq_mm"),
         ]
