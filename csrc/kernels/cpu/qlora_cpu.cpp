@@ -1166,6 +1166,37 @@ void outer_chunk_row_avx2(const float* left, int64_t np, int64_t pp, const float
 }
 #endif
 
+#ifdef LORA_OPS_X86
+// The same chunk for all output rows at once, with the accumulators transposed (acc_t[q · np + pp]) and
+// vectors along pp: for few columns (dB = dyᵀ·s has Q = r), where outer_chunk_cols_avx2 would be called
+// once per output row for one or two vectors. Per element the same operations in the same order as
+// there (the chunk's rows fused-multiply-added from 0, then added to the accumulator): the same bits;
+// Q % 8 != 0 had taken the generic loop (products and sums rounded separately) before.
+LORA_AVX2 void outer_chunk_transposed_avx2(const float* left, int64_t np, const float* right, int64_t Q, int64_t mc,
+                                           float* acc_t) {
+  constexpr int kMaxChunk = 8;
+  for (int64_t q = 0; q < Q; ++q) {
+    __m256 rv[kMaxChunk];
+    for (int64_t mm = 0; mm < mc; ++mm)
+      rv[mm] = _mm256_set1_ps(right[mm * Q + q]);
+    float* a = acc_t + q * np;
+    int64_t pp = 0;
+    for (; pp + 8 <= np; pp += 8) {
+      __m256 part = _mm256_setzero_ps();
+      for (int64_t mm = 0; mm < mc; ++mm)
+        part = _mm256_fmadd_ps(rv[mm], _mm256_loadu_ps(left + mm * np + pp), part);
+      _mm256_storeu_ps(a + pp, _mm256_add_ps(_mm256_loadu_ps(a + pp), part));
+    }
+    for (; pp < np; ++pp) {
+      float part = 0.0f;
+      for (int64_t mm = 0; mm < mc; ++mm)
+        part = __builtin_fmaf(right[mm * Q + q], left[mm * np + pp], part);
+      a[pp] += part;
+    }
+  }
+}
+#endif
+
 template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
   // M are consumed kChunk at a time so each accumulator row is reused from L1. The reduction over M
@@ -1190,6 +1221,12 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
       std::vector<Acc> left(static_cast<size_t>(kChunk * np));
       std::vector<Acc> right(static_cast<size_t>(kChunk * Q));
       std::vector<Acc> part(static_cast<size_t>(Q));
+      // Few columns: the transposed chunk kernel, accumulators [Q][np].
+      bool transposed = false;
+#ifdef LORA_OPS_X86
+      if constexpr (std::is_same_v<Acc, float>)
+        transposed = g_use_avx2 && Q <= 32;
+#endif
       for (int64_t m0 = 0; m0 < p.m; m0 += kChunk) {
         const int64_t mc = std::min(kChunk, p.m - m0);
         for (int64_t mm = 0; mm < mc; ++mm) {
@@ -1203,7 +1240,10 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
         bool chunk_done = false;
 #ifdef LORA_OPS_X86
         if constexpr (std::is_same_v<Acc, float>) {
-          if (g_use_avx2 && Q % 8 == 0) { // the same tree level, in registers
+          if (transposed) {
+            outer_chunk_transposed_avx2(left.data(), np, right.data(), Q, mc, acc.data());
+            chunk_done = true;
+          } else if (g_use_avx2 && Q % 8 == 0) { // the same tree level, in registers
             for (int64_t pp = 0; pp < np; ++pp)
               outer_chunk_row_avx2(left.data(), np, pp, right.data(), Q, mc, acc.data() + pp * Q);
             chunk_done = true;
@@ -1233,7 +1273,8 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
       const Acc scale = static_cast<Acc>(p.scale);
       for (int64_t pp = 0; pp < np; ++pp)
         for (int64_t qq = 0; qq < Q; ++qq)
-          store_elem<Acc>(p.out, p.out_dtype, (p0 + pp) * Q + qq, scale * acc[pp * Q + qq]);
+          store_elem<Acc>(p.out, p.out_dtype, (p0 + pp) * Q + qq,
+                          scale * acc[transposed ? qq * np + pp : pp * Q + qq]);
     }
   }
 }
