@@ -111,6 +111,16 @@ LORA_AVX2 void fp16_row_to_float_avx2(const uint16_t* src, int64_t n, float* dst
   for (; i < n; ++i)
     dst[i] = fp16_to_float(src[i]);
 }
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 bits.
+LORA_AVX2 void bf16_row_to_float_avx2(const uint16_t* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
+  }
+  for (; i < n; ++i)
+    dst[i] = bf16_to_float(src[i]);
+}
 #endif
 
 // dst[i] = src[offset + i * stride], i < n, widened to Acc.
@@ -125,6 +135,12 @@ template <typename Acc> void load_row(const void* src, DType t, int64_t offset, 
     }
     case DType::kBFloat16: {
       const uint16_t* s = static_cast<const uint16_t*>(src) + offset;
+#ifdef LORA_OPS_X86
+      if constexpr (std::is_same_v<Acc, float>) {
+        if (g_use_avx2)
+          return bf16_row_to_float_avx2(s, n, dst);
+      }
+#endif
       for (int64_t i = 0; i < n; ++i)
         dst[i] = static_cast<Acc>(bits_to_float(static_cast<uint32_t>(s[i]) << 16));
       return;
