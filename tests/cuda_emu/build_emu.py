@@ -197,7 +197,8 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, .
     jobs = [(out_dir / "cuda" / u, runtime) for u in QLORA_UNITS]
     jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []), (KERNELS / "cpu" / "nf4_rowdot.cpp", []),
              (KERNELS / "cpu" / "nf4_rowdot_avx512.cpp", []),
-             (KERNELS / "cpu" / "nf4_cpu.cpp", []), (KERNELS / "cpu" / "nf4_dequant_avx512.cpp", [])]
+             (KERNELS / "cpu" / "nf4_cpu.cpp", []), (KERNELS / "cpu" / "nf4_dequant_avx512.cpp", []),
+             (KERNELS / "cpu" / "gemm_ukernel_avx512.cpp", [])]
     return _build(out_dir, "emu_qlora_fiber_check", jobs, cxx, extra_flags)
 
 

@@ -7,22 +7,26 @@
 //   small M (dx, axpy): threads own column ranges of W, decode each W row segment once
 //     and axpy it into every row's fp32 accumulator.
 //   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
-//     64-wide output panels; for each reduction block of kKB, the panel of W is dequantized into a
-//     thread-local scratch laid out as 4 micro-panels [kKB][16] (64 KiB, L2-resident), and a 6x16
-//     register-tiled micro-kernel (12 ymm accumulators, FMA) sweeps the M-block over it.
+//     64-wide output panels (split into row parts too when there are few panels); for each reduction
+//     block of kKB, the panel of W is dequantized into a thread-local scratch laid out as 4 micro-panels
+//     [kKB][16] (64 KiB, L2-resident), and a register tile sweeps the M-block over it: 6x16 with AVX2
+//     (12 ymm accumulators, FMA), 12x16 with AVX-512 (gemm_ukernel_avx512.cpp; the same bits).
 //
 //        x32 (M-block, fp32)         W panel scratch (per thread)        C tile (per thread)
 //        [kMB x n_in]        x       [kKB x 64] = 4 x [kKB x 16]   ->    [kMB x 64] fp32
-//              ^ 6 rows at a time            ^ 16 columns at a time
+//              ^ 6 / 12 rows at a time       ^ 16 columns at a time
 //
-//   The epilogue adds the LoRA term (s · lora_wᵀ, masked in backward) and bias to the fp32 tile and
-//   rounds once to the output dtype. Never a dense W, never an [M, N] fp32 buffer.
+//   Without dropout the LoRA term rides as r more reduction terms through the same tile (x rows get s,
+//   the panel r rows of scale·lora_w); with dropout the epilogue adds it (masked) to the fp32 tile. The
+//   epilogue adds bias and rounds once to the output dtype. Never a dense W, never an [M, N] fp32 buffer.
 //
 // AVX2/FMA/F16C code lives in functions with __attribute__((target(...))) selected at run time with
 // __builtin_cpu_supports, so the library itself runs on any x86-64 (no -march=native). The binding layer
 // calls select_cpu_kernels once at load (cpu_isa.h; LORA_OPS_NO_AVX512=1 caps it at AVX2,
-// LORA_OPS_NO_AVX2=1 at the portable path; tests use both). The AVX-512 kernels so far: the fused row-dot
-// (nf4_rowdot_avx512.cpp); everything else runs its AVX2 kernel on an AVX-512 machine.
+// LORA_OPS_NO_AVX2=1 at the portable path; tests use both). The AVX-512 kernels: the fused row-dot
+// (nf4_rowdot_avx512.cpp), the GEMM tile (gemm_ukernel_avx512.cpp) and the dequantize block decoders
+// (nf4_dequant_avx512.cpp); everything else (axpy, lora_down / lora_outer, the buffered row-dot) runs
+// its AVX2 kernel on an AVX-512 machine.
 #include "cpu/qlora_cpu.h"
 
 #include <omp.h>
@@ -36,6 +40,7 @@
 
 #include "common/nf4_format.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/gemm_ukernel_avx512.h"
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
 
@@ -412,8 +417,15 @@ void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c,
   ukernel_portable<MR>(x, ldx, pw, kb, c, ldc, accumulate);
 }
 
+// Rows per register tile at the SIMD level in use (ukernel_rows takes up to this many).
+int64_t tile_rows() { return g_isa == CpuIsa::kAvx512 ? kMrAvx512 : kMR; }
+
 void ukernel_rows(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                   bool accumulate) {
+#ifdef LORA_OPS_X86
+  if (g_isa == CpuIsa::kAvx512)
+    return ukernel_avx512(mr, x, ldx, pw, kb, c, ldc, accumulate);
+#endif
   switch (mr) {
   case 1:
     return ukernel<1>(x, ldx, pw, kb, c, ldc, accumulate);
@@ -811,6 +823,7 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const Epilogue ep(p);
   const bool parallel = worth_threads(p);
   const int64_t n_threads = parallel ? omp_get_max_threads() : 1;
+  const int64_t mr_max = tile_rows();
   for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
     const int64_t mb = std::min(kMB, p.m - m0);
 #pragma omp parallel for schedule(static) if (parallel)
@@ -825,8 +838,8 @@ void matmul_gemm(const QloraMatmulParams& p) {
     // one panel re-decode it, unless one thread runs them back to back with the whole reduction in
     // one block (the scratch still holds it).
     const int64_t n_parts =
-        std::clamp<int64_t>((4 * n_threads + n_panels - 1) / n_panels, 1, (mb + kMR - 1) / kMR);
-    const int64_t part_rows = ((mb + n_parts - 1) / n_parts + kMR - 1) / kMR * kMR;
+        std::clamp<int64_t>((4 * n_threads + n_panels - 1) / n_panels, 1, (mb + mr_max - 1) / mr_max);
+    const int64_t part_rows = ((mb + n_parts - 1) / n_parts + mr_max - 1) / mr_max * mr_max;
     const int64_t n_tasks = n_panels * n_parts;
 #pragma omp parallel if (parallel)
     {
@@ -849,8 +862,8 @@ void matmul_gemm(const QloraMatmulParams& p) {
           if (!(n_in <= kKB && in_scratch == panel))
             dequant_panel(p, o0, ow, i0, kb, scratch.ptr, tmp.data());
           in_scratch = n_in <= kKB ? panel : -1;
-          for (int64_t mg = r0; mg < r1; mg += kMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, r1 - mg));
+          for (int64_t mg = r0; mg < r1; mg += mr_max) {
+            const int mr = static_cast<int>(std::min<int64_t>(mr_max, r1 - mg));
             for (int j = 0; j < n_micro; ++j)
               ukernel_rows(mr, x32.data() + mg * ldx + i0, ldx, scratch.ptr + j * kKB * kNR, kb,
                            c.ptr + mg * kPanel + j * kNR, kPanel, i0 > 0);
@@ -864,8 +877,8 @@ void matmul_gemm(const QloraMatmulParams& p) {
             for (int64_t q = 0; q < n_fold; ++q)
               for (int cc = 0; cc < kNR; ++cc)
                 lora_panel.ptr[(j * n_fold + q) * kNR + cc] = scale * lw[q * kPanel + j * kNR + cc];
-          for (int64_t mg = r0; mg < r1; mg += kMR) {
-            const int mr = static_cast<int>(std::min<int64_t>(kMR, r1 - mg));
+          for (int64_t mg = r0; mg < r1; mg += mr_max) {
+            const int mr = static_cast<int>(std::min<int64_t>(mr_max, r1 - mg));
             for (int j = 0; j < n_micro; ++j)
               ukernel_rows(mr, x32.data() + mg * ldx + n_in, ldx, lora_panel.ptr + j * n_fold * kNR, n_fold,
                            c.ptr + mg * kPanel + j * kNR, kPanel, true);

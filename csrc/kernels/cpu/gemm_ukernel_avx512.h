@@ -1,0 +1,15 @@
+// The AVX-512 register tile of the CPU GEMM (qlora_cpu.cpp, kGemm path): C[mr x 16] (+)= x[mr x kb] ·
+// P[kb x 16] with P a micro-panel of 16 columns (one zmm per k). Call only when cpu_isa() == kAvx512.
+#pragma once
+#include <cstdint>
+
+namespace lora_ops::cpu {
+
+constexpr int kMrAvx512 = 12; // rows per tile: 12 accumulators cover the FMA latency of two 512-bit ports
+
+// mr in 1..kMrAvx512; accumulate: start from C (else from 0). Per element the fused multiply-adds of
+// the AVX2 6x16 tile in the same order: the same bits.
+void ukernel_avx512(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
+                    bool accumulate);
+
+}  // namespace lora_ops::cpu
