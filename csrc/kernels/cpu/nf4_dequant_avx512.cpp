@@ -1,11 +1,8 @@
 // AVX-512 block decoders of nf4_dequantize (nf4_cpu.cpp), for cpu_isa() == kAvx512.
 //
-// Element 2j of a block is the high nibble of its byte j, element 2j + 1 the low one. Per 16 packed
-// bytes (32 outputs) the bytes are widened to dwords d_j and combined into (d_j >> 4) | (d_j << 16):
-// two words per byte in output order, the first the high nibble, the second the whole byte. vpermw reads
-// index bits 0-4, so with the block's 16 output values in words 0-15 and again in 16-31 the second
-// word looks up the low nibble (bit 4 = the high nibble's bit 0 does not matter). fp32 outputs do the
-// same with qwords (vpmovzxbq, 8 bytes -> 16 dwords) and vpermps (index bits 0-3).
+// 16-bit outputs: per 16 packed bytes (32 outputs) one vpermw of indices built in output order
+// (nf4_avx512_indices.h) in the block's 16 output values, repeated in words 16-31. fp32 outputs build
+// the same indices with qwords (vpmovzxbq, 8 bytes -> 16 dwords) for vpermps (index bits 0-3).
 //
 // The 16 values are the nf4_decode products rounded once to the output dtype with the scalar rule's
 // result (bf16: nearest even on the fp32 bits, subnormals kept; fp16: vcvtps2ph, nearest even): the
@@ -14,6 +11,7 @@
 
 #include "common/nf4_format.h"
 #include "cpu/float_convert.h"
+#include "cpu/nf4_avx512_indices.h"
 #include "cpu/x86_target.h"
 
 // gcc 12's AVX-512 headers start some intrinsics from an "undefined" register and then warn that it
@@ -47,18 +45,12 @@ template <DType T> LORA_AVX512 inline __m512i word_table(float amax) {
   return _mm512_broadcast_i64x4(words);
 }
 
-// Words in output order for 16 packed bytes: high nibble, then the byte (its low nibble through the table).
-LORA_AVX512 inline __m512i word_indices(const uint8_t* codes) {
-  const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  return _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
-}
-
 template <DType T>
 LORA_AVX512 void decode_16bit(const uint8_t* codes, int64_t n, float amax, uint16_t* out) {
   const __m512i table = word_table<T>(amax);
   int64_t i = 0;
   for (; i + 32 <= n; i += 32)
-    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(word_indices(codes + i / 2), table));
+    _mm512_storeu_si512(out + i, _mm512_permutexvar_epi16(nf4_word_indices(codes + i / 2), table));
   if (i < n) { // a short block: the same table through a store buffer
     alignas(64) uint16_t t[32];
     _mm512_store_si512(t, table);

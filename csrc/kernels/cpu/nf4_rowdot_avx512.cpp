@@ -26,6 +26,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/nf4_avx512_indices.h"
 #include "cpu/nf4_rowdot.h"
 #include "cpu/nf4_rowdot_detail.h"
 #include "cpu/x86_target.h"
@@ -267,13 +268,10 @@ void pack_pairs(int64_t m, int64_t k, float* x32) {
 }
 
 // 64 weights of one block (its 32 packed bytes) as bf16 in column order into dst: the dequantize
-// decoders' index construction (nf4_dequant_avx512.cpp), with this file's bf16 table.
+// decoders' indices (nf4_avx512_indices.h), with this file's bf16 table.
 LORA_AVX512 inline void decode_chunk_bf16(const uint8_t* codes, __m512i table, uint16_t* dst) {
-  for (int h = 0; h < 2; ++h) {
-    const __m512i d = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + 16 * h)));
-    const __m512i idx = _mm512_or_si512(_mm512_srli_epi32(d, 4), _mm512_slli_epi32(d, 16));
-    _mm512_store_si512(dst + 32 * h, _mm512_permutexvar_epi16(idx, table));
-  }
+  for (int h = 0; h < 2; ++h)
+    _mm512_store_si512(dst + 32 * h, _mm512_permutexvar_epi16(nf4_word_indices(codes + 16 * h), table));
 }
 
 LORA_AVX512 void rows_bf16_packed(const Nf4Weight& w, int64_t k, int64_t o0, int64_t rows, const uint32_t* xp,
