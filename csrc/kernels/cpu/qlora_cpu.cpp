@@ -40,8 +40,8 @@
 
 #include "common/nf4_format.h"
 #include "cpu/cpu_isa.h"
-#include "cpu/gemm_ukernel_avx512.h"
 #include "cpu/float_convert.h"
+#include "cpu/gemm_ukernel_avx512.h"
 #include "cpu/nf4_cpu.h"
 
 #include "cpu/nf4_rowdot.h"
