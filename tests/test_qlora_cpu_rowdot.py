@@ -25,7 +25,7 @@ bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
 # condition); 4480 = 70 blocks of 64 and 4160 = 130 blocks of 32 pass the 64-block absmax run.
 CASES = [
     (bf16, 64, True, (1,), 130, 4480),    # byte tables, M = 1 (4 accumulators), N tail
-    (bf16, 128, False, (7,), 70, 1024),   # byte tables, x rows in chunks of 4 + 3
+    (bf16, 128, False, (7,), 70, 1024),   # byte tables, x rows in chunks of 4 + 3 (AVX-512: x packed in 8 lanes)
     (bf16, 256, True, (2, 8), 64, 512),   # byte tables, M = 16 (AVX-512: x packed across rows), 3-D x
     (bf16, 64, False, (11,), 67, 4480),   # M = 11: AVX-512 packed x, column blocks of 256 + 128, W rows 16 + 3
     (bf16, 32, True, (2,), 96, 4160),     # bf16 with blocksize 32: vpermps tables

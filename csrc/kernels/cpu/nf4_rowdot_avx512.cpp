@@ -9,9 +9,9 @@
 //    4 instructions per 64 weights (widen, shift, 2 vpermw), then 2 vdpbf16ps per x row, which multiply
 //    the bf16 weights pairwise into fp32 accumulators against x, itself bf16 (the compute dtype: exact).
 //    x is rewritten once per call to the same column order (even columns, then odd ones, per 64-column
-//    chunk), as bf16 rows bf16_row_pitch(k) apart. Up to 4 x rows: one W row at a time (row_bf16); 5 to
-//    8: one pass with x in column blocks (rows_bf16_blocked); 9 to 16: x packed across rows instead and
-//    W decoded into L1, one broadcast dot product per W pair (rows_bf16_packed).
+//    chunk), as bf16 rows bf16_row_pitch(k) apart. Up to 4 x rows: one W row at a time (row_bf16); 5: one
+//    pass with x in column blocks (rows_bf16_blocked); 6 to 16: x packed across rows instead (8 or 16
+//    lanes) and W decoded into L1, one broadcast dot product per W pair (rows_bf16_packed).
 //  - other dtypes and blocksize 32 (vpermps): per 32 columns, 16 packed bytes widened to dwords, split
 //    into nibbles the same way (vpermps reads index bits 0-3), two vpermps look them up in the block's
 //    16 fp32 values (each rounded to the compute dtype), FMA against x (fp32, even columns then odd ones
@@ -245,26 +245,31 @@ LORA_AVX512 void rows_bf16_blocked(const Nf4Weight& w, int64_t k, int64_t o0, in
       out[m * ldo + j] = _mm512_reduce_add_ps(_mm512_load_ps(partial + (j * MC + m) * 16));
 }
 
-// ---- 9..16 x rows: x packed across rows, W decoded into L1, one accumulator per W row ---------------
+// ---- 6..16 x rows: x packed across rows, W decoded into L1, one accumulator per W row ---------------
 //
 // x is rewritten once per call as bf16 pairs packed across the rows: pair p of row i (columns 2p, 2p+1)
-// at dword p·16 + i, rows >= m zero. A zmm of x pairs then holds one column pair of all 16 rows, and
-// vdpbf16ps with a W pair broadcast from memory ({1to16}) adds that pair's products to 16 lanes = the
-// 16 x rows of one output. 16 W rows at a time are decoded (bf16, natural order) into an L1 buffer per
-// 256-column block; per column pair: one x load and 16 broadcast dot products (16 accumulators, one per
-// W row, kept in registers over the whole reduction). The per-chunk x loads of rows_bf16_blocked (two
-// per x row and 64 weights) become one per 16 x 2 weights, which that kernel's time followed (~5 cycles
-// per x row and 64 weights, Zen 4).
-constexpr int kPackedMinRows = 9;
+// at dword p·L + i (L = 16 lanes for 9..16 rows, 8 for 6..8), rows >= m zero. A vector of x pairs then
+// holds one column pair of all the rows, and vdpbf16ps with a W pair broadcast from memory adds that
+// pair's products to the lanes = the x rows of one output. 16 W rows at a time are decoded (bf16,
+// natural order) into an L1 buffer per 256-column block; per column pair: one x load and 16 broadcast
+// dot products (16 accumulators, one per W row, kept in registers over the whole reduction). The
+// per-chunk x loads of rows_bf16_blocked (two per x row and 64 weights) become one per L x 2 weights,
+// which that kernel's time followed (~5 cycles per x row and 64 weights, Zen 4). 8 lanes: ymm dot
+// products, which Zen 4 runs two per cycle (zmm: one).
+constexpr int kPackedMinRows = 6;     // below, the column-blocked kernel
+constexpr int kPacked16MinRows = 9;   // from here 16 lanes
 constexpr int64_t kPackedCols = 256; // columns per decoded block: 16 rows x 256 bf16 = 8 KiB
 
+int packed_lanes(int64_t m) { return m >= kPacked16MinRows ? 16 : 8; }
+
 void pack_pairs(int64_t m, int64_t k, float* x32) {
+  const int64_t lanes = packed_lanes(m);
   std::vector<uint32_t> src(static_cast<size_t>(m * k));
   std::memcpy(src.data(), x32, src.size() * sizeof(uint32_t));
-  uint32_t* dst = reinterpret_cast<uint32_t*>(x32); // k / 2 pairs x 16 rows <= m x k dwords (m >= 8)
+  uint32_t* dst = reinterpret_cast<uint32_t*>(x32); // k / 2 pairs x lanes <= m x k dwords (lanes <= 2m)
   for (int64_t pr = 0; pr < k / 2; ++pr)
-    for (int64_t i = 0; i < 16; ++i)
-      dst[pr * 16 + i] = i < m ? (src[i * k + 2 * pr] >> 16) | (src[i * k + 2 * pr + 1] & 0xffff0000u) : 0u;
+    for (int64_t i = 0; i < lanes; ++i)
+      dst[pr * lanes + i] = i < m ? (src[i * k + 2 * pr] >> 16) | (src[i * k + 2 * pr + 1] & 0xffff0000u) : 0u;
 }
 
 // 64 weights of one block (its 32 packed bytes) as bf16 in column order into dst: the dequantize
@@ -274,16 +279,41 @@ LORA_AVX512 inline void decode_chunk_bf16(const uint8_t* codes, __m512i table, u
     _mm512_store_si512(dst + 32 * h, _mm512_permutexvar_epi16(nf4_word_indices(codes + 16 * h), table));
 }
 
+// The vector operations of rows_bf16_packed for L lanes.
+template <int L> struct PairLanes;
+template <> struct PairLanes<16> {
+  using Acc = __m512;
+  using X = __m512bh;
+  LORA_AVX512 static Acc zero() { return _mm512_setzero_ps(); }
+  LORA_AVX512 static X load(const uint32_t* x) { return (__m512bh)_mm512_loadu_si512(x); }
+  LORA_AVX512 static Acc dot(Acc a, uint32_t w, X x) {
+    return _mm512_dpbf16_ps(a, (__m512bh)_mm512_set1_epi32(static_cast<int>(w)), x);
+  }
+  LORA_AVX512 static void store(float* p, Acc a) { _mm512_store_ps(p, a); }
+};
+template <> struct PairLanes<8> {
+  using Acc = __m256;
+  using X = __m256bh;
+  LORA_AVX512 static Acc zero() { return _mm256_setzero_ps(); }
+  LORA_AVX512 static X load(const uint32_t* x) { return (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)); }
+  LORA_AVX512 static Acc dot(Acc a, uint32_t w, X x) {
+    return _mm256_dpbf16_ps(a, (__m256bh)_mm256_set1_epi32(static_cast<int>(w)), x);
+  }
+  LORA_AVX512 static void store(float* p, Acc a) { _mm256_store_ps(p, a); }
+};
+
+template <int L>
 LORA_AVX512 void rows_bf16_packed(const Nf4Weight& w, int64_t k, int64_t o0, int64_t rows, const uint32_t* xp,
                                   int64_t m, float* out, int64_t ldo) {
+  using V = PairLanes<L>;
   alignas(64) uint16_t wbuf[16 * kPackedCols];
   alignas(64) float sums[16][16];
   const int64_t bs = w.blocksize;
   for (int64_t j0 = 0; j0 < rows; j0 += 16) {
     const int64_t jr = std::min<int64_t>(16, rows - j0);
-    __m512 acc[16];
+    typename V::Acc acc[16];
     for (int j = 0; j < 16; ++j)
-      acc[j] = _mm512_setzero_ps();
+      acc[j] = V::zero();
     for (int64_t kb = 0; kb < k; kb += kPackedCols) {
       const int64_t kw = std::min(kPackedCols, k - kb); // a multiple of 64
       for (int64_t j = 0; j < 16; ++j) {
@@ -302,19 +332,19 @@ LORA_AVX512 void rows_bf16_packed(const Nf4Weight& w, int64_t k, int64_t o0, int
         for (int64_t c = 0; c < kw; c += 64)
           decode_chunk_bf16(codes + c / 2, bf16_table(amax[c / bs]), dst + c);
       }
-      const uint32_t* x = xp + (kb / 2) * 16;
+      const uint32_t* x = xp + (kb / 2) * L;
       for (int64_t pr = 0; pr < kw / 2; ++pr) {
-        const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + pr * 16);
+        const typename V::X xv = V::load(x + pr * L);
 #pragma GCC unroll 16
         for (int j = 0; j < 16; ++j) {
           uint32_t wp;
           std::memcpy(&wp, wbuf + j * kPackedCols + 2 * pr, 4);
-          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_set1_epi32(static_cast<int>(wp)), xv);
+          acc[j] = V::dot(acc[j], wp, xv);
         }
       }
     }
     for (int j = 0; j < 16; ++j)
-      _mm512_store_ps(sums[j], acc[j]);
+      V::store(sums[j], acc[j]);
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < jr; ++j)
         out[i * ldo + j0 + j] = sums[j][i];
@@ -360,8 +390,11 @@ void rowdot_avx512(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0,
                    int64_t m, float* out, int64_t ldo) {
   // Row m0 of the prepared x: bf16 rows are k elements apart from the buffer's start.
   const bool pairs = bf16_pairs(w, value_dtype);
-  if (pairs && m >= kPackedMinRows && m <= 16)
-    return rows_bf16_packed(w, k, o0, rows, reinterpret_cast<const uint32_t*>(x32), m, out, ldo);
+  if (pairs && m >= kPackedMinRows && m <= 16) {
+    const uint32_t* xp = reinterpret_cast<const uint32_t*>(x32);
+    return packed_lanes(m) == 16 ? rows_bf16_packed<16>(w, k, o0, rows, xp, m, out, ldo)
+                                 : rows_bf16_packed<8>(w, k, o0, rows, xp, m, out, ldo);
+  }
   if (pairs && m > 4 && m <= 2 * kMaxRows) { // one pass, x in column blocks
     const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x32);
     switch (m) {
