@@ -28,6 +28,8 @@ CASES = [
     (bf16, 128, False, (7,), 70, 1024),   # byte tables, x rows in chunks of 4 + 3 (AVX-512: x packed in 8 lanes)
     (bf16, 256, True, (2, 8), 64, 512),   # byte tables, M = 16 (AVX-512: x packed across rows), 3-D x
     (bf16, 64, False, (11,), 67, 4480),   # M = 11: AVX-512 packed x, column blocks of 256 + 128, W rows 16 + 3
+    (bf16, 64, True, (4,), 67, 4480),     # M = 4: AVX-512 W rows in pairs (+ a last single row), 70 blocks
+    (bf16, 128, False, (3,), 33, 1024),   # M = 3: W rows in pairs (+ a last single row), 2 chunks per block
     (bf16, 32, True, (2,), 96, 4160),     # bf16 with blocksize 32: vpermps tables
     (fp32, 64, True, (4,), 100, 640),     # vpermps tables, fp32 values
     (fp16, 1024, False, (3,), 33, 2048),  # vpermps tables, fp16 values
