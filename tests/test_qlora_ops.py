@@ -137,6 +137,53 @@ def test_matmul_transposed_is_dy_times_w(device, rng):
     torch.testing.assert_close(out2.double().cpu(), ref, rtol=1e-5, atol=1e-4)
 
 
+# ---- the LoRA factor ops on their own (lora_down: s = drop(a)·fᵀ; lora_outer: scale · leftᵀ·drop(right)) ----
+# Shapes for the CPU's many-row kernels: rows in 4-row groups with a tail, 256-row blocks with a partial
+# 8-row chunk, column panels with tails that are not whole 4-column tiles, ranks with an 8-wide tail.
+_FACTOR_CASES = [(1030, 1000, 24, bf16), (517, 260, 8, fp16), (300, 4096, 16, bf16), (259, 333, 64, fp32)]
+
+
+def _factor_bound(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """|left|ᵀ·|right| in float64: the scale of an fp32 sum's rounding error, per output element."""
+    return left.double().abs().t() @ right.double().abs()
+
+
+@pytest.mark.parametrize("m,l,r,dtype", _FACTOR_CASES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_down_matches_float64(m, l, r, dtype, p, rng):
+    x = torch.randn(m, l, generator=rng).to(dtype)
+    A = torch.randn(r, l, generator=rng)
+    seed = int(torch.randint(0, 2**40, (1,), generator=rng))
+    keep = reference.dropout_keep(m, l, p, seed).double() * reference.dropout_keep_scale(p)
+    xd = x.double() * keep
+    for f in (A, A.t().contiguous().t()):  # A's rows contiguous, and the Bᵀ-like view (rank stride 1)
+        s = torch.full((m, r), float("nan"))
+        s.copy_(ops.lora_down(x, f, p, make_rng(seed) if p else None))
+        ref = xd @ f.double().t()
+        bound = _factor_bound(xd.t(), f.t())
+        assert ((s.double() - ref).abs() <= 1e-5 * bound + 1e-30).all()
+
+
+@pytest.mark.parametrize("m,big,r,dtype", _FACTOR_CASES)
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_lora_outer_matches_float64(m, big, r, dtype, p, rng):
+    small = torch.randn(m, r, generator=rng)  # u or s: fp32 [M, r]
+    g = torch.randn(big, m, generator=rng).to(dtype).t()  # x or dy, and not contiguous (column stride M)
+    seed = int(torch.randint(0, 2**40, (1,), generator=rng))
+    keep = reference.dropout_keep(m, big, p, seed).double() * reference.dropout_keep_scale(p)
+    # dA form: out [r, big] = 0.5 · smallᵀ·drop(g), the dropout on the long side
+    dA = ops.lora_outer(small, g, 0.5, p, make_rng(seed) if p else None, fp32)
+    gd = g.double() * keep
+    ref = 0.5 * small.double().t() @ gd
+    assert ((dA.double() - ref).abs() <= 1e-5 * _factor_bound(small, gd) + 1e-30).all()
+    # dB form: out [big, r] = 0.5 · gᵀ·small (contiguous g too), rounded to bf16 once
+    for gg in (g, g.contiguous()):
+        dB = ops.lora_outer(gg, small, 0.5, 0.0, None, bf16)
+        ref = 0.5 * gg.double().t() @ small.double()
+        err = (dB.double() - ref).abs()
+        assert (err <= 2**-8 * ref.abs() + 1e-5 * _factor_bound(gg, small) + 1e-30).all()
+
+
 # ---- dropout ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed,offset", [(0, 0), (123456789012345, 5), (-7, 2**33 - 100), (2**62 - 1, 0)])
 def test_dropout_mask_matches_reference(seed, offset):

@@ -948,9 +948,11 @@ void matmul_f64(const QloraMatmulParams& p) {
     }
 }
 
-// Applies the dropout mask of row m (global) to a converted row of length n: v *= keep ? keep_scale : 0.
-template <typename Acc> void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v) {
-  const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols);
+// Applies the dropout mask of row m (global), columns [c0, c0 + n), to those converted elements:
+// v *= keep ? keep_scale : 0.
+template <typename Acc>
+void mask_row(const DropoutParams& d, uint32_t key, int64_t m, int64_t n, Acc* v, int64_t c0 = 0) {
+  const uint64_t ctr0 = d.offset + static_cast<uint64_t>(m) * static_cast<uint64_t>(d.cols) + static_cast<uint64_t>(c0);
   uint32_t hi = static_cast<uint32_t>(ctr0 >> 32);
   uint32_t hi_key = dropout_hi_key(key, hi);
   const Acc ks = static_cast<Acc>(d.keep_scale);
@@ -997,36 +999,61 @@ LORA_AVX2 void lora_down_rows_avx2(const float* row, const float* f, int64_t str
 #endif
 
 #ifdef LORA_OPS_X86
-// out[q] = Σ_i row[i] · ft[i · r + q] for the NV · 8 ranks from q0 (ft: the factor transposed, [L, r]),
-// summed in the generic path's tree (kChunk terms, then kChunk-term chunks of a kBlock block, then the
-// blocks), with the ranks' partial sums in registers instead of arrays.
-template <int NV>
-LORA_AVX2 void lora_down_ft_avx2(const float* row, const float* ft, int64_t r, int64_t L, int64_t q0, float* out) {
+// out[j · ldo + q] = Σ_i rows[j · ld + i] · ft[i · r + q] for R rows and the NV · 8 ranks from q0 (ft: the
+// factor transposed, [L, r]), summed in the generic path's tree (kChunk terms, then kChunk-term chunks of
+// a kBlock block, then the blocks), the partial sums in registers. R rows at once: one row has only NV
+// fused multiply-add chains, each waiting on the FMA latency (2048 rows x 4096 at r 16 took ~4.5 ms on
+// 2 Zen 4 cores that way); R rows give R · NV independent chains on the same factor loads.
+template <int NV, int R>
+LORA_AVX2 void lora_down_ft_rows_avx2(const float* rows, int64_t ld, const float* ft, int64_t r, int64_t L, int64_t q0,
+                                      float* out, int64_t ldo) {
   constexpr int64_t kChunk = 8, kBlock = 256;
-  __m256 acc[NV], blk[NV], part[NV];
-  for (int v = 0; v < NV; ++v)
-    acc[v] = _mm256_setzero_ps();
-  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+  __m256 acc[R][NV], blk[R][NV], part[R][NV];
+  for (int j = 0; j < R; ++j)
     for (int v = 0; v < NV; ++v)
-      blk[v] = _mm256_setzero_ps();
+      acc[j][v] = _mm256_setzero_ps();
+  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+    for (int j = 0; j < R; ++j)
+      for (int v = 0; v < NV; ++v)
+        blk[j][v] = _mm256_setzero_ps();
     const int64_t b1 = std::min(L, b0 + kBlock);
     for (int64_t c0 = b0; c0 < b1; c0 += kChunk) {
-      for (int v = 0; v < NV; ++v)
-        part[v] = _mm256_setzero_ps();
-      for (int64_t i = c0; i < std::min(b1, c0 + kChunk); ++i) {
-        const __m256 x = _mm256_set1_ps(row[i]);
-        const float* fi = ft + i * r + q0;
+      for (int j = 0; j < R; ++j)
         for (int v = 0; v < NV; ++v)
-          part[v] = _mm256_fmadd_ps(x, _mm256_loadu_ps(fi + 8 * v), part[v]);
+          part[j][v] = _mm256_setzero_ps();
+      for (int64_t i = c0; i < std::min(b1, c0 + kChunk); ++i) {
+        const float* fi = ft + i * r + q0;
+        __m256 f[NV];
+        for (int v = 0; v < NV; ++v)
+          f[v] = _mm256_loadu_ps(fi + 8 * v);
+        for (int j = 0; j < R; ++j) {
+          const __m256 x = _mm256_set1_ps(rows[j * ld + i]);
+          for (int v = 0; v < NV; ++v)
+            part[j][v] = _mm256_fmadd_ps(x, f[v], part[j][v]);
+        }
       }
-      for (int v = 0; v < NV; ++v)
-        blk[v] = _mm256_add_ps(blk[v], part[v]);
+      for (int j = 0; j < R; ++j)
+        for (int v = 0; v < NV; ++v)
+          blk[j][v] = _mm256_add_ps(blk[j][v], part[j][v]);
     }
-    for (int v = 0; v < NV; ++v)
-      acc[v] = _mm256_add_ps(acc[v], blk[v]);
+    for (int j = 0; j < R; ++j)
+      for (int v = 0; v < NV; ++v)
+        acc[j][v] = _mm256_add_ps(acc[j][v], blk[j][v]);
   }
-  for (int v = 0; v < NV; ++v)
-    _mm256_storeu_ps(out + q0 + 8 * v, acc[v]);
+  for (int j = 0; j < R; ++j)
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(out + j * ldo + q0 + 8 * v, acc[j][v]);
+}
+
+// All ranks (r % 8 == 0) of R rows.
+template <int R>
+void lora_down_rows_group_avx2(const float* rows, int64_t ld, const float* ft, int64_t r, int64_t L, float* out,
+                               int64_t ldo) {
+  int64_t q0 = 0;
+  for (; q0 + 16 <= r; q0 += 16)
+    lora_down_ft_rows_avx2<2, R>(rows, ld, ft, r, L, q0, out, ldo);
+  if (q0 < r)
+    lora_down_ft_rows_avx2<1, R>(rows, ld, ft, r, L, q0, out, ldo);
 }
 #endif
 
@@ -1070,6 +1097,35 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
       ft[i * r + q] = load_elem<Acc>(p.f, p.f_dtype, q * p.f_stride_q + i * p.f_stride_l);
   const uint32_t key = dropout_key(p.dropout.seed);
   const bool parallel = p.m * L * r > (1 << 16);
+#ifdef LORA_OPS_X86
+  if constexpr (std::is_same_v<Acc, float>) {
+    if (g_use_avx2 && r % 8 == 0) { // kRowGroup rows at a time through the multi-row kernel
+      constexpr int64_t kRowGroup = 4;
+      const int64_t groups = (p.m + kRowGroup - 1) / kRowGroup;
+#pragma omp parallel if (parallel)
+      {
+        std::vector<float> rows(static_cast<size_t>(kRowGroup * L));
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t m0 = g * kRowGroup, rows_here = std::min(kRowGroup, p.m - m0);
+          for (int64_t j = 0; j < rows_here; ++j) {
+            load_row(p.a, p.a_dtype, (m0 + j) * p.a_row_stride, p.a_col_stride, L, rows.data() + j * L);
+            if (p.dropout.enabled())
+              mask_row(p.dropout, key, m0 + j, L, rows.data() + j * L);
+          }
+          float* out = static_cast<float*>(p.out) + m0 * p.out_row_stride;
+          switch (rows_here) {
+          case 4: lora_down_rows_group_avx2<4>(rows.data(), L, ft.data(), r, L, out, p.out_row_stride); break;
+          case 3: lora_down_rows_group_avx2<3>(rows.data(), L, ft.data(), r, L, out, p.out_row_stride); break;
+          case 2: lora_down_rows_group_avx2<2>(rows.data(), L, ft.data(), r, L, out, p.out_row_stride); break;
+          default: lora_down_rows_group_avx2<1>(rows.data(), L, ft.data(), r, L, out, p.out_row_stride); break;
+          }
+        }
+      }
+      return;
+    }
+  }
+#endif
 #pragma omp parallel if (parallel)
   {
     std::vector<Acc> row(static_cast<size_t>(L));
@@ -1080,19 +1136,6 @@ template <typename Acc> void lora_down_typed(const LoraDownParams& p) {
       load_row(p.a, p.a_dtype, m * p.a_row_stride, p.a_col_stride, L, row.data());
       if (p.dropout.enabled())
         mask_row(p.dropout, key, m, L, row.data());
-#ifdef LORA_OPS_X86
-      if constexpr (std::is_same_v<Acc, float>) {
-        if (g_use_avx2 && r % 8 == 0) { // the same tree, 16 ranks at a time in registers
-          float* out = static_cast<float*>(p.out) + m * p.out_row_stride;
-          int64_t q0 = 0;
-          for (; q0 + 16 <= r; q0 += 16)
-            lora_down_ft_avx2<2>(row.data(), ft.data(), r, L, q0, out);
-          if (q0 < r)
-            lora_down_ft_avx2<1>(row.data(), ft.data(), r, L, q0, out);
-          continue;
-        }
-      }
-#endif
       // A tree over L, like lora_outer's over M: kChunk terms, the chunks of a kBlock-term block,
       // then the blocks, so the error grows like kChunk + kBlock / kChunk + L / kBlock terms.
       std::fill(acc.begin(), acc.end(), Acc(0));
@@ -1226,6 +1269,143 @@ LORA_AVX2 void outer_chunk_transposed_avx2(const float* left, int64_t np, const 
 }
 #endif
 
+#ifdef LORA_OPS_X86
+// acc[j · lda + 8 v ..] += Σ_mm big[mm · ldb + j] · small[mm · lds + 8 v ..] over a chunk of mc rows, for
+// NG big-side columns x NV · 8 ranks: the chunk summed from zero by fused multiply-adds in row order,
+// then added -- per element the operations of outer_chunk_cols_avx2 / outer_chunk_transposed_avx2.
+template <int NG, int NV>
+LORA_AVX2 inline __attribute__((always_inline)) void outer_tile_avx2(const float* big, int64_t ldb, const float* small, int64_t lds, int64_t mc, float* acc,
+                               int64_t lda) {
+  __m256 part[NG][NV];
+  for (int j = 0; j < NG; ++j)
+    for (int v = 0; v < NV; ++v)
+      part[j][v] = _mm256_setzero_ps();
+  for (int64_t mm = 0; mm < mc; ++mm) {
+    __m256 sv[NV];
+    for (int v = 0; v < NV; ++v)
+      sv[v] = _mm256_loadu_ps(small + mm * lds + 8 * v);
+    for (int j = 0; j < NG; ++j) {
+      const __m256 g = _mm256_set1_ps(big[mm * ldb + j]);
+      for (int v = 0; v < NV; ++v)
+        part[j][v] = _mm256_fmadd_ps(g, sv[v], part[j][v]);
+    }
+  }
+  for (int j = 0; j < NG; ++j)
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(acc + j * lda + 8 * v, _mm256_add_ps(_mm256_loadu_ps(acc + j * lda + 8 * v), part[j][v]));
+}
+
+// One chunk: cols big-side columns x all r (% 8 == 0) ranks.
+LORA_AVX2 void outer_chunk_tiles_avx2(const float* big, int64_t ldb, int64_t cols, const float* small, int64_t lds, int64_t r,
+                            int64_t mc, float* acc) {
+  constexpr int kNG = 4;
+  int64_t j = 0;
+  for (; j + kNG <= cols; j += kNG) {
+    int64_t q0 = 0;
+    for (; q0 + 16 <= r; q0 += 16)
+      outer_tile_avx2<kNG, 2>(big + j, ldb, small + q0, lds, mc, acc + j * r + q0, r);
+    if (q0 < r)
+      outer_tile_avx2<kNG, 1>(big + j, ldb, small + q0, lds, mc, acc + j * r + q0, r);
+  }
+  for (; j < cols; ++j) {
+    int64_t q0 = 0;
+    for (; q0 + 16 <= r; q0 += 16)
+      outer_tile_avx2<1, 2>(big + j, ldb, small + q0, lds, mc, acc + j * r + q0, r);
+    if (q0 < r)
+      outer_tile_avx2<1, 1>(big + j, ldb, small + q0, lds, mc, acc + j * r + q0, r);
+  }
+}
+#endif
+
+// lora_outer when one side is a rank-wide fp32 matrix with contiguous rows (u in dA = uᵀ·drop(x), s in
+// dB = dyᵀ·s; r % 8 == 0) and the other is long (x or dy: K or N columns). The generic kernels go over
+// output rows and reload the chunk's rows per output row (~8 and ~6 ms for dA and dB of a 2048 x 4096,
+// r 16 layer on 2 Zen 4 cores). Here threads take column panels of the big side; per chunk of rows the
+// panel's part is converted (and masked) once into a buffer and swept by 4-column x 16-rank register
+// tiles, the panel's [cols, r] accumulators staying in cache. (Narrow strips down all M rows instead
+// touched a new page per row and spent as long converting as multiplying.) The reduction tree and, per
+// element, every operation are lora_outer_typed's: the same bits.
+struct OuterSides {
+  bool small_left = false; // the small side is left (dA form: out [r, big]); else right (dB: out [big, r])
+  int64_t r = 0, n_big = 0;
+};
+
+bool outer_by_panels(const LoraOuterParams& p, OuterSides* sides) {
+#ifdef LORA_OPS_X86
+  auto small_ok = [](int64_t n, DType t, int64_t col_stride) {
+    return n % 8 == 0 && n <= kMaxLoraRank && t == DType::kFloat32 && col_stride == 1;
+  };
+  if (!g_use_avx2 || p.out_dtype == DType::kFloat64)
+    return false;
+  if (small_ok(p.p, p.left_dtype, p.left_col_stride) && p.q > p.p) {
+    *sides = {true, p.p, p.q};
+    return true;
+  }
+  if (small_ok(p.q, p.right_dtype, p.right_col_stride) && p.p > p.q && !p.dropout.enabled()) {
+    *sides = {false, p.q, p.p};
+    return true;
+  }
+#endif
+  (void)p;
+  (void)sides;
+  return false;
+}
+
+void lora_outer_panels(const LoraOuterParams& p, const OuterSides& sd) {
+#ifdef LORA_OPS_X86
+  constexpr int64_t kChunk = 8, kBlockRows = 256; // the tree's levels: lora_outer_typed's
+  constexpr int64_t kMaxCols = 512, kAlign = 16;  // panel: 512 x r=16 fp32 accumulators = 32 KiB
+  const int64_t r = sd.r;
+  const void* big = sd.small_left ? p.right : p.left;
+  const DType big_dtype = sd.small_left ? p.right_dtype : p.left_dtype;
+  const int64_t big_rs = sd.small_left ? p.right_row_stride : p.left_row_stride;
+  const int64_t big_cs = sd.small_left ? p.right_col_stride : p.left_col_stride;
+  const float* small = static_cast<const float*>(sd.small_left ? p.left : p.right);
+  const int64_t small_rs = sd.small_left ? p.left_row_stride : p.right_row_stride;
+  const bool masked = sd.small_left && p.dropout.enabled(); // dropout applies to right: here the big side
+  const uint32_t key = dropout_key(p.dropout.seed);
+  const bool parallel = p.m * sd.n_big * r > (1 << 16);
+  // Panel width: at most kMaxCols, and narrow enough that every thread gets one.
+  const int64_t nt = parallel ? omp_get_max_threads() : 1;
+  const int64_t width =
+      std::clamp<int64_t>((sd.n_big + nt - 1) / nt + kAlign - 1, kAlign, kMaxCols) / kAlign * kAlign;
+  const int64_t panels = (sd.n_big + width - 1) / width;
+  const float scale = static_cast<float>(p.scale);
+#pragma omp parallel if (parallel)
+  {
+    std::vector<float> buf(static_cast<size_t>(kChunk * width));
+    std::vector<float> acc(static_cast<size_t>(width * r)), sum(acc.size());
+#pragma omp for schedule(static)
+    for (int64_t panel = 0; panel < panels; ++panel) {
+      const int64_t c0 = panel * width, cols = std::min(width, sd.n_big - c0);
+      PairwiseSum<float> total(acc.size());
+      for (int64_t b0 = 0; b0 < p.m; b0 += kBlockRows) {
+        const int64_t b1 = std::min(p.m, b0 + kBlockRows);
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t m0 = b0; m0 < b1; m0 += kChunk) {
+          const int64_t mc = std::min(kChunk, b1 - m0);
+          for (int64_t mm = 0; mm < mc; ++mm) {
+            load_row(big, big_dtype, (m0 + mm) * big_rs + c0 * big_cs, big_cs, cols, buf.data() + mm * width);
+            if (masked)
+              mask_row(p.dropout, key, m0 + mm, cols, buf.data() + mm * width, c0);
+          }
+          outer_chunk_tiles_avx2(buf.data(), width, cols, small + m0 * small_rs, small_rs, r, mc, acc.data());
+        }
+        total.add(acc); // acc comes back as scratch: cleared at the next block
+      }
+      total.total(sum.data());
+      for (int64_t j = 0; j < cols; ++j)
+        for (int64_t q = 0; q < r; ++q)
+          store_elem<float>(p.out, p.out_dtype, sd.small_left ? q * sd.n_big + c0 + j : (c0 + j) * r + q,
+                            scale * sum[j * r + q]);
+    }
+  }
+#else
+  (void)p;
+  (void)sd;
+#endif
+}
+
 template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // Threads own disjoint ranges of output rows, so no reduction across threads is needed; rows of
   // M are consumed kChunk at a time so each accumulator row is reused from L1. The reduction over M
@@ -1234,6 +1414,11 @@ template <typename Acc> void lora_outer_typed(const LoraOuterParams& p) {
   // of drifting like one sequential fp32 sum.
   constexpr int64_t kChunk = 8;
   constexpr int64_t kBlockRows = 256; // a multiple of kChunk
+  if constexpr (std::is_same_v<Acc, float>) {
+    OuterSides sides;
+    if (outer_by_panels(p, &sides))
+      return lora_outer_panels(p, sides);
+  }
   const int64_t P = p.p, Q = p.q;
   const uint32_t key = dropout_key(p.dropout.seed);
   const bool parallel = p.m * P * Q > (1 << 16);
