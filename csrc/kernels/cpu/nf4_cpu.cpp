@@ -253,11 +253,25 @@ int64_t nf4_quantize(const Nf4QuantizeParams& p) {
   }
 }
 
+void nf4_prefetch_run(const Nf4Weight& w, int64_t e0, int64_t e1) {
+  constexpr int64_t kLine = 64;
+  const uint8_t* first = w.packed + e0 / 2;
+  for (const uint8_t* a = first; a < w.packed + (e1 + 1) / 2; a += kLine)
+    __builtin_prefetch(a);
+  const int64_t b = e0 / w.blocksize; // the run's first scale (a few blocks share a line)
+  if (w.nested())
+    __builtin_prefetch(w.qabsmax + b);
+  else
+    __builtin_prefetch(w.absmax + b);
+}
+
 void nf4_decode_window_16bit(const Nf4Weight& w, DType t, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
                              int64_t c1, uint16_t* dst, int64_t ld) {
 #pragma omp parallel for schedule(static)
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t e0 = r * row_len + c0;
+    if (r + kWindowPrefetchRows < r1)
+      nf4_prefetch_run(w, e0 + kWindowPrefetchRows * row_len, e0 + kWindowPrefetchRows * row_len + (c1 - c0));
     if (t == DType::kBFloat16)
       decode_run<DType::kBFloat16>(w, e0, e0 + (c1 - c0), dst + (r - r0) * ld);
     else

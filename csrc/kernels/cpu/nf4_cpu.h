@@ -17,6 +17,12 @@ void nf4_double_quantize(const Nf4DoubleQuantParams& p);
 // Writes the dense weight, bit-identical to the spec's decode rule.
 void nf4_dequantize(const Nf4DequantizeParams& p);
 
+// Asks for the packed codes and the first scale of elements [e0, e1) ahead of their decode. A window's
+// rows are short runs row_len apart (the dx slab: ~120 bytes of codes per row), which the hardware
+// prefetchers do not follow: without it the decode waited on DRAM for every row.
+void nf4_prefetch_run(const Nf4Weight& w, int64_t e0, int64_t e1);
+constexpr int64_t kWindowPrefetchRows = 8; // how many rows ahead the window decoders ask for
+
 // The window W[r0:r1, c0:c1] of W viewed [rows, row_len] as 16-bit values of t (bf16 / fp16, the
 // nf4_dequantize bits) into dst with row pitch ld (elements). Requires row_len and c0 even (every row
 // then starts on a whole byte). Parallel over rows. Feeds the slab path's bf16 GEMM.

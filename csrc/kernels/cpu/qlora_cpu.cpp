@@ -1542,8 +1542,11 @@ void nf4_decode_range(const Nf4Weight& w, DType value_dtype, int64_t e0, int64_t
 void nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
                        int64_t c1, float* dst, int64_t ld) {
 #pragma omp parallel for schedule(static)
-  for (int64_t r = r0; r < r1; ++r)
+  for (int64_t r = r0; r < r1; ++r) {
+    if (r + kWindowPrefetchRows < r1)
+      nf4_prefetch_run(w, (r + kWindowPrefetchRows) * row_len + c0, (r + kWindowPrefetchRows) * row_len + c1);
     nf4_decode_range(w, value_dtype, r * row_len + c0, r * row_len + c1, dst + (r - r0) * ld);
+  }
 }
 
 void qlora_finish_tile(const QloraMatmulParams& p, int64_t m0, int64_t mb, int64_t o0, int64_t ow, float* acc,
