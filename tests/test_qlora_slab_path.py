@@ -32,12 +32,16 @@ CASES = [
     ((23,), 101, 200, 16, fp32, fp32, 64, False, 0.0, True),  # fp32 activations, plain absmax
     ((2, 9), 67, 131, 7, fp16, fp32, 128, True, 0.3, True),  # fp16, odd rank, dropout + bias
     ((41,), 257, 96, 64, bf16, fp32, 64, True, 0.0, True),  # N one past a slab multiple
+    ((37,), 192, 256, 16, bf16, fp32, 64, True, 0.0, False),  # rows of whole blocks (BLOCK_SLAB_ENV)
 ]
 
 # Tiny budgets: slabs of 16 columns (the minimum width), M chunks of a few rows.
 SLAB_ENV = {"LORA_OPS_SLAB_MIN_M": "1", "LORA_OPS_SLAB_BYTES": "1", "LORA_OPS_SLAB_ROWS_BYTES": "4096",
             "LORA_OPS_SLAB_BF16_GEMM": "0"}
 SLAB_BF16_ENV = dict(SLAB_ENV, LORA_OPS_SLAB_BF16_GEMM="1")
+# A budget that holds a few 64-element blocks per slab: widths become multiples of the blocksize (the
+# last case: 64-column slabs, dx windows cutting its 256-long rows between blocks).
+BLOCK_SLAB_ENV = dict(SLAB_BF16_ENV, LORA_OPS_SLAB_BYTES="60000")
 
 
 def check_case(case, seed: int) -> torch.Tensor:
@@ -108,3 +112,8 @@ def test_slab_path_bf16_gemm_matches_reference(tmp_path):
                 assert not torch.equal(y16[i], y32[i])
         else:  # the fp32 GEMM either way: same code, same bits
             assert torch.equal(y16[i], y32[i]), case
+
+
+def test_slab_path_with_blocksize_slabs_matches_reference(tmp_path):
+    seed = int(torch.randint(0, 2**30, (1,)).item())
+    run_script_in_fresh_process(_SCRIPT, [str(tmp_path / "slab_blocks.pt"), str(seed)], BLOCK_SLAB_ENV, timeout=300)

@@ -20,8 +20,9 @@
 // once; the fp32 LoRA operands and bias ride as hi + lo bf16 pairs (relative error ~2^-16 of the LoRA
 // term, instead of 2^-24). With dropout in dx the fp32 kind runs (its epilogue needs fp32 sums).
 //
-// Memory: the fp32 activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes
-// W once more), the W slab by slab_bytes, the fp32 output slab by rows x slab width. Never a dense W.
+// Memory: the activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes W once
+// more), the W slab by slab_bytes (in the GEMM's dtype; the bf16 GEMM with an odd K decodes through one
+// more fp32 window of twice that), the output slab by rows x slab width. Never a dense W.
 #include "bindings/qlora_slab.h"
 
 #include <ATen/ATen.h>
@@ -89,8 +90,12 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
     bias_lo = bias.sub(bias_hi.to(at::kFloat)).to(at::kBFloat16);
   }
 
-  // Slab width: output columns whose fp32 W slab ([kk, width], the decode's output) fits slab_bytes.
-  int64_t width = std::max<int64_t>(slab_bytes / (4 * kk), kSlabAlign) / kSlabAlign * kSlabAlign;
+  // Slab width: output columns whose W slab ([kk, width] in the GEMM's dtype) fits slab_bytes; a multiple
+  // of the quantization blocksize where the slab holds a block: dx windows then cut W's rows between
+  // blocks (a block cut by a window edge decodes in part, through the scalar tail).
+  const int64_t fit = std::max<int64_t>(slab_bytes / (gsize * kk), kSlabAlign);
+  const int64_t align = p.weight.blocksize <= fit ? std::max<int64_t>(p.weight.blocksize, kSlabAlign) : kSlabAlign;
+  int64_t width = fit / align * align;
   width = std::min(width, n_out);
   const int64_t mc_max = std::min(M, std::max<int64_t>(rows_bytes / (gsize * kk), 1));
 

@@ -28,7 +28,7 @@ struct SlabKernels {
 };
 
 // out = a · op(W) + scale · LoRA term + bias (QloraMatmulParams), W dequantized in slabs of at most
-// slab_bytes (fp32) into one reused scratch, activations copied (widened to fp32, or kept bf16 for the bf16
+// slab_bytes (in the GEMM's dtype) into one reused scratch, activations copied (widened to fp32, or kept bf16 for the bf16
 // GEMM) in chunks of at most rows_bytes. a_dtype fp16 / bf16 / fp32. bf16_gemm: bf16 activations take
 // ATen's bf16 GEMM (qlora_slab.cpp says when and how exactly).
 void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes,

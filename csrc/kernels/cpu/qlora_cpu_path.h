@@ -33,7 +33,7 @@ struct CpuCrossover {
   int64_t slab_min_m_dx_fp16;  // fp16 activations, dx
   int64_t slab_min_m_fwd_fp32; // fp32 activations, forward
   int64_t slab_min_m_dx_fp32;  // fp32 activations, dx
-  int64_t slab_bytes;          // fp32 W slab scratch of the slab path (one slab, reused)
+  int64_t slab_bytes;          // W slab scratch of the slab path, in the GEMM's dtype (one slab, reused)
   int64_t slab_rows_bytes;     // activation copy of the slab path (M is chunked beyond it)
   bool slab_bf16_gemm;         // bf16 activations take ATen's bf16 GEMM in the slab path (else its fp32 one)
 };
@@ -48,9 +48,11 @@ constexpr int64_t kSlabNever = INT64_MAX;
 // path's 4-row dot reuses each x load). The slab path (ATen's MKL sgemm; torch's bf16 GEMM is ~6x slower
 // there) never beat the 6x16 AVX2 kernel consistently: 0.71-0.99x of its speed for M = 32..512 and 8192,
 // 0.99-1.05x at M = 2048 (bench/results/cpu_crossover*/), so it is off on this CPU kind.
-// Slab scratch: 4 MiB of fp32 W (256 output columns of a 4096-long reduction), 64 MiB of rows.
+// Slab scratch: 4.25 MiB of W (fp32: 256 output columns of a 4096-long reduction plus the LoRA columns),
+// 64 MiB of rows.
+constexpr int64_t kCpuSlabBytes = (17 << 20) / 4;
 constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,         kSlabNever, kSlabNever,
-                                         kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20,    64 << 20,
+                                         kSlabNever, kSlabNever, kSlabNever, kSlabNever, kCpuSlabBytes, 64 << 20,
                                          false};
 
 // AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
@@ -58,9 +60,11 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
 // dtype. The slab path with oneDNN's bf16 GEMM beats the 6x16 AVX2 kernel for bf16 from M = 32 forward
 // (1.24x; 1.97x at M = 2048) and M = 256 dx (1.15x, 0.57-0.92x below; 2.02x at M = 2048); with the fp32
 // GEMM (fp32 and fp16 activations) it loses at every measured M (0.45-1.00x): off
-// (bench/results/cpu_crossover_avx512/).
+// (bench/results/cpu_crossover_avx512/). Slab scratch as above: with the bf16 GEMM 512 output columns of
+// a 4096-long reduction (at 2048 x 4096, r 16, slabs of 256, 448 and 512 columns took 1.03-1.18x a plain
+// GEMM's time with no consistent order between them in interleaved runs; 512 makes the fewest calls).
 constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,      32,       256,
-                                           kSlabNever, kSlabNever, kSlabNever, kSlabNever, 4 << 20, 64 << 20,
+                                           kSlabNever, kSlabNever, kSlabNever, kSlabNever, kCpuSlabBytes, 64 << 20,
                                            true};
 
 // Overrides for tests and benchmarks (applied by the binding layer): LORA_OPS_GEMV_MAX_M,
