@@ -29,6 +29,7 @@
 
 #include <algorithm>
 
+#include "bindings/cpu_huge_pages.h"
 #include "bindings/tensor_checks.h"
 
 namespace lora_ops {
@@ -100,7 +101,9 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   const int64_t mc_max = std::min(M, std::max<int64_t>(rows_bytes / (gsize * kk), 1));
 
   const auto opts = at::TensorOptions().dtype(gt).device(k.device);
-  const at::Tensor a_buf = at::empty({mc_max * kk}, opts);
+  // The activation copy can be tens of MiB (59 MiB at M 2048, K 14336): on CPU on huge pages, whose first
+  // touch faults 2 MiB at a time instead of 4 KiB.
+  const at::Tensor a_buf = k.device.is_cpu() ? empty_cpu_output({mc_max * kk}, opts) : at::empty({mc_max * kk}, opts);
   const at::Tensor w_buf = at::empty({kk * width}, opts);
   const at::Tensor y_buf = at::empty({mc_max * width}, opts);
   // bf16 GEMM: the window is decoded straight to bf16 where the device can (rows start on whole bytes),
