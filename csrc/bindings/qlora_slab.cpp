@@ -54,6 +54,8 @@ at::Tensor matrix(const at::Tensor& flat, int64_t rows, int64_t cols) {
 void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes,
                        bool bf16_gemm) {
   const int64_t M = p.m, N = p.n, K = p.k;
+  if (M == 0)
+    return;
   const bool tw = p.transpose_w;
   const int64_t n_in = tw ? N : K, n_out = tw ? K : N;
   const bool fold = p.rank > 0 && !p.dropout.enabled(); // masked LoRA term: added by the epilogue instead
@@ -98,7 +100,11 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   const int64_t align = p.weight.blocksize <= fit ? std::max<int64_t>(p.weight.blocksize, kSlabAlign) : kSlabAlign;
   int64_t width = fit / align * align;
   width = std::min(width, n_out);
-  const int64_t mc_max = std::min(M, std::max<int64_t>(rows_bytes / (gsize * kk), 1));
+  // Row chunks of at most rows_bytes, all about the same size (M = 8192 in chunks of 8097 + 95 rows would
+  // decode W a second time for 95 rows).
+  const int64_t rows_fit = std::min(M, std::max<int64_t>(rows_bytes / (gsize * kk), 1));
+  const int64_t n_chunks = (M + rows_fit - 1) / rows_fit;
+  const int64_t mc_max = (M + n_chunks - 1) / n_chunks;
 
   const auto opts = at::TensorOptions().dtype(gt).device(k.device);
   // The activation copy can be tens of MiB (59 MiB at M 2048, K 14336): on CPU on huge pages, whose first
