@@ -4,7 +4,7 @@
 //   g++ -O3 -ffp-contract=off -std=c++17 -Icsrc/kernels bench/cpu_kernels/rowdot_kernel.cpp \
 //       csrc/kernels/cpu/nf4_rowdot.cpp csrc/kernels/cpu/nf4_rowdot_avx512.cpp csrc/kernels/cpu/nf4_cpu.cpp \
 //       csrc/kernels/cpu/nf4_dequant_avx512.cpp csrc/kernels/cpu/gemm_ukernel_avx512.cpp csrc/kernels/cpu/qlora_cpu.cpp \
-//       -fopenmp -o /tmp/rowdot_kernel
+//       csrc/kernels/cpu/row_convert.cpp -fopenmp -o /tmp/rowdot_kernel
 //   NESTED=1 /tmp/rowdot_kernel M DTYPE      (DTYPE 0 bf16, 1 fp16, 2 fp32; prints the best of 20)
 // The kernel of the CPU's highest SIMD level runs; NO_AVX512=1 caps it at AVX2.
 #include <chrono>

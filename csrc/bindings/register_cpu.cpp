@@ -9,6 +9,7 @@
 #include "bindings/register_ops.h"
 #include "cpu/adamw_cpu.h"
 #include "cpu/nf4_cpu.h"
+#include "cpu/lora_factors_cpu.h"
 #include "cpu/qlora_cpu.h"
 #include "cpu/qlora_cpu_path.h"
 

@@ -198,7 +198,8 @@ def build_qlora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, .
     jobs += [(EMU / "emu_qlora_fiber_check.cpp", []), (KERNELS / "cpu" / "qlora_cpu.cpp", []), (KERNELS / "cpu" / "nf4_rowdot.cpp", []),
              (KERNELS / "cpu" / "nf4_rowdot_avx512.cpp", []),
              (KERNELS / "cpu" / "nf4_cpu.cpp", []), (KERNELS / "cpu" / "nf4_dequant_avx512.cpp", []),
-             (KERNELS / "cpu" / "gemm_ukernel_avx512.cpp", [])]
+             (KERNELS / "cpu" / "gemm_ukernel_avx512.cpp", []), (KERNELS / "cpu" / "row_convert.cpp", []),
+             (KERNELS / "cpu" / "lora_factors_cpu.cpp", [])]
     return _build(out_dir, "emu_qlora_fiber_check", jobs, cxx, extra_flags)
 
 

@@ -16,6 +16,7 @@
 
 #include "cpu/float_convert.h"
 #include "cpu/nf4_cpu.h"
+#include "cpu/lora_factors_cpu.h"
 #include "cpu/qlora_cpu.h"
 #include "cuda/qlora_cuda.h"
 #include "emu_nested_state.h"

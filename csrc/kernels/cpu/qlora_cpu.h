@@ -14,12 +14,6 @@ namespace lora_ops::cpu {
 // micro-kernels when selected; fp64 a (kFloat64 only): reference-grade, for gradcheck on small shapes.
 void qlora_matmul(const QloraMatmulParams& p, CpuMatmulPath path);
 
-// s = drop(a) · fᵀ  ([M, r], fp32 or fp64 out); see LoraDownParams.
-void lora_down(const LoraDownParams& p);
-
-// g = scale · leftᵀ · drop(right)  ([p, q]); see LoraOuterParams.
-void lora_outer(const LoraOuterParams& p);
-
 // The dropout keep-mask as 0/1 bytes; see DropoutMaskParams.
 void dropout_mask(const DropoutMaskParams& p);
 
