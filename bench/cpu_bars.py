@@ -1,0 +1,143 @@
+"""The CPU "done when" bars of issues 11 and 16 on this machine, in one command:
+
+    python bench/cpu_bars.py --out bench/results/cpu_bars_<cpu>
+
+runs the four benchmarks the bars name, each with its own result folder under --out, and writes
+<out>/cpu_bars.json and cpu_bars.md: per bar the measured value, the bar and whether it was met, with
+the CPU (lscpu model name, SIMD flags), the kernels lora_ops chose and bitsandbytes' CPU path.
+
+    issue 16  dequantize (4096², 4096×14336; bf16; double quant off / on) >= 1.5x bitsandbytes   bench_nf4.py
+    issue 16  forward M = 1, 4096², r 16, bf16: >= 1.2x dense bf16 + LoRA and >= 1.0x
+              bitsandbytes' fastest CPU path + LoRA (its packed path where it has one)             bench_qlora.py
+    issue 16  demo tokens/s >= 1.1x bnb + PEFT (the three runs in lock-step)                      python -m lora_ops demo
+    issue 11  training layer 4096², r 16, bf16, M = 2048, fwd+bwd: >= 1.25x bnb + PEFT,
+              ours / dense + PEFT <= 1.3, peak RSS below bnb + PEFT's                               bench_qlora_train.py
+
+The bars are issue 11's and 16's wording; both issues ask for them on an AVX2 EPYC and on an AVX-512
+BF16 Xeon. Times are ratios within one run of each benchmark (methods round-robin or in lock-step), so
+a shared machine's load hits both sides alike. The run takes ~3 minutes on a 2-core Zen 4 EPYC; without
+AVX512_BF16, torch's bf16 GEMM (which bnb + PEFT and dense run at M = 2048) took ~10 minutes per call on
+a 2-core Zen 1 EPYC, so the training benchmark then runs one round (--train-rounds) and takes ~1 hour.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Runs one benchmark with the source tree importable; its output goes to log (and stops us on failure)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    print("$ " + " ".join(cmd), flush=True)
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    log.write_text(res.stdout + res.stderr)
+    if res.returncode != 0:
+        raise SystemExit(f"failed ({res.returncode}); output in {log}")
+
+
+def machine() -> dict:
+    info = {"model": "unknown", "flags": []}
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in lscpu.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                info["model"] = value.strip()
+            elif key.strip() == "Flags":
+                wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+                info["flags"] = [f for f in value.split() if f in wanted]
+    except OSError:
+        pass
+    info["cores"] = os.cpu_count()
+    return info
+
+
+def bar(name: str, value: float | None, goal: float, higher_is_better: bool = True) -> dict:
+    met = value is not None and (value >= goal if higher_is_better else value <= goal)
+    return {"bar": name, "value": value, "goal": goal, "higher_is_better": higher_is_better, "met": met}
+
+
+def dequant_bars(folder: Path) -> list[dict]:
+    rows = json.loads((folder / "bench_nf4.json").read_text())["rows"]
+    speedups = [r.get("dequant_speedup_vs_bnb") for r in rows]
+    worst = min((s for s in speedups if s is not None), default=None)
+    return [bar("16: dequantize vs bitsandbytes (worst of the shapes)", worst, 1.5)]
+
+
+def forward_bars(folder: Path) -> tuple[list[dict], dict]:
+    data = json.loads((folder / "bench_qlora.json").read_text())
+    row = next(r for r in data["rows"] if r["M"] == 1)
+    bnb = [row[k] for k in ("bnb_peft_fwd_ms", "bnb_packed_fwd_ms") if row.get(k) is not None]
+    vs_bnb = min(bnb) / row["ours_fwd_ms"] if bnb else None
+    bars = [bar("16: forward M=1 vs dense bf16 + LoRA", row.get("speedup_fwd_vs_dense"), 1.2),
+            bar("16: forward M=1 vs bitsandbytes' fastest CPU path + LoRA", vs_bnb, 1.0)]
+    return bars, data.get("environment", {})
+
+
+def demo_bars(folder: Path) -> list[dict]:
+    runs = {r["variant"]: r for r in json.loads((folder / "demo.json").read_text())["runs"]}
+    ratio = None
+    if "lora_ops" in runs and "peft" in runs:
+        ratio = runs["lora_ops"]["tokens_per_s"] / runs["peft"]["tokens_per_s"]
+    return [bar("16: demo tokens/s vs bnb + PEFT", ratio, 1.1)]
+
+
+def train_bars(folder: Path) -> list[dict]:
+    row = json.loads((folder / "bench_qlora_train.json").read_text())["rows"][0]
+    peak_ratio = row["ours_peak_MiB"] / row["bnb_peft_peak_MiB"]
+    return [bar("11: fwd+bwd M=2048 vs bnb + PEFT", row["speedup_vs_bnb_peft"], 1.25),
+            bar("11: fwd+bwd M=2048, ours / dense + PEFT (time)", row["ours_fwdbwd_ms"] / row["dense_fwdbwd_ms"], 1.3,
+                higher_is_better=False),
+            bar("11: peak RSS, ours / bnb + PEFT", peak_ratio, 1.0, higher_is_better=False)]
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# CPU bars of issues 11 and 16 (bench/cpu_bars.py)", "",
+             f"CPU: {m['model']}, {m['cores']} logical cores, flags {' '.join(m['flags']) or 'none of avx2/avx512'}; "
+             f"lora_ops kernels: {result['environment'].get('lora_ops_cpu_isa', '?')}; "
+             f"bitsandbytes packed CPU path: {result['environment'].get('bnb_packed', '?')}.", "",
+             "| bar | measured | goal | met |", "|---|---|---|---|"]
+    for b in result["bars"]:
+        value = "n/a" if b["value"] is None else f"{b['value']:.3f}"
+        goal = ("≥ " if b["higher_is_better"] else "≤ ") + f"{b['goal']}"
+        lines.append(f"| {b['bar']} | {value} | {goal} | {'yes' if b['met'] else 'no'} |")
+    lines += ["", "Each benchmark's own tables are in the subfolders (nf4/, forward/, demo/, train/)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--train-rounds", type=int, default=None,
+                    help="round-robin rounds of the training benchmark (default 8; 1 without AVX512_BF16)")
+    args = ap.parse_args(argv)
+    info = machine()
+    train_rounds = args.train_rounds or (8 if "avx512_bf16" in info["flags"] else 1)
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    py = sys.executable
+    run([py, "bench/bench_nf4.py", "--out", str(out / "nf4")], out / "nf4.log")
+    run([py, "bench/bench_qlora.py", "--shapes", "4096x4096", "--ms", "1,16", "--ranks", "16", "--no-backward",
+         "--dtype", "bfloat16", "--out", str(out / "forward")], out / "forward.log")
+    run([py, "-m", "lora_ops", "demo", "--no-progress", "--out", str(out / "demo")], out / "demo.log")
+    run([py, "bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds), "--out", str(out / "train")],
+        out / "train.log")
+    fwd_bars, fwd_env = forward_bars(out / "forward")
+    bars = dequant_bars(out / "nf4") + fwd_bars + demo_bars(out / "demo") + train_bars(out / "train")
+    env = {"lora_ops_cpu_isa": fwd_env.get("lora_ops_cpu_kernels"), "bnb_packed": fwd_env.get("bnb_cpu_packed_path")}
+    result = {"machine": info, "environment": env, "bars": bars}
+    (out / "cpu_bars.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "cpu_bars.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
