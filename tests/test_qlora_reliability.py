@@ -30,9 +30,10 @@ def test_float64_uses_a_float64_scale(rng):
         assert err <= 1e-12 * max(1.0, ref.abs().max().item()), f"{name}: {err}"
 
 
-def test_dropout_propagates_nan_like_torch(rng):
+@pytest.mark.parametrize("r", [4, 8])  # r = 8: lora_outer's panel kernel (ranks in whole vectors)
+def test_dropout_propagates_nan_like_torch(rng, r):
     # torch's dropout is x * mask / (1 - p): a NaN at a dropped position still reaches s, y, dA.
-    wq, x, A, B, _ = make_problem((6,), 16, 64, 4, torch.float32, "cpu", bias=False, generator=rng)
+    wq, x, A, B, _ = make_problem((6,), 16, 64, r, torch.float32, "cpu", bias=False, generator=rng)
     p, r = 0.5, make_rng(7)
     keep = lora_ops.lora_dropout_mask(6, 64, p, r)
     i, j = (~keep).nonzero()[0].tolist()
