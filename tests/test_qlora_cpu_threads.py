@@ -30,3 +30,20 @@ def test_forward_and_backward_do_not_depend_on_threads(m_shape, n, k, dropout_p,
         torch.set_num_threads(threads)
     for one, many, what in zip(*results, ("y", "dx", "dA", "dB")):
         assert torch.equal(one, many), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gemm_rows_do_not_depend_on_row_blocking(dtype, rng):
+    # The kGemm path converts x in M-blocks (256..1024 rows); every output element is computed the same
+    # way whichever block and row part its row falls in: one call over 1100 rows equals four calls over
+    # slices of it (with the LoRA term folded into the reduction, forward and dx).
+    wq, x, A, B, _ = make_problem((1100,), 96, 300, 8, dtype, "cpu", bias=False, generator=rng)
+    s = torch.randn(1100, 8, generator=rng)
+    dy = torch.randn(1100, 96, generator=rng).to(dtype)
+    cuts = [0, 300, 557, 1024, 1100]
+    for a, w, transpose in ((x, B, False), (dy, A.t(), True)):
+        whole = qlora_ops.qlora_matmul(a, wq, transpose, s, w, 0.5)
+        parts = torch.cat([qlora_ops.qlora_matmul(a[i:j], wq, transpose, s[i:j], w, 0.5)
+                           for i, j in zip(cuts, cuts[1:])])
+        assert not torch.isnan(whole).any()
+        assert torch.equal(whole, parts), "dx" if transpose else "forward"

@@ -6,14 +6,14 @@
 //     8 codes per step via variable shifts + two vpermps table lookups) and dot them with each x row.
 //   small M (dx, axpy): threads own column ranges of W, decode each W row segment once
 //     and axpy it into every row's fp32 accumulator.
-//   otherwise: cache-blocked GEMM. Per M-block (kMB rows of x converted to fp32 once), threads take
+//   otherwise: cache-blocked GEMM. Per M-block (256..1024 rows of x converted to fp32 once), threads take
 //     64-wide output panels (split into row parts too when there are few panels); for each reduction
 //     block of kKB, the panel of W is dequantized into a thread-local scratch laid out as 4 micro-panels
 //     [kKB][16] (64 KiB, L2-resident), and a register tile sweeps the M-block over it: 6x16 with AVX2
 //     (12 ymm accumulators, FMA), 12x16 with AVX-512 (gemm_ukernel_avx512.cpp; the same bits).
 //
 //        x32 (M-block, fp32)         W panel scratch (per thread)        C tile (per thread)
-//        [kMB x n_in]        x       [kKB x 64] = 4 x [kKB x 16]   ->    [kMB x 64] fp32
+//        [rows x n_in]       x       [kKB x 64] = 4 x [kKB x 16]   ->    [rows x 64] fp32
 //              ^ 6 / 12 rows at a time       ^ 16 columns at a time
 //
 //   Without dropout the LoRA term rides as r more reduction terms through the same tile (x rows get s,
@@ -58,7 +58,11 @@ constexpr int kMR = 6;       // micro-kernel rows (x rows per register tile)
 constexpr int kNR = 16;      // micro-kernel columns (two ymm vectors)
 constexpr int kPanel = 64;   // output columns per thread task (4 micro-panels)
 constexpr int64_t kKB = 256; // reduction block: 4 x [256 x 16] fp32 = 64 KiB scratch
-constexpr int64_t kMB = 256; // rows of x converted to fp32 at a time (bounds every buffer)
+// Rows of x converted to fp32 at a time (an M-block; bounds every buffer): as many as fit kX32Bytes,
+// within [kMBMin, kMBMax]. Each M-block decodes all of W once more: with 256-row blocks that decode was
+// ~9 % of a 2048 x 4096 x 4096 fp32 forward on Zen 4 (perf); 768 or 1024 rows took 7 % less time.
+constexpr int64_t kMBMin = 256, kMBMax = 1024;
+constexpr int64_t kX32Bytes = int64_t{12} << 20;
 
 CpuIsa isa_of_this_cpu() {
 #ifdef LORA_OPS_X86
@@ -722,7 +726,6 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const int64_t n_in = p.transpose_w ? p.n : p.k;
   const int64_t n_out = p.transpose_w ? p.k : p.n;
   const int64_t n_panels = (n_out + kPanel - 1) / kPanel;
-  const int64_t mb_max = std::min(kMB, p.m);
   // Row pitch padded off multiples of 4 KiB so the 6 rows a micro-kernel reads do not alias in L1.
   // Without dropout the LoRA term joins the reduction as r more terms (LoRA folded into K): x rows get
   // s [m, :] after their n_in values, the panel r more rows scale·lw[o, :], and the micro-kernel does
@@ -731,13 +734,15 @@ void matmul_gemm(const QloraMatmulParams& p) {
   const bool fold = p.rank > 0 && !p.dropout.enabled();
   const int64_t n_fold = fold ? p.rank : 0;
   const int64_t ldx = ((n_in + n_fold + 15) / 16) * 16 + 16;
+  const int64_t block_rows = std::clamp<int64_t>(kX32Bytes / (4 * ldx), kMBMin, kMBMax);
+  const int64_t mb_max = std::min(block_rows, p.m);
   std::vector<float> x32(static_cast<size_t>(mb_max * ldx));
   const Epilogue ep(p);
   const bool parallel = worth_threads(p);
   const int64_t n_threads = parallel ? omp_get_max_threads() : 1;
   const int64_t mr_max = tile_rows();
-  for (int64_t m0 = 0; m0 < p.m; m0 += kMB) {
-    const int64_t mb = std::min(kMB, p.m - m0);
+  for (int64_t m0 = 0; m0 < p.m; m0 += block_rows) {
+    const int64_t mb = std::min(block_rows, p.m - m0);
 #pragma omp parallel for schedule(static) if (parallel)
     for (int64_t m = 0; m < mb; ++m) {
       load_row(p.a, p.a_dtype, (m0 + m) * p.a_row_stride, p.a_col_stride, n_in, x32.data() + m * ldx);
