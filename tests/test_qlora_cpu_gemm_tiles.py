@@ -1,7 +1,7 @@
 """The CPU GEMM path (kGemm: decoded W panels through a register tile; csrc/kernels/cpu/qlora_cpu.cpp) has
 a 6x16 AVX2 tile and a 12x16 AVX-512 one (gemm_ukernel_avx512.cpp) that do, per output element, the same
 fused multiply-adds in the same order: forward and dx must be bit-identical between a process capped at
-AVX2 (LORA_OPS_NO_AVX512=1, read at load) and this one. Without AVX-512 both runs are AVX2 (the test
+AVX2 (LORA_OPS_NO_AVX512=1, read at load) and one that is not. Without AVX-512 both runs are AVX2 (the test
 then only checks that the cap changes nothing); their accuracy is checked in test_qlora_ops.py."""
 
 import torch
@@ -34,12 +34,13 @@ def outputs(seed: int) -> list[torch.Tensor]:
 
 def test_avx2_and_avx512_tiles_write_the_same_bits(tmp_path):
     seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
-    path = str(tmp_path / "avx2.pt")
-    # LORA_OPS_SLAB_MIN_M: these M are below every slab threshold anyway; pin them to the tile path.
-    run_script_in_fresh_process(_SCRIPT, [path, str(seed)],
-                                {"LORA_OPS_NO_AVX512": "1", "LORA_OPS_SLAB_MIN_M": str(2**62)}, timeout=120)
-    avx2 = torch.load(path)
-    here = outputs(seed)
+    # Both sides in fresh processes with LORA_OPS_SLAB_MIN_M pinning every M to the tile path (the
+    # AVX-512 table sends bf16 from M = 17 to the slab path), one of them capped at AVX2.
+    pin = {"LORA_OPS_SLAB_MIN_M": str(2**62)}
+    paths = [str(tmp_path / "avx2.pt"), str(tmp_path / "here.pt")]
+    for path, env in zip(paths, (dict(pin, LORA_OPS_NO_AVX512="1"), pin)):
+        run_script_in_fresh_process(_SCRIPT, [path, str(seed)], env, timeout=120)
+    avx2, here = (torch.load(p) for p in paths)
     assert len(avx2) == len(here) == 2 * len(CASES)
     for i, (a, b) in enumerate(zip(avx2, here)):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -57,13 +57,14 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
 
 // AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
 // model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
-// dtype. The slab path with oneDNN's bf16 GEMM beats the 6x16 AVX2 kernel for bf16 from M = 32 forward
-// (1.24x; 1.97x at M = 2048) and M = 256 dx (1.15x, 0.57-0.92x below; 2.02x at M = 2048); with the fp32
-// GEMM (fp32 and fp16 activations) it loses at every measured M (0.45-1.00x): off
-// (bench/results/cpu_crossover_avx512/). Slab scratch as above: with the bf16 GEMM 512 output columns of
+// dtype. The slab path with oneDNN's bf16 GEMM beats the kGemm tile for bf16 at every measured M from 17,
+// forward (1.28-2.59x; 1.83x at M = 2048) and dx (1.19-1.41x up to M = 128, 1.95x at 2048;
+// bench/results/cpu_crossover_avx512_bf16/; before the window decode's prefetch dx lost below M = 256:
+// 0.57-0.92x); with the fp32 GEMM (fp32 and fp16 activations) it loses at every measured M (0.45-1.00x):
+// off (bench/results/cpu_crossover_avx512/). Slab scratch as above: with the bf16 GEMM 512 output columns of
 // a 4096-long reduction (at 2048 x 4096, r 16, slabs of 256, 448 and 512 columns took 1.03-1.18x a plain
 // GEMM's time with no consistent order between them in interleaved runs; 512 makes the fewest calls).
-constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,      32,       256,
+constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,      17,       17,
                                            kSlabNever, kSlabNever, kSlabNever, kSlabNever, kCpuSlabBytes, 64 << 20,
                                            true};
 
