@@ -48,13 +48,15 @@ def test_double_quant_state(device, rng, dtype, shape):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_double_quant_codes_differ_rarely(device, rng, dtype):
     # Spec section 7: bnb's CPU 8-bit quantizer snaps to a grid before its search, so ~0.2% of its
-    # codes differ from the exact nearest search. Measured here: 0.07-0.34% per 20 runs of 16k-4M
-    # blocks. Over 16384 blocks a 0.5% bound is > 10 sigma above that (binomial), so it cannot flake,
-    # yet a systematic encoding difference (every few blocks) fails it.
+    # codes differ from the exact nearest search. The rate is not binomial per block: it moves with the
+    # draw (the offset and the nested scales set where the grid falls), most with bf16 inputs. Measured
+    # on 16384 blocks, 300 draws per dtype (Zen 4 EPYC): 99th percentile 0.24% (fp32), 0.35% (fp16),
+    # 0.45% (bf16), and one CI run drew 0.96% (bf16), over the 0.5% bound this test had. A 3% bound
+    # leaves room for that tail, yet a systematic encoding difference (one block in a few) fails it.
     w = randn(1024, 1024, generator=rng, dtype=dtype, device=device, scale=0.03)
     _, bs = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     q = lora_ops.quantize_nf4(w, 64, double_quant=True)
-    _assert_nearest_and_rarely_different(w, bs.absmax, q, max_fraction=0.005)
+    _assert_nearest_and_rarely_different(w, bs.absmax, q, max_fraction=0.03)
 
 
 def _assert_nearest_and_rarely_different(w, bnb_codes, q, max_fraction):
