@@ -41,7 +41,10 @@ def make_problem(
     """Random layer: NF4 weight [n, k], x [*m_shape, k], A [r, k], B [n, r] (B non-zero), bias [n].
     Drawn from ``generator`` (tests pass the fresh per-test ``rng`` fixture) or from ``seed``."""
     g = generator if generator is not None else torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.5
+    # Block scales that differ (log-normal per quantization block): a kernel that takes a neighbouring
+    # block's absmax, or a neighbouring 256-block group's second-level scale, is then visibly wrong.
+    block_scale = torch.exp(0.7 * torch.randn(n, -(-k // blocksize), generator=g))
+    w = torch.randn(n, k, generator=g) * 0.5 * block_scale.repeat_interleave(blocksize, dim=1)[:, :k]
     wq = quantize_nf4(w, blocksize, double_quant).to(device)
     x = torch.randn(*m_shape, k, generator=g).to(dtype).to(device)
     A = (torch.randn(r, k, generator=g) / k**0.5).to(adapter_dtype).to(device)
