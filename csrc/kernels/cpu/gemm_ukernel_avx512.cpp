@@ -13,18 +13,13 @@ namespace lora_ops::cpu {
 namespace {
 
 // Named accumulators (an array of vectors made gcc keep them on the stack in the AVX2 tile).
-#define LORA_UK512_INIT(i)                                                                                             \
-  __m512 c##i = _mm512_setzero_ps();                                                                                   \
-  if constexpr (MR > i) {                                                                                              \
-    if (accumulate)                                                                                                    \
-      c##i = _mm512_loadu_ps(c + i * ldc);                                                                             \
-  }
+#define LORA_UK512_INIT(i) __m512 c##i = _mm512_setzero_ps();
 #define LORA_UK512_ROW(i)                                                                                              \
   if constexpr (MR > i)                                                                                                \
     c##i = _mm512_fmadd_ps(_mm512_set1_ps(x[i * ldx + k]), w, c##i);
 #define LORA_UK512_STORE(i)                                                                                            \
   if constexpr (MR > i)                                                                                                \
-    _mm512_storeu_ps(c + i * ldc, c##i);
+    _mm512_storeu_ps(c + i * ldc, accumulate ? _mm512_add_ps(_mm512_loadu_ps(c + i * ldc), c##i) : c##i);
 
 template <int MR>
 LORA_AVX512 void tile(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,

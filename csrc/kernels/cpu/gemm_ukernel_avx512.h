@@ -7,8 +7,10 @@ namespace lora_ops::cpu {
 
 constexpr int kMrAvx512 = 12; // rows per tile: 12 accumulators cover the FMA latency of two 512-bit ports
 
-// mr in 1..kMrAvx512; accumulate: start from C (else from 0). Per element the fused multiply-adds of
-// the AVX2 6x16 tile in the same order: the same bits.
+// mr in 1..kMrAvx512. The tile sums its kb products from 0; accumulate: C += that sum (else C = it), so a
+// long reduction is summed in blocks (kb <= 256 at a time, then one add per block: the error of a
+// blocked sum, not of one 4096-long chain). Per element the fused multiply-adds of the AVX2 6x16 tile in
+// the same order: the same bits.
 void ukernel_avx512(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                     bool accumulate);
 

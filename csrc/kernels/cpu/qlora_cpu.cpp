@@ -266,13 +266,15 @@ float dot(const float* a, const float* b, int64_t n) {
 }
 
 // ---- micro-kernel: C[MR x 16] (+)= x[MR x kb] · P[kb x 16] -------------------------------------
+// The kb products are summed from 0 and then added to C (accumulate): blocked summation over the
+// reduction, whose fp32 error stays near a BLAS GEMM's (a chain over all of K had ~6x that at K = 4096).
 template <int MR>
 void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                       bool accumulate) {
   float acc[MR][kNR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kNR; ++j)
-      acc[i][j] = accumulate ? c[i * ldc + j] : 0.0f;
+      acc[i][j] = 0.0f;
   for (int64_t k = 0; k < kb; ++k) {
     const float* wk = pw + k * kNR;
     for (int i = 0; i < MR; ++i) {
@@ -283,7 +285,7 @@ void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, 
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < kNR; ++j)
-      c[i * ldc + j] = acc[i][j];
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + acc[i][j] : acc[i][j];
 }
 
 #ifdef LORA_OPS_X86
@@ -295,18 +297,11 @@ void ukernel_portable(const float* x, int64_t ldx, const float* pw, int64_t kb, 
     c##i##0 = _mm256_fmadd_ps(xv, w0, c##i##0);                                                                        \
     c##i##1 = _mm256_fmadd_ps(xv, w1, c##i##1);                                                                        \
   }
-#define LORA_UK_INIT(i)                                                                                                \
-  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();                                                 \
-  if constexpr (MR > i) {                                                                                              \
-    if (accumulate) {                                                                                                  \
-      c##i##0 = _mm256_loadu_ps(c + i * ldc);                                                                          \
-      c##i##1 = _mm256_loadu_ps(c + i * ldc + 8);                                                                      \
-    }                                                                                                                  \
-  }
+#define LORA_UK_INIT(i) __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = _mm256_setzero_ps();
 #define LORA_UK_STORE(i)                                                                                               \
   if constexpr (MR > i) {                                                                                              \
-    _mm256_storeu_ps(c + i * ldc, c##i##0);                                                                            \
-    _mm256_storeu_ps(c + i * ldc + 8, c##i##1);                                                                        \
+    _mm256_storeu_ps(c + i * ldc, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c + i * ldc), c##i##0) : c##i##0);       \
+    _mm256_storeu_ps(c + i * ldc + 8, accumulate ? _mm256_add_ps(_mm256_loadu_ps(c + i * ldc + 8), c##i##1) : c##i##1); \
   }
 template <int MR>
 LORA_AVX2 void ukernel_avx2(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
@@ -610,6 +605,9 @@ void matmul_gemv(const QloraMatmulParams& p, CpuMatmulPath path) {
 // and stream every W row segment once, decoding it into an L1 buffer and adding a[m, n] times it to
 // each row's fp32 accumulator (an axpy; no transposition of W, long contiguous decode runs).
 constexpr int64_t kAxpyCols = 512;
+// W rows summed from 0 before their sum joins the accumulator: one chain over all N (4096..14336 terms)
+// had several times the fp32 error of torch's matmul (tests/test_qlora_cpu_accuracy.py).
+constexpr int64_t kAxpyRun = 256;
 
 void axpy_portable(float a, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
@@ -642,19 +640,25 @@ void matmul_axpy_transposed(const QloraMatmulParams& p) {
   {
     AlignedBuffer wrow(kAxpyCols);
     std::vector<float> acc(static_cast<size_t>(M * kAxpyCols));
+    std::vector<float> part(static_cast<size_t>(M * kAxpyCols)); // the sum over the current run of W rows
     std::vector<float> lw(static_cast<size_t>(std::max<int64_t>(p.rank, 1) * kPanel));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t k0 = task * kAxpyCols;
       const int64_t kw = std::min(kAxpyCols, K - k0);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t n = 0; n < N; ++n) {
-        decode_segment(p.weight, p.a_dtype, n * K + k0, kw, wrow.ptr);
-        for (int64_t m = 0; m < M; ++m) {
-          const float av = a32[m * N + n];
-          if (av != 0.0f)
-            axpy(av, wrow.ptr, acc.data() + m * kAxpyCols, kw);
+      for (int64_t n0 = 0; n0 < N; n0 += kAxpyRun) { // blocked summation over n (as the GEMM tile's over K)
+        std::fill(part.begin(), part.end(), 0.0f);
+        for (int64_t n = n0; n < std::min(N, n0 + kAxpyRun); ++n) {
+          decode_segment(p.weight, p.a_dtype, n * K + k0, kw, wrow.ptr);
+          for (int64_t m = 0; m < M; ++m) {
+            const float av = a32[m * N + n];
+            if (av != 0.0f)
+              axpy(av, wrow.ptr, part.data() + m * kAxpyCols, kw);
+          }
         }
+        for (int64_t m = 0; m < M; ++m)
+          axpy(1.0f, part.data() + m * kAxpyCols, acc.data() + m * kAxpyCols, kw);
       }
       for (int64_t o0 = k0; o0 < k0 + kw; o0 += kPanel) {
         const int64_t ow = std::min<int64_t>(kPanel, k0 + kw - o0);

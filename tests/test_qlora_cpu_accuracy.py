@@ -1,0 +1,45 @@
+"""Long fp32 reductions on the CPU kernels against the float64 reference, with the shared error rule
+(max error within 2x plain PyTorch's + atol, mean relative error <= 1e-6 for fp32).
+
+fp32 activations are transformers' default compute dtype for 4-bit layers. A kernel that sums a
+4096-long reduction in one fp32 chain has several times the error of torch's blocked matmul and fails
+that rule: the kGemm tile (forward and dx above the small-M paths) and the kAxpy dx (M <= 16, a chain
+over N) did, up to 2026-12-07. Each case is one kernel's long reduction; the SIMD levels below the
+machine's run in fresh processes (the level is read once at load)."""
+
+import pytest
+import torch
+from qlora_utils import run_script_in_fresh_process
+from test_qlora_slab_path import check_case
+
+fp32 = torch.float32
+
+# (x leading shape, N, K, r, x dtype, adapter dtype, blocksize, double quant, dropout p, bias)
+CASES = [
+    ((300,), 64, 8192, 16, fp32, fp32, 64, True, 0.0, False),  # forward, GEMM tile: 32 blocks of the reduction
+    ((2, 20), 4096, 256, 16, fp32, fp32, 64, True, 0.0, True),  # dx, GEMM tile: reduction over N = 4096
+    ((4,), 8192, 256, 8, fp32, fp32, 64, True, 0.1, False),  # dx, axpy path (M <= 16): over N = 8192, dropout
+    ((3,), 64, 16384, 16, fp32, fp32, 64, False, 0.0, False),  # forward, row-dot (M <= 16): K = 16384
+    ((20,), 48, 8192, 33, fp32, fp32, 4096, True, 0.0, False),  # blocksize 4096, odd rank (folded into K)
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"m{c[0]}-{c[1]}x{c[2]}")
+def test_long_fp32_reductions_match_reference(case, rng):
+    check_case(case, int(torch.randint(0, 2**30, (1,), generator=rng).item()))
+
+
+_AT_LEVEL = r"""
+import sys, torch
+sys.path.insert(0, 'tests')
+import test_qlora_cpu_accuracy as t
+seed = int(sys.argv[1])
+for i, case in enumerate(t.CASES):
+    t.check_case(case, seed + i)
+"""
+
+
+@pytest.mark.parametrize("cap", ["LORA_OPS_NO_AVX512", "LORA_OPS_NO_AVX2"])
+def test_long_fp32_reductions_at_lower_simd_levels(cap, rng):
+    seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
+    run_script_in_fresh_process(_AT_LEVEL, [seed], {cap: "1"}, timeout=300)
