@@ -5,7 +5,7 @@ CUDA thread; __syncthreads, warp shuffles, and the kernels' inline PTX: mma.sync
 ldmatrix(.trans), cp.async with deferred completion). tests/cuda_emu/emu_qlora_fiber_check.cpp runs the
 decode kernel (M <= 16, split-K), the transposed decode kernel (dx), the FFMA fallback with its split-K
 finish, the tensor-core kernel (fast and scalar paths, both orientations), lora_down, lora_outer and
-the dropout mask over odd shapes, dtypes, nested / plain absmax, adapters in fp32 / x's dtype, bias,
+the dropout mask over odd shapes (and fp32 with 4096-long reductions: group "long"), dtypes, nested / plain absmax, adapters in fp32 / x's dtype, bias,
 dropout, strided and misaligned operands, and checks:
   - error vs a float64 reference <= 2 x the CPU kernel's error + output rounding (architecture.md s4),
   - exact dequantized weight values (one-hot activations) and exact dropout-mask bytes,
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
 import build_emu  # noqa: E402
 
-GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "mma", "tc_decode", "window"]
+GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "long", "mma", "tc_decode", "window"]
 # 0: round-robin (warps in lockstep); 2: priority, the LAST warp runs ahead to its next barrier.
 POLICIES = [0, 2]
 

@@ -7,7 +7,7 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | mma | tc_decode | window | lora | mask | edge
+// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | long | mma | tc_decode | window | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
@@ -947,6 +947,25 @@ void run_mask() {
 
 }  // namespace
 
+// fp32 with 4096-long reductions (K forward, N in dx), decode and FFMA paths, one K split and the
+// launcher's own: the CPU kernels sum such reductions in blocks (a BLAS GEMM's error), and the CUDA
+// kernels must stay within 2x of that.
+void run_long() {
+  for (Path path : {Path::kDecode, Path::kFfma}) {
+    for (bool tr : {false, true}) {
+      for (int64_t m : {1, 3, 17, 40}) {
+        if (path == Path::kDecode && m > (tr ? 4 : 16)) continue;
+        MatmulCase c;
+        c.path = path; c.transpose = tr; c.m = m; c.dt = DType::kFloat32; c.nested = true; c.rank = 16;
+        c.n = tr ? 4096 : 40; c.k = tr ? 64 : 4096; c.splits = 1;
+        check_matmul(c);
+        c.splits = 0;
+        check_matmul(c);
+      }
+    }
+  }
+}
+
 int main(int argc, char** argv) {
   const std::string group = argc > 1 ? argv[1] : "all";
   cpu::select_cpu_kernels(cpu::CpuIsa::kAvx512); // as the library does at load
@@ -961,6 +980,7 @@ int main(int argc, char** argv) {
   if (want("decode")) run_decode();
   if (want("decode_t")) run_decode_t();
   if (want("ffma")) run_ffma();
+  if (want("long")) run_long();
   if (want("mma")) run_mma();
   if (want("tc_decode")) run_tc_decode_predicates();
   if (want("tc_decode")) run_tc_decode();

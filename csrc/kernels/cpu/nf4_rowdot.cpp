@@ -83,15 +83,15 @@ template <int MC, int U> LORA_AVX2 inline void store_sums(const __m256 (&acc)[MC
   }
 }
 
-// 8 finite fp32 values rounded to bf16 (nearest even), left in the high 16 bits of each lane. The same
-// rule as round_to_compute_avx2 with the tie bit found by a compare rather than a shift: on Zen 1, whose
-// one vector shift port also runs half of every shuffle, this loop is bound by that port.
+// 8 finite fp32 values rounded to bf16 (nearest even) in the high 16 bits of each lane; the low 16 bits
+// are left over (the caller reads only bytes 2 and 3). The same rule as round_to_compute_avx2 with the
+// tie bit found by a compare rather than a shift: on Zen 1, whose one vector shift port also runs half
+// of every shuffle, this loop is bound by that port.
 LORA_AVX2 inline __m256i bf16_high_bits(__m256 v) {
   const __m256i u = _mm256_castps_si256(v);
   const __m256i bit16 = _mm256_set1_epi32(0x10000);
   const __m256i odd = _mm256_cmpeq_epi32(_mm256_and_si256(u, bit16), bit16); // -1 where the kept lsb is 1
-  const __m256i r = _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
-  return _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int>(0xffff0000u)));
+  return _mm256_sub_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7fff)), odd);
 }
 
 // The low- and high-byte tables of a block's 16 bf16 values, each in both lanes.
