@@ -9,6 +9,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "bindings/cpu_path_query.h"
 #include "cpu/qlora_cpu.h"
 
 TORCH_LIBRARY(lora_ops, m) {
@@ -73,10 +76,49 @@ TORCH_LIBRARY(lora_ops, m) {
   m.def("managed_prefetch_(Tensor(a!) t, bool to_host) -> ()");
 }
 
-// Importing lora_ops._C runs the static registrations above; the module itself is empty.
+namespace {
+
+// cpu_matmul_path(m, n, k, dtype, transpose_w, blocksize) -> str: the CPU path of a qlora_matmul call
+// (bindings/cpu_path_query.h); dtype is "float32", "float16", "bfloat16" or "float64".
+PyObject* py_cpu_matmul_path(PyObject*, PyObject* args) {
+  long long m = 0, n = 0, k = 0, blocksize = 0;
+  const char* dtype = nullptr;
+  int transpose_w = 0;
+  if (!PyArg_ParseTuple(args, "LLLspL", &m, &n, &k, &dtype, &transpose_w, &blocksize))
+    return nullptr;
+  const std::string d(dtype);
+  lora_ops::DType t;
+  if (d == "float32")
+    t = lora_ops::DType::kFloat32;
+  else if (d == "float16")
+    t = lora_ops::DType::kFloat16;
+  else if (d == "bfloat16")
+    t = lora_ops::DType::kBFloat16;
+  else if (d == "float64")
+    t = lora_ops::DType::kFloat64;
+  else {
+    PyErr_Format(PyExc_ValueError, "cpu_matmul_path: dtype must be float32, float16, bfloat16 or float64, got %s",
+                 dtype);
+    return nullptr;
+  }
+  if (m < 1 || n < 1 || k < 1 || blocksize < 32 || blocksize > 4096 || (blocksize & (blocksize - 1)) != 0) {
+    PyErr_SetString(PyExc_ValueError, "cpu_matmul_path: m, n, k >= 1 and a blocksize that is a power of two in 32..4096");
+    return nullptr;
+  }
+  return PyUnicode_FromString(
+      lora_ops::cpu_matmul_path(m, n, k, t, transpose_w != 0, static_cast<int32_t>(blocksize)));
+}
+
+PyMethodDef kMethods[] = {
+    {"cpu_matmul_path", py_cpu_matmul_path, METH_VARARGS, "The CPU path of a qlora_matmul call of these sizes."},
+    {nullptr, nullptr, 0, nullptr}};
+
+} // namespace
+
+// Importing lora_ops._C runs the static registrations above; the module holds build facts and one query.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {
-      PyModuleDef_HEAD_INIT, "_C", "lora_ops native ops (see torch.ops.lora_ops)", -1, nullptr, nullptr, nullptr,
+      PyModuleDef_HEAD_INIT, "_C", "lora_ops native ops (see torch.ops.lora_ops)", -1, kMethods, nullptr, nullptr,
       nullptr, nullptr};
   PyObject* m = PyModule_Create(&module);
 #ifdef LORA_OPS_WITH_CUDA

@@ -11,4 +11,11 @@ except ImportError as e:  # pragma: no cover - only reached on a broken install
     ) from e
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
-CPU_SIMD: str = _C.CPU_SIMD  # "avx2" or "portable": the CPU kernels chosen at load time
+CPU_SIMD: str = _C.CPU_SIMD  # "avx512", "avx2" or "portable": the CPU kernels chosen at load time
+
+
+def cpu_matmul_path(m: int, n: int, k: int, dtype: str, transpose_w: bool = False, blocksize: int = 64) -> str:
+    """The CPU kernel path a qlora_matmul call of these sizes takes (``row_dot``, ``row_dot_fused``, ``axpy``,
+    ``gemm``, ``slab`` or ``float64``), from the crossover table in use; ``dtype``: x's dtype name
+    (``"bfloat16"``...), ``transpose_w``: the dx form."""
+    return _C.cpu_matmul_path(m, n, k, dtype, transpose_w, blocksize)

@@ -13,8 +13,8 @@ struct EnvOverrides {
   int64_t cpu_fused_row_dot_max_m = -1; // LORA_OPS_FUSED_ROWDOT_MAX_M: largest M of the fused row-dot, both
                                         // table kinds (-1: the table's; 0: never)
   int64_t cpu_axpy_max_m = -1;       // LORA_OPS_AXPY_MAX_M: CPU dx axpy crossover (-1: the table's)
-  int64_t cpu_slab_min_m = -1;       // LORA_OPS_SLAB_MIN_M: smallest M of the CPU slab GEMM, every dtype
-                                     // and form (-1: the table's; huge: never)
+  int64_t cpu_slab_min_m = -1;       // LORA_OPS_SLAB_MIN_M: smallest M of the CPU slab GEMM, every dtype,
+                                     // form and layer size (-1: the table's; huge: never)
   int64_t cpu_slab_bytes = -1;       // LORA_OPS_SLAB_BYTES: CPU slab GEMM's W scratch (-1: the table's)
   int64_t cpu_slab_rows_bytes = -1;  // LORA_OPS_SLAB_ROWS_BYTES: its activation chunk (-1: the table's)
   int64_t cpu_slab_bf16_gemm = -1;   // LORA_OPS_SLAB_BF16_GEMM: 1 / 0: bf16 activations take ATen's bf16 GEMM

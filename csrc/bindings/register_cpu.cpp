@@ -4,6 +4,7 @@
 // GEMM and so runs here, in qlora_slab.cpp (the loop CUDA's fp32 large-M path shares).
 #include <torch/library.h>
 
+#include "bindings/cpu_path_query.h"
 #include "bindings/env_overrides.h"
 #include "bindings/qlora_slab.h"
 #include "bindings/register_ops.h"
@@ -25,9 +26,11 @@ cpu::CpuCrossover crossover_table() {
     t.fused_row_dot_max_m_bytes = t.fused_row_dot_max_m_other = env.cpu_fused_row_dot_max_m;
   if (env.cpu_axpy_max_m >= 0)
     t.axpy_max_m = env.cpu_axpy_max_m;
-  if (env.cpu_slab_min_m >= 0)
+  if (env.cpu_slab_min_m >= 0) {
     t.slab_min_m_fwd_bf16 = t.slab_min_m_dx_bf16 = t.slab_min_m_fwd_fp16 = t.slab_min_m_dx_fp16 =
         t.slab_min_m_fwd_fp32 = t.slab_min_m_dx_fp32 = env.cpu_slab_min_m;
+    t.slab_min_work = 0;
+  }
   if (env.cpu_slab_bytes > 0)
     t.slab_bytes = env.cpu_slab_bytes;
   if (env.cpu_slab_rows_bytes > 0)
@@ -40,8 +43,14 @@ cpu::CpuCrossover crossover_table() {
 const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_decode_window,
                                   cpu::nf4_decode_window_16bit, cpu::qlora_finish_tile};
 
-void qlora_matmul(const QloraMatmulParams& p) {
+// The table in use: read once (the overrides are read at library load).
+const cpu::CpuCrossover& cpu_table() {
   static const cpu::CpuCrossover table = crossover_table();
+  return table;
+}
+
+void qlora_matmul(const QloraMatmulParams& p) {
+  const cpu::CpuCrossover& table = cpu_table();
   const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::cpu_isa());
   if (path == cpu::CpuMatmulPath::kSlabGemm)
     return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes, // ATen's GEMM: bound here
@@ -63,6 +72,18 @@ const Backend kCpuBackend{
 };
 
 } // namespace
+
+const char* cpu_matmul_path(int64_t m, int64_t n, int64_t k, DType a_dtype, bool transpose_w, int32_t blocksize) {
+  QloraMatmulParams p;
+  p.m = m;
+  p.n = n;
+  p.k = k;
+  p.a_dtype = a_dtype;
+  p.transpose_w = transpose_w;
+  p.weight.numel = n * k;
+  p.weight.blocksize = blocksize;
+  return cpu::cpu_matmul_path_name(cpu::choose_matmul_path(p, cpu_table(), cpu::cpu_isa()));
+}
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   const EnvOverrides& env = env_overrides();

@@ -33,10 +33,24 @@ struct CpuCrossover {
   int64_t slab_min_m_dx_fp16;  // fp16 activations, dx
   int64_t slab_min_m_fwd_fp32; // fp32 activations, forward
   int64_t slab_min_m_dx_fp32;  // fp32 activations, dx
+  int64_t slab_min_work;       // and M·N·K at least this (below, the GEMM call's fixed cost loses to kGemm)
   int64_t slab_bytes;          // W slab scratch of the slab path, in the GEMM's dtype (one slab, reused)
   int64_t slab_rows_bytes;     // activation copy of the slab path (M is chunked beyond it)
   bool slab_bf16_gemm;         // bf16 activations take ATen's bf16 GEMM in the slab path (else its fp32 one)
 };
+
+// "row_dot", "row_dot_fused", "axpy", "gemm", "slab" or "float64" (lora_ops._native.cpu_matmul_path).
+constexpr const char* cpu_matmul_path_name(CpuMatmulPath path) {
+  switch (path) {
+  case CpuMatmulPath::kRowDot: return "row_dot";
+  case CpuMatmulPath::kRowDotFused: return "row_dot_fused";
+  case CpuMatmulPath::kAxpy: return "axpy";
+  case CpuMatmulPath::kGemm: return "gemm";
+  case CpuMatmulPath::kSlabGemm: return "slab";
+  case CpuMatmulPath::kFloat64: return "float64";
+  }
+  return "?";
+}
 
 // A slab_min_m_* value that no M reaches: the slab path is off for that dtype and form.
 constexpr int64_t kSlabNever = INT64_MAX;
@@ -52,8 +66,8 @@ constexpr int64_t kSlabNever = INT64_MAX;
 // 64 MiB of rows.
 constexpr int64_t kCpuSlabBytes = (17 << 20) / 4;
 constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,         kSlabNever, kSlabNever,
-                                         kSlabNever, kSlabNever, kSlabNever, kSlabNever, kCpuSlabBytes, 64 << 20,
-                                         false};
+                                         kSlabNever, kSlabNever, kSlabNever, kSlabNever, 0,          kCpuSlabBytes,
+                                         64 << 20,   false};
 
 // AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
 // model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
@@ -64,9 +78,13 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
 // off (bench/results/cpu_crossover_avx512/). Slab scratch as above: with the bf16 GEMM 512 output columns of
 // a 4096-long reduction (at 2048 x 4096, r 16, slabs of 256, 448 and 512 columns took 1.03-1.18x a plain
 // GEMM's time with no consistent order between them in interleaved runs; 512 makes the fewest calls).
-constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,      17,       17,
-                                           kSlabNever, kSlabNever, kSlabNever, kSlabNever, kCpuSlabBytes, 64 << 20,
-                                           true};
+// Small layers: a slab call costs ~0.1 ms however small (oneDNN's setup), so below M·N·K = 2^24 the kGemm
+// tile wins (128x320 .. 512x512 at M = 17..128: slab 0.29-0.95x; at 2^24: 0.93-1.35x; from 20 Mi on
+// 1.07-1.8x; back-to-back calls in one process per path, 2026-12-07, notes_qlora_cpu.md).
+constexpr int64_t kCpuSlabMinWork = int64_t{1} << 24;
+constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,         17,
+                                           17,         kSlabNever, kSlabNever, kSlabNever, kSlabNever,
+                                           kCpuSlabMinWork, kCpuSlabBytes, 64 << 20, true};
 
 // Overrides for tests and benchmarks (applied by the binding layer): LORA_OPS_GEMV_MAX_M,
 // LORA_OPS_FUSED_ROWDOT_MAX_M, LORA_OPS_AXPY_MAX_M, LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES,
@@ -94,7 +112,8 @@ inline CpuMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CpuCro
   const int64_t slab_min_m = p.a_dtype == DType::kBFloat16  ? (dx ? table.slab_min_m_dx_bf16 : table.slab_min_m_fwd_bf16)
                              : p.a_dtype == DType::kFloat16 ? (dx ? table.slab_min_m_dx_fp16 : table.slab_min_m_fwd_fp16)
                                                             : (dx ? table.slab_min_m_dx_fp32 : table.slab_min_m_fwd_fp32);
-  if (p.m >= slab_min_m)
+  // (in double: M·N·K can pass 2^63 for no real layer, but the comparison must not wrap)
+  if (p.m >= slab_min_m && static_cast<double>(p.m) * p.n * p.k >= static_cast<double>(table.slab_min_work))
     return CpuMatmulPath::kSlabGemm;
   return CpuMatmulPath::kGemm;
 }
