@@ -299,17 +299,28 @@ def test_unsupported_variants_fall_back_with_one_warning(dense_dir):
     torch.testing.assert_close(out2, ref2)
 
 
-def test_autocast_bf16_close_to_peft(dense_dir):
+def test_autocast_bf16_logits_as_close_to_float64_as_peft(dense_dir):
+    """Under bf16 autocast both runs round to bf16 in many places, so the logits are compared with the
+    float64 model: ours within 2x PEFT's own error (40 seeds on the Zen 4 EPYC: ours / PEFT's error 0.33-1.28,
+    median 0.59; ours up to 1.7 % of the largest logit, PEFT up to 2.9 %; comparing the two directly at
+    3 % failed now and then on PEFT's error). The LoRA gradients stay a witness comparison (10 %; their
+    largest difference over those seeds 6.9 %)."""
+    from hf_tiny import float64_twin
+
     model = _peft_model(dense_dir)
     ids = _ids()
+    with torch.no_grad():
+        ref64 = float64_twin(model)(input_ids=ids).logits
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref_logits, ref_grads = _logits_and_grads(model, ids)
+        peft_logits, peft_grads = _logits_and_grads(model, ids)
         lo_peft.patch_peft_model(model)
         logits, grads = _logits_and_grads(model, ids)
-    assert logits.dtype == ref_logits.dtype
-    _assert_close_rel(logits, ref_logits, 3e-2, "autocast logits")
+    assert logits.dtype == peft_logits.dtype
+    err, err_peft = ((t.double() - ref64).abs().max().item() for t in (logits, peft_logits))
+    scale = ref64.abs().max().item()
+    assert err <= 2 * err_peft + 1e-3 * scale, f"autocast logits: error {err:.3g} vs PEFT's {err_peft:.3g}"
     for n in grads:
-        _assert_close_rel(grads[n], ref_grads[n], 1e-1, n)
+        _assert_close_rel(grads[n], peft_grads[n], 1e-1, n)
 
 
 def test_patch_requires_nothing_else_to_change(dense_dir):
