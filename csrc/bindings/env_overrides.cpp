@@ -30,6 +30,7 @@ const EnvOverrides& env_overrides() {
     e.cpu_slab_bytes = integer("LORA_OPS_SLAB_BYTES");
     e.cpu_slab_rows_bytes = integer("LORA_OPS_SLAB_ROWS_BYTES");
     e.cpu_slab_bf16_gemm = integer("LORA_OPS_SLAB_BF16_GEMM");
+    e.cpu_slab_check_streams = flag("LORA_OPS_SLAB_CHECK_STREAMS");
     return e;
   }();
   return env;

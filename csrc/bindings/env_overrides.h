@@ -19,6 +19,8 @@ struct EnvOverrides {
   int64_t cpu_slab_rows_bytes = -1;  // LORA_OPS_SLAB_ROWS_BYTES: its activation chunk (-1: the table's)
   int64_t cpu_slab_bf16_gemm = -1;   // LORA_OPS_SLAB_BF16_GEMM: 1 / 0: bf16 activations take ATen's bf16 GEMM
                                      // in the slab path, or its fp32 one (-1: the table's)
+  bool cpu_slab_check_streams = false; // LORA_OPS_SLAB_CHECK_STREAMS=1: the CPU slab path runs with CUDA's two
+                                       // W buffers and checks its SlabStreams call protocol (register_cpu.cpp)
 };
 
 // Read once, at the first call (library load).

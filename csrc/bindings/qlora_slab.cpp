@@ -22,7 +22,8 @@
 //
 // Memory: the activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes W once
 // more), the W slab by slab_bytes (in the GEMM's dtype; the bf16 GEMM with an odd K decodes through one
-// more fp32 window of twice that), the output slab by rows x slab width. Never a dense W.
+// more fp32 window of twice that; two such buffers where SlabStreams overlaps decode and GEMM), the
+// output slab by rows x slab width. Never a dense W.
 #include "bindings/qlora_slab.h"
 
 #include <ATen/ATen.h>
@@ -52,7 +53,7 @@ at::Tensor matrix(const at::Tensor& flat, int64_t rows, int64_t cols) {
 } // namespace
 
 void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes,
-                       bool bf16_gemm) {
+                       bool bf16_gemm, SlabStreams* streams) {
   const int64_t M = p.m, N = p.n, K = p.k;
   if (M == 0)
     return;
@@ -110,13 +111,19 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   // The activation copy can be tens of MiB (59 MiB at M 2048, K 14336): on CPU on huge pages, whose first
   // touch faults 2 MiB at a time instead of 4 KiB.
   const at::Tensor a_buf = k.device.is_cpu() ? empty_cpu_output({mc_max * kk}, opts) : at::empty({mc_max * kk}, opts);
-  const at::Tensor w_buf = at::empty({kk * width}, opts);
+  const int n_slots = streams != nullptr ? 2 : 1; // W buffers: one decoding while the other feeds the GEMM
+  at::Tensor w_bufs[2];
+  for (int i = 0; i < n_slots; ++i)
+    w_bufs[i] = at::empty({kk * width}, opts);
   const at::Tensor y_buf = at::empty({mc_max * width}, opts);
   // bf16 GEMM: the window is decoded straight to bf16 where the device can (rows start on whole bytes),
-  // else to fp32 here and narrowed (exactly: bf16 values) into w_buf.
+  // else to fp32 here and narrowed (exactly: bf16 values) into the W buffer.
   const bool direct16 = g16 && k.decode_window_16bit != nullptr && K % 2 == 0;
-  const at::Tensor w32_buf = g16 && !direct16 ? at::empty({n_in * width}, opts.dtype(at::kFloat)) : w_buf;
+  at::Tensor w32_bufs[2];
+  for (int i = 0; i < n_slots; ++i)
+    w32_bufs[i] = g16 && !direct16 ? at::empty({n_in * width}, opts.dtype(at::kFloat)) : w_bufs[i];
   auto bf16_ptr = [](const at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>()); };
+  int64_t slab_index = 0; // counted across row chunks: the slots keep alternating
 
   for (int64_t m0 = 0; m0 < M; m0 += mc_max) {
     const int64_t mc = std::min(mc_max, M - m0);
@@ -133,8 +140,13 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
     }
     if (bias_in_k)
       am.narrow(1, n_in + 3 * r, 2).fill_(1);
-    for (int64_t o0 = 0; o0 < n_out; o0 += width) {
+    for (int64_t o0 = 0; o0 < n_out; o0 += width, ++slab_index) {
       const int64_t ow = std::min(width, n_out - o0);
+      const int slot = static_cast<int>(slab_index % n_slots);
+      const at::Tensor& w_buf = w_bufs[slot];
+      const at::Tensor& w32_buf = w32_bufs[slot];
+      if (streams != nullptr)
+        streams->begin_decode(slot);
       // op(W)'s slab as a [kk, ow] GEMM operand: forward keeps W rows (a [ow, kk] buffer used transposed),
       // dx W columns (a [kk, ow] buffer). The reduction rows after n_in hold scale · lora_w of these
       // outputs (hi, lo, hi with the bf16 GEMM) and the bias (hi, lo).
@@ -186,11 +198,15 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
         }
         wop = wb;
       }
+      if (streams != nullptr)
+        streams->end_decode(slot);
       at::Tensor y = matrix(y_buf, mc, ow);
       if (bias.defined() && !bias_in_k)
         at::addmm_out(y, bias.narrow(0, o0, ow), am, wop);
       else
         at::mm_out(y, am, wop); // the bf16 GEMM accumulates in fp32 and rounds once into y
+      if (streams != nullptr)
+        streams->end_gemm(slot);
       if (epilogue)
         k.finish_tile(p, m0, mc, o0, ow, y.data_ptr<float>(), ow);
       else

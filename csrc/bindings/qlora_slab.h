@@ -27,11 +27,26 @@ struct SlabKernels {
                       int64_t ld);
 };
 
+// Double buffering of the W slab where the device runs streams asynchronously (CUDA): slab i + 1 is
+// decoded on a side stream into the other buffer while slab i's GEMM runs on the current stream. The loop
+// calls, per slab and in this order, begin_decode(slot) (from here the device's kernels and ATen ops run
+// on the side stream, after the GEMM that last read `slot`), end_decode(slot) (back on the current
+// stream, which waits for the decode) and end_gemm(slot) after the GEMM that reads it; slots alternate
+// 0, 1, 0, ... No host synchronization anywhere.
+class SlabStreams {
+public:
+  virtual ~SlabStreams() = default;
+  virtual void begin_decode(int slot) = 0;
+  virtual void end_decode(int slot) = 0;
+  virtual void end_gemm(int slot) = 0;
+};
+
 // out = a · op(W) + scale · LoRA term + bias (QloraMatmulParams), W dequantized in slabs of at most
 // slab_bytes (in the GEMM's dtype) into one reused scratch, activations copied (widened to fp32, or kept bf16 for the bf16
 // GEMM) in chunks of at most rows_bytes. a_dtype fp16 / bf16 / fp32. bf16_gemm: bf16 activations take
-// ATen's bf16 GEMM (qlora_slab.cpp says when and how exactly).
+// ATen's bf16 GEMM (qlora_slab.cpp says when and how exactly). streams: nullptr, one W buffer and the
+// current stream only; else two W buffers of slab_bytes each, decoded as SlabStreams says.
 void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t slab_bytes, int64_t rows_bytes,
-                       bool bf16_gemm);
+                       bool bf16_gemm, SlabStreams* streams = nullptr);
 
 } // namespace lora_ops

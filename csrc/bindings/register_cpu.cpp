@@ -43,6 +43,36 @@ cpu::CpuCrossover crossover_table() {
 const SlabKernels kCpuSlabKernels{c10::Device(c10::DeviceType::CPU), cpu::nf4_decode_window,
                                   cpu::nf4_decode_window_16bit, cpu::qlora_finish_tile};
 
+// LORA_OPS_SLAB_CHECK_STREAMS=1 (tests): the CPU slab path runs with two W buffers, as on CUDA, under this
+// SlabStreams, which has no stream to switch on the CPU but checks the loop's calls (per slab begin_decode,
+// end_decode, end_gemm of one slot; slots alternating from 0), so the buffer alternation CUDA's overlap
+// relies on runs, and is checked, where no GPU is.
+class CheckedSlabStreams final : public SlabStreams {
+public:
+  void begin_decode(int slot) override {
+    expect(Step::kBeginDecode, slot);
+    step_ = Step::kEndDecode;
+  }
+  void end_decode(int slot) override {
+    expect(Step::kEndDecode, slot);
+    step_ = Step::kEndGemm;
+  }
+  void end_gemm(int slot) override {
+    expect(Step::kEndGemm, slot);
+    step_ = Step::kBeginDecode;
+    slot_ = 1 - slot;
+  }
+
+private:
+  enum class Step { kBeginDecode, kEndDecode, kEndGemm };
+  void expect(Step step, int slot) const {
+    TORCH_CHECK(step == step_ && slot == slot_, "qlora_matmul slab path: SlabStreams called out of order (slot ",
+                slot, ", expected slot ", slot_, ")");
+  }
+  Step step_ = Step::kBeginDecode;
+  int slot_ = 0;
+};
+
 // The table in use: read once (the overrides are read at library load).
 const cpu::CpuCrossover& cpu_table() {
   static const cpu::CpuCrossover table = crossover_table();
@@ -52,9 +82,11 @@ const cpu::CpuCrossover& cpu_table() {
 void qlora_matmul(const QloraMatmulParams& p) {
   const cpu::CpuCrossover& table = cpu_table();
   const cpu::CpuMatmulPath path = cpu::choose_matmul_path(p, table, cpu::cpu_isa());
-  if (path == cpu::CpuMatmulPath::kSlabGemm)
+  if (path == cpu::CpuMatmulPath::kSlabGemm) {
+    CheckedSlabStreams checked;
     return qlora_matmul_slab(p, kCpuSlabKernels, table.slab_bytes, table.slab_rows_bytes, // ATen's GEMM: bound here
-                             table.slab_bf16_gemm);
+                             table.slab_bf16_gemm, env_overrides().cpu_slab_check_streams ? &checked : nullptr);
+  }
   cpu::qlora_matmul(p, path);
 }
 

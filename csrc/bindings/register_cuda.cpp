@@ -4,10 +4,13 @@
 // cuda::choose_matmul_path from the CUDA crossover table.
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/isnan.h>
+#include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <optional>
 
 #include "bindings/cuda_call.h"
 #include "bindings/env_overrides.h"
@@ -59,8 +62,39 @@ void decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64
              "qlora_matmul (slab decode)");
 }
 // W slabs of <= 32 MiB (fp32) stay in an H100/H200's L2 (50 / 60 MB) for their GEMM; activations are
-// widened and extended by the LoRA columns in chunks of <= 256 MiB.
+// widened and extended by the LoRA columns in chunks of <= 256 MiB. Two slab buffers (64 MiB of scratch):
+// the next slab decodes on a side stream while cuBLAS multiplies the current one (CudaSlabStreams).
 constexpr int64_t kCudaSlabBytes = int64_t{32} << 20, kCudaSlabRowsBytes = int64_t{256} << 20;
+
+// SlabStreams (bindings/qlora_slab.h) on CUDA: the side stream waits once for the inputs (everything the
+// current stream ran before the first decode) and, per buffer, for the GEMM that last read it; the current
+// stream waits for each slab's decode before its GEMM. Events only, no host synchronization; the side
+// stream's last decode is waited for by the current stream, so the buffers may be freed in its order.
+class CudaSlabStreams final : public SlabStreams {
+public:
+  CudaSlabStreams() : main_(c10::cuda::getCurrentCUDAStream()), side_(c10::cuda::getStreamFromPool()) {}
+  void begin_decode(int slot) override {
+    if (!started_) {
+      inputs_.record(main_);
+      inputs_.block(side_);
+      started_ = true;
+    }
+    gemm_done_[slot].block(side_); // a no-op until the slot's first GEMM was recorded
+    guard_.emplace(side_);
+  }
+  void end_decode(int slot) override {
+    decoded_[slot].record(side_);
+    guard_.reset();
+    decoded_[slot].block(main_);
+  }
+  void end_gemm(int slot) override { gemm_done_[slot].record(main_); }
+
+private:
+  c10::cuda::CUDAStream main_, side_;
+  c10::cuda::CUDAEvent inputs_, decoded_[2], gemm_done_[2]; // cudaEventDisableTiming, created at first record
+  std::optional<c10::cuda::CUDAStreamGuard> guard_;
+  bool started_ = false;
+};
 
 void qlora_matmul(const QloraMatmulParams& p) {
   constexpr const char* op = "qlora_matmul";
@@ -82,10 +116,12 @@ void qlora_matmul(const QloraMatmulParams& p) {
   case cuda::CudaMatmulPath::kTensorCore:
     check_cuda(cuda::qlora_mma(p, current_stream()), op);
     return;
-  case cuda::CudaMatmulPath::kSlabGemm:
+  case cuda::CudaMatmulPath::kSlabGemm: {
+    CudaSlabStreams streams;
     qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr, nullptr}, kCudaSlabBytes,
-                      kCudaSlabRowsBytes, /*bf16_gemm=*/false);
+                      kCudaSlabRowsBytes, /*bf16_gemm=*/false, &streams);
     return;
+  }
   case cuda::CudaMatmulPath::kFfma: {
     const int splits = cuda::qlora_ffma_splits(p, sms);
     Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));
