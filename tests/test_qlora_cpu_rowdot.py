@@ -106,7 +106,8 @@ def test_buffered_row_dot_matches_fused(tmp_path, rng):
     for case, yb in zip(CASES, buffered):
         *_, y = _run(case, seed, False)
         tol = {bf16: 1e-2, fp16: 2e-3, fp32: 1e-5}[case[0]]
-        torch.testing.assert_close(yb, y, rtol=tol, atol=tol, msg=lambda m: f"{case}: {m}")
+        atol = tol * max(1.0, y.abs().max().item())  # another summation order: differences scale with |y|
+        torch.testing.assert_close(yb, y, rtol=tol, atol=atol, msg=lambda m: f"{case}: {m}")
     with open("/proc/cpuinfo") as f:
         has_avx2 = " avx2 " in f.read()
     if has_avx2 and not os.environ.get("LORA_OPS_NO_AVX2"):  # another summation order: the other kernel ran
