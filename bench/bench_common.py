@@ -10,6 +10,7 @@ background load on a shared machine hits every method alike (torch.utils.benchma
 from __future__ import annotations
 
 import os
+import resource
 import statistics
 import sys
 import time
@@ -28,6 +29,14 @@ from lora_ops import env as _env
 # The environment header's pieces, one place each (lora_ops.env; the report uses them too).
 cpu_model = _env.cpu_model
 gpu_driver = _env.gpu_driver
+malloc_library = _env.malloc_library
+
+
+def faults_and_system_time() -> tuple[int, float]:
+    """This process's minor page faults and system CPU seconds so far (getrusage). Their growth over a CPU
+    call is the cost of first touches of freshly mapped memory inside its time (see malloc_library)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_minflt, r.ru_stime
 
 
 def git_commit() -> str | None:

@@ -99,6 +99,7 @@ def header(device: str) -> dict:
     else:
         h["device_name"] = bc.cpu_model()
         h["cpu_threads"] = torch.get_num_threads()
+        h["malloc"] = bc.malloc_library()  # a fresh output's first-touch cost depends on it
     h["bitsandbytes"] = bc.bnb_version() if try_import_bnb() else None
     if try_import_torchao() is not None:
         import torchao  # noqa: PLC0415

@@ -239,6 +239,7 @@ def environment(device) -> dict:
         from lora_ops import _native
 
         env["lora_ops_cpu_kernels"] = _native.CPU_SIMD
+        env["malloc"] = bc.malloc_library()
     if bc.bnb_version() is not None:
         env["bitsandbytes"] = bc.bnb_version()
         if device.type == "cpu":

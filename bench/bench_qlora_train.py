@@ -26,10 +26,10 @@ import subprocess
 import sys
 import time
 
+import bench_common as bc  # first: source tree on sys.path, poisoning off
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 METHODS = ("ours", "bnb_peft", "dense")
 
 
@@ -103,24 +103,36 @@ def worker_interleaved(args) -> dict:
     def call(model):
         x.grad = None
         model.zero_grad(set_to_none=True)
+        f0, s0 = bc.faults_and_system_time()
         t0 = time.perf_counter()
         model(x).backward(dy)
-        return (time.perf_counter() - t0) * 1e3
+        t = (time.perf_counter() - t0) * 1e3
+        f1, s1 = bc.faults_and_system_time()
+        return t, f1 - f0, (s1 - s0) * 1e3
 
     for model in models.values():  # warm-up: library / kernel initialization stays out of the times
         call(model)
     times = {name: [] for name in METHODS}
+    faults = {name: [] for name in METHODS}
+    system_ms = {name: [] for name in METHODS}
     for rnd in range(args.reps):
         for i in range(len(METHODS)):
             name = METHODS[(rnd + i) % len(METHODS)]
-            times[name].append(call(models[name]))
-    return {"method": "interleaved", "times_ms": times}
+            t, f, s = call(models[name])
+            times[name].append(t)
+            faults[name].append(f)
+            system_ms[name].append(s)
+    return {"method": "interleaved", "times_ms": times, "page_faults": faults, "system_ms": system_ms}
 
 
 def run_worker(method: str, m: int, reps: int, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", method, "--m", str(m), "--reps", str(reps),
            "--n", str(args.n), "--k", str(args.k), "--r", str(args.r), "--dtype", args.dtype]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    if method != "interleaved":
+        # The peak is the RSS growth of one call: a caching allocator (an LD_PRELOADed tcmalloc, glibc told
+        # not to trim) keeps freed memory resident and hides it, so the peak processes run plain glibc malloc.
+        env = {k: v for k, v in env.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         raise RuntimeError(f"{method} M={m} failed:\n{res.stderr[-3000:]}")
@@ -167,16 +179,19 @@ def main(argv=None):
            "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
            "lora_ops_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
                                              text=True).stdout.strip(),
-           "load_avg_start": os.getloadavg()}
+           "malloc": bc.malloc_library(), "load_avg_start": os.getloadavg()}
     rows = []
     result = {"environment": env, "args": vars(args), "rows": rows}
     for m in (int(v) for v in args.ms.split(",")):
-        runs = run_worker("interleaved", m, args.rounds, args)["times_ms"]
+        inter = run_worker("interleaved", m, args.rounds, args)
+        runs = inter["times_ms"]
         row = {"M": m, "N": args.n, "K": args.k, "r": args.r, "dtype": args.dtype}
         for name in METHODS:
             out = run_worker(name, m, 1, args)
             row[f"{name}_fwdbwd_ms"] = statistics.median(runs[name])
             row[f"{name}_all_ms"] = runs[name]
+            row[f"{name}_page_faults"] = statistics.median(inter["page_faults"][name])
+            row[f"{name}_system_ms"] = statistics.median(inter["system_ms"][name])
             row[f"{name}_peak_MiB"] = out["peak_MiB"]
             row[f"{name}_fresh_process_ms"] = out["times_ms"]
         row["speedup_vs_bnb_peft"] = row["bnb_peft_fwdbwd_ms"] / row["ours_fwdbwd_ms"]
@@ -195,30 +210,37 @@ def save(result, out_dir):
         f.write(markdown(result))
 
 
+def _per_method(row, key, fmt) -> str:
+    return " / ".join(format(row[f"{m}_{key}"], fmt) if f"{m}_{key}" in row else "-" for m in METHODS)
+
+
 def markdown(result) -> str:
     env = result["environment"]
     lines = [
         "# QLoRA layer, training mode, forward + backward (bench/bench_qlora_train.py)",
         "",
         f"Machine: {env['machine']}; torch {env['torch']}, {env['threads']} threads; bitsandbytes "
-        f"{env['bitsandbytes']}; peft {env['peft']}; lora_ops commit {env['lora_ops_commit'][:12]}; load average "
+        f"{env['bitsandbytes']}; peft {env['peft']}; allocator {env.get('malloc', '?')}; lora_ops commit "
+        f"{env['lora_ops_commit'][:12]}; load average "
         f"at start / end {env['load_avg_start'][0]:.1f} / {env.get('load_avg_end', [float('nan')])[0]:.1f} "
         "(shared machine: only ratios within one run mean anything).",
         "",
         "Median ms of forward+backward, methods round-robin in one process (all calls listed in the JSON); "
         "peak = RSS high-water mark above the pre-run RSS, fresh process per method (after one 1-row warm-up "
-        "call).",
+        "call), under plain glibc malloc. Faults / system ms: median minor page faults and system CPU time per "
+        "call in the timed process -- first touches of freshly mapped memory, which glibc's malloc causes for "
+        "every new multi-MiB tensor and caching allocators (tcmalloc, jemalloc) mostly do not.",
         "",
         "| N×K | M | r | dtype | ours | bnb Linear4bit + PEFT | dense + PEFT | × vs bnb+PEFT | ours / dense | "
-        "peak MiB ours / bnb / dense |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak MiB ours / bnb / dense | faults ours / bnb / dense | system ms ours / bnb / dense |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['N']}×{r['K']} | {r['M']} | {r['r']} | {r['dtype']} | {r['ours_fwdbwd_ms']:.0f} | "
             f"{r['bnb_peft_fwdbwd_ms']:.0f} | {r['dense_fwdbwd_ms']:.0f} | {r['speedup_vs_bnb_peft']:.2f} | "
             f"{r['ours_over_dense']:.3f} | {r['ours_peak_MiB']:.0f} / {r['bnb_peft_peak_MiB']:.0f} / "
-            f"{r['dense_peak_MiB']:.0f} |"
+            f"{r['dense_peak_MiB']:.0f} | {_per_method(r, 'page_faults', '.0f')} | {_per_method(r, 'system_ms', '.0f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -13,9 +13,16 @@ the CPU (lscpu model name, SIMD flags), the kernels lora_ops chose and bitsandby
     issue 11  training layer 4096², r 16, bf16, M = 2048, fwd+bwd: >= 1.25x bnb + PEFT,
               ours / dense + PEFT <= 1.3, peak RSS below bnb + PEFT's                               bench_qlora_train.py
 
+The dequantize and training benchmarks run a second time with glibc's malloc told to reuse freed memory
+(MALLOC_REUSE_ENV; the training one only where it is fast, see --train-reuse): the default maps each new
+multi-MiB tensor fresh, and the first touch of its 4 KiB pages is then part of every method's time --
+bitsandbytes' and dense torch's far more than ours (outputs on huge pages, scratch reused). Both rows are
+tabulated. On the Zen 4 EPYC, tcmalloc (LD_PRELOAD) measured like the reuse rows; jemalloc with its
+default settings still faulted in the baselines like the default.
+
 The bars are issue 11's and 16's wording; both issues ask for them on an AVX2 EPYC and on an AVX-512
 BF16 Xeon. Times are ratios within one run of each benchmark (methods round-robin or in lock-step), so
-a shared machine's load hits both sides alike. The run takes ~3 minutes on a 2-core Zen 4 EPYC; without
+a shared machine's load hits both sides alike. The run takes ~5 minutes on a 2-core Zen 4 EPYC; without
 AVX512_BF16, torch's bf16 GEMM (which bnb + PEFT and dense run at M = 2048) took ~10 minutes per call on
 a 2-core Zen 1 EPYC, so the training benchmark then runs one round (--train-rounds) and takes ~1 hour.
 """
@@ -32,9 +39,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run(cmd: list[str], log: Path) -> None:
+# glibc malloc told to reuse freed memory: no allocation from fresh mmap()s (each a new mapping whose first
+# touch faults 4 KiB at a time), no returning the heap's top to the system. Caching allocators (tcmalloc,
+# jemalloc) do much the same; on the Zen 4 EPYC this and LD_PRELOADed tcmalloc gave the same fwd+bwd times
+# within a few % (bench/notes_qlora_cpu.md).
+MALLOC_REUSE_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(64 << 30)}
+
+
+def run(cmd: list[str], log: Path, extra_env: dict | None = None) -> None:
     """Runs one benchmark with the source tree importable; its output goes to log (and stops us on failure)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {}))
     print("$ " + " ".join(cmd), flush=True)
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     log.write_text(res.stdout + res.stderr)
@@ -64,11 +78,11 @@ def bar(name: str, value: float | None, goal: float, higher_is_better: bool = Tr
     return {"bar": name, "value": value, "goal": goal, "higher_is_better": higher_is_better, "met": met}
 
 
-def dequant_bars(folder: Path) -> list[dict]:
+def dequant_bars(folder: Path, label: str = "") -> list[dict]:
     rows = json.loads((folder / "bench_nf4.json").read_text())["rows"]
     speedups = [r.get("dequant_speedup_vs_bnb") for r in rows]
     worst = min((s for s in speedups if s is not None), default=None)
-    return [bar("16: dequantize vs bitsandbytes (worst of the shapes)", worst, 1.5)]
+    return [bar(f"16: dequantize vs bitsandbytes (worst of the shapes){label}", worst, 1.5)]
 
 
 def forward_bars(folder: Path) -> tuple[list[dict], dict]:
@@ -89,13 +103,15 @@ def demo_bars(folder: Path) -> list[dict]:
     return [bar("16: demo tokens/s vs bnb + PEFT", ratio, 1.1)]
 
 
-def train_bars(folder: Path) -> list[dict]:
+def train_bars(folder: Path, label: str = "", peak: bool = True) -> list[dict]:
     row = json.loads((folder / "bench_qlora_train.json").read_text())["rows"][0]
-    peak_ratio = row["ours_peak_MiB"] / row["bnb_peft_peak_MiB"]
-    return [bar("11: fwd+bwd M=2048 vs bnb + PEFT", row["speedup_vs_bnb_peft"], 1.25),
-            bar("11: fwd+bwd M=2048, ours / dense + PEFT (time)", row["ours_fwdbwd_ms"] / row["dense_fwdbwd_ms"], 1.3,
-                higher_is_better=False),
-            bar("11: peak RSS, ours / bnb + PEFT", peak_ratio, 1.0, higher_is_better=False)]
+    bars = [bar(f"11: fwd+bwd M=2048 vs bnb + PEFT{label}", row["speedup_vs_bnb_peft"], 1.25),
+            bar(f"11: fwd+bwd M=2048, ours / dense + PEFT (time){label}", row["ours_fwdbwd_ms"] / row["dense_fwdbwd_ms"],
+                1.3, higher_is_better=False)]
+    if peak:
+        bars.append(bar("11: peak RSS, ours / bnb + PEFT", row["ours_peak_MiB"] / row["bnb_peft_peak_MiB"], 1.0,
+                        higher_is_better=False))
+    return bars
 
 
 def markdown(result: dict) -> str:
@@ -103,13 +119,19 @@ def markdown(result: dict) -> str:
     lines = ["# CPU bars of issues 11 and 16 (bench/cpu_bars.py)", "",
              f"CPU: {m['model']}, {m['cores']} logical cores, flags {' '.join(m['flags']) or 'none of avx2/avx512'}; "
              f"lora_ops kernels: {result['environment'].get('lora_ops_cpu_isa', '?')}; "
-             f"bitsandbytes packed CPU path: {result['environment'].get('bnb_packed', '?')}.", "",
+             f"bitsandbytes packed CPU path: {result['environment'].get('bnb_packed', '?')}; "
+             f"allocator: {result['environment'].get('malloc', '?')}.", "",
+             "Rows marked *(malloc reuse)* ran again with glibc told to reuse freed memory ("
+             + " ".join(f"{k}={v}" for k, v in MALLOC_REUSE_ENV.items())
+             + "): under the default, every new multi-MiB tensor is freshly mapped and faulted in 4 KiB at a time, "
+             "a cost each method pays for its own allocations (see the benchmarks' fault columns).", "",
              "| bar | measured | goal | met |", "|---|---|---|---|"]
     for b in result["bars"]:
         value = "n/a" if b["value"] is None else f"{b['value']:.3f}"
         goal = ("≥ " if b["higher_is_better"] else "≤ ") + f"{b['goal']}"
         lines.append(f"| {b['bar']} | {value} | {goal} | {'yes' if b['met'] else 'no'} |")
-    lines += ["", "Each benchmark's own tables are in the subfolders (nf4/, forward/, demo/, train/)."]
+    lines += ["", "Each benchmark's own tables are in the subfolders (nf4/, nf4_reuse/, forward/, demo/, train/, "
+              "train_reuse/)."]
     return "\n".join(lines) + "\n"
 
 
@@ -118,21 +140,34 @@ def main(argv=None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--train-rounds", type=int, default=None,
                     help="round-robin rounds of the training benchmark (default 8; 1 without AVX512_BF16)")
+    ap.add_argument("--train-reuse", action=argparse.BooleanOptionalAction, default=None,
+                    help="also run the training benchmark with malloc reuse (default: with AVX512_BF16 only; "
+                         "without it, torch's bf16 GEMM makes each baseline call take minutes)")
     args = ap.parse_args(argv)
     info = machine()
-    train_rounds = args.train_rounds or (8 if "avx512_bf16" in info["flags"] else 1)
+    fast_bf16 = "avx512_bf16" in info["flags"]
+    train_rounds = args.train_rounds or (8 if fast_bf16 else 1)
+    train_reuse = fast_bf16 if args.train_reuse is None else args.train_reuse
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
     run([py, "bench/bench_nf4.py", "--out", str(out / "nf4")], out / "nf4.log")
+    run([py, "bench/bench_nf4.py", "--out", str(out / "nf4_reuse")], out / "nf4_reuse.log", MALLOC_REUSE_ENV)
     run([py, "bench/bench_qlora.py", "--shapes", "4096x4096", "--ms", "1,16", "--ranks", "16", "--no-backward",
          "--dtype", "bfloat16", "--out", str(out / "forward")], out / "forward.log")
     run([py, "-m", "lora_ops", "demo", "--no-progress", "--out", str(out / "demo")], out / "demo.log")
     run([py, "bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds), "--out", str(out / "train")],
         out / "train.log")
+    reuse = " *(malloc reuse)*"
     fwd_bars, fwd_env = forward_bars(out / "forward")
-    bars = dequant_bars(out / "nf4") + fwd_bars + demo_bars(out / "demo") + train_bars(out / "train")
-    env = {"lora_ops_cpu_isa": fwd_env.get("lora_ops_cpu_kernels"), "bnb_packed": fwd_env.get("bnb_cpu_packed_path")}
+    bars = (dequant_bars(out / "nf4") + dequant_bars(out / "nf4_reuse", reuse) + fwd_bars + demo_bars(out / "demo")
+            + train_bars(out / "train"))
+    if train_reuse:
+        run([py, "bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds), "--out",
+             str(out / "train_reuse")], out / "train_reuse.log", MALLOC_REUSE_ENV)
+        bars += train_bars(out / "train_reuse", reuse, peak=False)
+    env = {"lora_ops_cpu_isa": fwd_env.get("lora_ops_cpu_kernels"), "bnb_packed": fwd_env.get("bnb_cpu_packed_path"),
+           "malloc": fwd_env.get("malloc")}
     result = {"machine": info, "environment": env, "bars": bars}
     (out / "cpu_bars.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu_bars.md").write_text(markdown(result))

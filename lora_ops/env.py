@@ -6,6 +6,7 @@ weights with bf16-rounded absmax (see :mod:`lora_ops.bnb_cpu_layout`)."""
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -59,6 +60,29 @@ def gpu_driver() -> str | None:
     return out.splitlines()[0] if out else None
 
 
+# Preloadable malloc replacements (LD_PRELOAD) by the file names their libraries carry.
+_MALLOC_LIBRARIES = ("tcmalloc", "jemalloc", "mimalloc", "hoard", "snmalloc")
+
+
+def malloc_library() -> str:
+    """The C allocator serving this process: a malloc replacement found mapped in it (``/proc/self/maps``:
+    tcmalloc, jemalloc, ...), else ``glibc malloc`` plus any ``MALLOC_*`` tuning in the environment.
+
+    CPU timings of large tensors depend on it: glibc maps every allocation over its mmap threshold fresh,
+    so each new multi-MiB tensor is faulted in a page at a time on first touch, while caching allocators
+    hand back memory already mapped (bench/notes_qlora_cpu.md measures what this does to the baselines)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        maps = ""
+    for line in maps.splitlines():
+        name = line.rsplit("/", 1)[-1] if "/" in line else ""
+        if any(lib in name for lib in _MALLOC_LIBRARIES):
+            return name
+    tuning = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_"))
+    return "glibc malloc" + (f" ({', '.join(tuning)})" if tuning else "")
+
+
 def _bitsandbytes() -> dict:
     try:
         import bitsandbytes
@@ -83,6 +107,7 @@ def describe() -> dict:
         "cpu": model,
         "cpu_simd_flags": [f for f in _SIMD_FLAGS if f in flags],
         "cpu_threads": torch.get_num_threads(),
+        "malloc": malloc_library(),
         "lora_ops_cpu_kernels": _native.CPU_SIMD,
         # the CPU path of a 4096x4096 bf16 layer's forward at a decode, a mid and a training-size M
         "lora_ops_cpu_paths_4096_bf16": {m: _native.cpu_matmul_path(m, 4096, 4096, "bfloat16") for m in (1, 64, 2048)},

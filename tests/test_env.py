@@ -41,3 +41,15 @@ def test_env_names_the_avx512_cap():
     info = _env({"LORA_OPS_NO_AVX512": "1"})
     expect = "avx2" if {"avx2", "fma", "f16c"} <= set(info["cpu_simd_flags"]) else "portable"
     assert info["lora_ops_cpu_kernels"] == expect
+
+
+def test_env_names_the_allocator_and_its_tuning(monkeypatch):
+    # CPU timings of large tensors depend on the C allocator (fresh mappings fault in on first touch).
+    for k in [k for k in os.environ if k.startswith("MALLOC_")]:
+        monkeypatch.delenv(k)
+    base = _env({"LD_PRELOAD": ""})["malloc"]
+    assert base.startswith("glibc malloc") or any(lib in base for lib in ("tcmalloc", "jemalloc", "mimalloc"))
+    if base.startswith("glibc malloc"):
+        assert base == "glibc malloc"
+        tuned = _env({"LD_PRELOAD": "", "MALLOC_MMAP_MAX_": "0", "MALLOC_ARENA_MAX": "2"})["malloc"]
+        assert tuned == "glibc malloc (MALLOC_ARENA_MAX=2, MALLOC_MMAP_MAX_=0)"
