@@ -111,9 +111,9 @@ def main() -> int:
         for m in ms:
             x = torch.randn(m, k, generator=g).to(dt).to(dev)
             methods = {}
-            for path in ("tc_decode", "decode", "mma", "ffma"):  # (slab: fp32 activations only; this sweep is bf16)
+            for path in ("tc_decode", "decode", "mma", "slab", "ffma"):  # slab: its bf16 GEMM kind
                 if ((path == "decode" and m > 16) or (path == "tc_decode" and m > 64) or (path == "ffma" and m > 256)
-                        or dev.type != "cuda"):
+                        or (path == "slab" and m < 64) or dev.type != "cuda"):
                     continue
                 methods[f"fused-{path}"] = (path, [lambda w=w: lora_ops.qlora_matmul(x, w) for w in wqs], wq0.nbytes)
             if dev.type != "cuda":

@@ -53,8 +53,8 @@ CASES = [
     (17, 136, 96, "mma", [torch.bfloat16]),                                       # K % 64 != 0 (fast path)
     (100, 200, 200, "mma", [torch.float16, torch.bfloat16]),                      # K % 32 != 0 (scalar path)
     (130, 320, 1024, "mma", [torch.bfloat16]),                                    # M and N tails, 16 K tiles
-    (300, 136, 200, "slab", [torch.float32]),                                    # fp32 large M: W slabs + cuBLAS
-    (70, 1000, 77, "slab", [torch.float32]),                                     # odd K, N tail of a slab
+    (300, 136, 200, "slab", [torch.float32, torch.bfloat16]),                    # large M: W slabs + cuBLAS (bf16: bf16 GEMM)
+    (70, 1000, 77, "slab", [torch.float32, torch.bfloat16]),                     # odd K (bf16: fp32 window narrowed), N tail
     (7, 50, 77, "ffma", [torch.float32, torch.bfloat16]),                         # odd everything
     (2, 64, 4096, "ffma", [torch.float32]),                                       # split-K in the FFMA path
 ]

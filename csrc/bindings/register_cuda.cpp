@@ -61,8 +61,14 @@ void decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64
   check_cuda(cuda::nf4_decode_window(w, value_dtype, row_len, r0, r1, c0, c1, dst, ld, current_stream()),
              "qlora_matmul (slab decode)");
 }
-// W slabs of <= 32 MiB (fp32) stay in an H100/H200's L2 (50 / 60 MB) for their GEMM; activations are
-// widened and extended by the LoRA columns in chunks of <= 256 MiB. Two slab buffers (64 MiB of scratch):
+
+void decode_window_16bit(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1, int64_t c0,
+                         int64_t c1, uint16_t* dst, int64_t ld) {
+  check_cuda(cuda::nf4_decode_window_16bit(w, value_dtype, row_len, r0, r1, c0, c1, dst, ld, current_stream()),
+             "qlora_matmul (slab decode)");
+}
+// W slabs of <= 32 MiB (in the GEMM's dtype) stay in an H100/H200's L2 (50 / 60 MB) for their GEMM;
+// activations are widened (fp32 GEMM) and extended by the LoRA columns in chunks of <= 256 MiB. Two slab buffers (64 MiB of scratch):
 // the next slab decodes on a side stream while cuBLAS multiplies the current one (CudaSlabStreams).
 constexpr int64_t kCudaSlabBytes = int64_t{32} << 20, kCudaSlabRowsBytes = int64_t{256} << 20;
 
@@ -118,8 +124,10 @@ void qlora_matmul(const QloraMatmulParams& p) {
     return;
   case cuda::CudaMatmulPath::kSlabGemm: {
     CudaSlabStreams streams;
-    qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, nullptr, nullptr}, kCudaSlabBytes,
-                      kCudaSlabRowsBytes, /*bf16_gemm=*/false, &streams);
+    // bf16 activations take the bf16 GEMM kind (cuBLAS bf16, fp32 accumulation; its split-K reductions
+    // follow torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction, as torch's own bf16 matmul).
+    qlora_matmul_slab(p, SlabKernels{c10::Device(c10::DeviceType::CUDA), decode_window, decode_window_16bit, nullptr},
+                      kCudaSlabBytes, kCudaSlabRowsBytes, /*bf16_gemm=*/true, &streams);
     return;
   }
   case cuda::CudaMatmulPath::kFfma: {

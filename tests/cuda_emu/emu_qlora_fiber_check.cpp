@@ -886,9 +886,26 @@ void run_window() {
       std::snprintf(b, sizeof b, "nf4_decode_window K=%lld %s bs=%d rows [%lld, %lld) cols [%lld, %lld)", (long long)k,
                     dname(t), bs, (long long)r0, (long long)r1, (long long)c0, (long long)c1);
       expect(std::memcmp(got.data(), want.data(), got.size() * 4) == 0, std::string(b) + ": values differ");
+      if (t != DType::kFloat32) { // the 16-bit window (bf16 GEMM kind): the same values' bits
+        std::vector<uint16_t> got16((r1 - r0) * ld, 0xFFFF);
+        expect(cuda::nf4_decode_window_16bit(w.view, t, k, r0, r1, c0, c1, got16.data(), ld, nullptr) == cudaSuccess,
+               "nf4_decode_window_16bit: launcher error");
+        bool same = true;
+        for (int64_t r = 0; r < r1 - r0; ++r)
+          for (int64_t c = 0; c < ld; ++c) {
+            const float v = want[r * ld + c];
+            const uint16_t bits = c < c1 - c0 ? (t == DType::kBFloat16 ? cpu::float_to_bf16(v) : cpu::float_to_fp16(v))
+                                              : uint16_t{0xFFFF}; // the pitch's padding stays unwritten
+            same = same && got16[r * ld + c] == bits;
+          }
+        expect(same, std::string(b) + ": 16-bit window differs");
+      }
       ++i;
     }
   }
+  expect(cuda::nf4_decode_window_16bit(Weight(4, 64, 64, false, 0).view, DType::kFloat32, 64, 0, 4, 0, 64, nullptr, 64,
+                                       nullptr) == cudaErrorInvalidValue,
+         "nf4_decode_window_16bit: accepted an fp32 window");
 }
 
 void run_lora() {

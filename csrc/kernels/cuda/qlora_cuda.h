@@ -52,11 +52,14 @@ bool qlora_tc_decode_supported(const QloraMatmulParams& p);
 int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms);
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
 
-// ---- slab path (fp32 activations, large M): the window decode feeding csrc/bindings/qlora_slab.cpp's
-// cuBLAS GEMMs (nf4_window.cu) -------------------------------------------------------------------------
+// ---- slab path (fp32 and bf16 activations, large M): the window decode feeding
+// csrc/bindings/qlora_slab.cpp's cuBLAS GEMMs (nf4_window.cu) ---------------------------------------------
 // W[r0:r1, c0:c1] (rows of row_len columns) as fp32 values of value_dtype into dst (row pitch ld).
 cudaError_t nf4_decode_window(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1,
                               int64_t c0, int64_t c1, float* dst, int64_t ld, cudaStream_t stream);
+// The same window as the 16-bit values of value_dtype (bf16 or fp16 bits), for the bf16 GEMM.
+cudaError_t nf4_decode_window_16bit(const Nf4Weight& w, DType value_dtype, int64_t row_len, int64_t r0, int64_t r1,
+                                    int64_t c0, int64_t c1, uint16_t* dst, int64_t ld, cudaStream_t stream);
 
 // ---- tensor-core path (fp16 / bf16, sm80+) ----------------------------------------------------------
 bool qlora_mma_supported(const QloraMatmulParams& p);
