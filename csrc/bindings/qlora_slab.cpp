@@ -115,7 +115,10 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
   at::Tensor w_bufs[2];
   for (int i = 0; i < n_slots; ++i)
     w_bufs[i] = at::empty({kk * width}, opts);
-  const at::Tensor y_buf = at::empty({mc_max * width}, opts);
+  // The GEMM writes its output columns in place when it produces the output dtype itself (bf16 GEMM, or fp32
+  // activations) and no epilogue follows: the single rounding is the GEMM's, and no slab of y is copied.
+  const bool in_place = !epilogue && scalar_type_of(p.a_dtype) == gt;
+  const at::Tensor y_buf = in_place ? at::Tensor() : at::empty({mc_max * width}, opts);
   // bf16 GEMM: the window is decoded straight to bf16 where the device can (rows start on whole bytes),
   // else to fp32 here and narrowed (exactly: bf16 values) into the W buffer.
   const bool direct16 = g16 && k.decode_window_16bit != nullptr && K % 2 == 0;
@@ -200,7 +203,7 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
       }
       if (streams != nullptr)
         streams->end_decode(slot);
-      at::Tensor y = matrix(y_buf, mc, ow);
+      at::Tensor y = in_place ? out.narrow(0, m0, mc).narrow(1, o0, ow) : matrix(y_buf, mc, ow);
       if (bias.defined() && !bias_in_k)
         at::addmm_out(y, bias.narrow(0, o0, ow), am, wop);
       else
@@ -209,7 +212,7 @@ void qlora_matmul_slab(const QloraMatmulParams& p, const SlabKernels& k, int64_t
         streams->end_gemm(slot);
       if (epilogue)
         k.finish_tile(p, m0, mc, o0, ow, y.data_ptr<float>(), ow);
-      else
+      else if (!in_place)
         out.narrow(0, m0, mc).narrow(1, o0, ow).copy_(y); // fp32 y: the single rounding to the output dtype
     }
   }
