@@ -22,8 +22,8 @@
 //
 // Memory: the activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes W once
 // more), the W slab by slab_bytes (in the GEMM's dtype; the bf16 GEMM with an odd K decodes through one
-// more fp32 window of twice that; two such buffers where SlabStreams overlaps decode and GEMM), the
-// output slab by rows x slab width. Never a dense W.
+// more fp32 window of twice that; two such buffers where SlabStreams overlaps decode and GEMM), an fp32
+// output slab of rows x slab width where the GEMM cannot write the output itself. Never a dense W.
 #include "bindings/qlora_slab.h"
 
 #include <ATen/ATen.h>
