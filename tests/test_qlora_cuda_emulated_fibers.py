@@ -9,7 +9,9 @@ the dropout mask over odd shapes (and fp32 with 4096-long reductions: group "lon
 dropout, strided and misaligned operands, and checks:
   - error vs a float64 reference <= 2 x the CPU kernel's error + output rounding (architecture.md s4),
   - exact dequantized weight values (one-hot activations) and exact dropout-mask bytes,
-  - no write outside the outputs, the decode path's support predicate.
+  - no write outside the outputs, the decode path's support predicate,
+  - the slab path's window decode bit for bit (fp32 and 16-bit windows: group "window") and the CUDA
+    dispatcher's table (which path each M / dtype / form takes: group "dispatch").
 Each group runs under two schedule policies (warps in lockstep; one warp running ahead between
 barriers), so a missing __syncthreads or a shared-memory race changes the output.
 It checks indexing, tails, fragment layouts, barriers and reductions where no GPU exists; it does not
@@ -29,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "cuda_emu"))
 import build_emu  # noqa: E402
 
-GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "long", "mma", "tc_decode", "window"]
+GROUPS = ["mask", "edge", "lora", "decode", "decode_t", "ffma", "long", "mma", "tc_decode", "window", "dispatch"]
 # 0: round-robin (warps in lockstep); 2: priority, the LAST warp runs ahead to its next barrier.
 POLICIES = [0, 2]
 

@@ -7,7 +7,7 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | long | mma | tc_decode | window | lora | mask | edge
+// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | long | mma | tc_decode | window | dispatch | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)
@@ -19,6 +19,7 @@
 #include "cpu/lora_factors_cpu.h"
 #include "cpu/qlora_cpu.h"
 #include "cuda/qlora_cuda.h"
+#include "cuda/qlora_cuda_path.h"
 #include "emu_nested_state.h"
 
 using namespace lora_ops;
@@ -867,6 +868,51 @@ void run_tc_decode_predicates() {
   expect(cuda::qlora_tc_decode_splits(q, 132) == 1, "tc_decode_splits: split a layer whose rows fill the SMs");
 }
 
+// The CUDA dispatcher's table (qlora_cuda_path.h) on one aligned layer: which path each M, dtype and form
+// takes, and what a forced path falls back to where it does not apply.
+void run_dispatch() {
+  using cuda::CudaMatmulPath;
+  Weight w(40, 128, 64, false, 0);
+  Buf a(512 * 128 * 4 + 64);
+  QloraMatmulParams p;
+  p.weight = w.view;
+  p.n = 40;
+  p.k = 128;
+  p.a = a.ptr;
+  p.a_row_stride = 128;
+  const auto path = [&](int64_t m, DType t, bool transpose, int cc, const CudaMatmulPath* forced = nullptr) {
+    QloraMatmulParams q = p;
+    q.m = m;
+    q.a_dtype = t;
+    q.transpose_w = transpose;
+    if (transpose) q.a_row_stride = 40;  // dy [M, N]
+    return cuda::choose_matmul_path(q, cuda::kCudaCrossover, cc, forced);
+  };
+  const DType bf = DType::kBFloat16, h = DType::kFloat16, f = DType::kFloat32;
+  const int64_t bf_slab = cuda::kCudaCrossover.slab_min_m_bf16, f_slab = cuda::kCudaCrossover.slab_min_m_fp32;
+  expect(path(1, bf, false, 9) == CudaMatmulPath::kTcDecode, "dispatch: bf16 M=1 not tc_decode");
+  expect(path(bf_slab - 1, bf, false, 9) == CudaMatmulPath::kTensorCore, "dispatch: bf16 below the slab M not mma");
+  expect(path(bf_slab, bf, false, 9) == CudaMatmulPath::kSlabGemm, "dispatch: bf16 at the slab M not slab");
+  expect(path(bf_slab, bf, true, 9) == CudaMatmulPath::kSlabGemm, "dispatch: bf16 dx at the slab M not slab");
+  expect(path(4 * bf_slab, h, false, 9) == CudaMatmulPath::kTensorCore, "dispatch: fp16 at large M not mma");
+  expect(path(bf_slab, bf, false, 7) == CudaMatmulPath::kFfma, "dispatch: bf16 on sm70 not ffma");
+  expect(path(f_slab, f, false, 9) == CudaMatmulPath::kSlabGemm, "dispatch: fp32 at the slab M not slab");
+  expect(path(f_slab - 1, f, false, 9) != CudaMatmulPath::kSlabGemm, "dispatch: fp32 below the slab M on slab");
+  const CudaMatmulPath slab = CudaMatmulPath::kSlabGemm;
+  expect(path(5, bf, false, 9, &slab) == CudaMatmulPath::kSlabGemm, "dispatch: forced slab refused for bf16");
+  expect(path(5, h, false, 9, &slab) != CudaMatmulPath::kSlabGemm, "dispatch: forced slab taken for fp16");
+  // dx with a dropout-masked LoRA term: the slab loop has no CUDA epilogue for it
+  QloraMatmulParams q = p;
+  q.m = bf_slab;
+  q.a_dtype = bf;
+  q.transpose_w = true;
+  q.a_row_stride = 40;
+  q.rank = 4;
+  q.dropout.threshold = 1u << 20;
+  expect(cuda::choose_matmul_path(q, cuda::kCudaCrossover, 9, nullptr) == CudaMatmulPath::kTensorCore,
+         "dispatch: masked dx LoRA sent to the slab path");
+}
+
 // The slab path's window decode (nf4_window.cu) against cpu::nf4_decode_window, bit for bit: forward
 // windows (rows, all columns) and dx windows (all rows, a column range), odd K (rows start mid-byte),
 // every compute dtype, nested and plain, a pitch wider than the window.
@@ -993,6 +1039,7 @@ int main(int argc, char** argv) {
   if (want("edge")) run_edge();
   if (want("lora")) run_lora();
   if (want("window")) run_window();
+  if (want("dispatch")) run_dispatch();
   if (want("decode")) run_decode_predicates();
   if (want("decode")) run_decode();
   if (want("decode_t")) run_decode_t();

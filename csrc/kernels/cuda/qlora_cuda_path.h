@@ -54,8 +54,9 @@ inline CudaMatmulPath choose_matmul_path(const QloraMatmulParams& p, const CudaC
   const bool tc_ok = p.a_dtype != DType::kFloat32 && cc_major >= 8 && qlora_mma_supported(p);
   const bool decode_ok = qlora_decode_supported(p);
   const bool tc_decode_ok = cc_major >= 8 && qlora_tc_decode_supported(p);
-  // The slab loop keeps a dropout-masked LoRA term (dx) out of its GEMM and has no CUDA epilogue for it.
-  const bool slab_ok = (p.a_dtype == DType::kFloat32 || p.a_dtype == DType::kBFloat16) &&
+  // The slab loop keeps a dropout-masked LoRA term (dx) out of its GEMM and has no CUDA epilogue for it;
+  // its bf16 GEMM wants bf16 tensor cores (sm80+).
+  const bool slab_ok = (p.a_dtype == DType::kFloat32 || (p.a_dtype == DType::kBFloat16 && cc_major >= 8)) &&
                        !(p.transpose_w && p.rank > 0 && p.dropout.enabled());
   if (forced != nullptr) {
     if (*forced == CudaMatmulPath::kTcDecode && tc_decode_ok)
