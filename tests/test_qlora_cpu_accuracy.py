@@ -43,3 +43,30 @@ for i, case in enumerate(t.CASES):
 def test_long_fp32_reductions_at_lower_simd_levels(cap, rng):
     seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
     run_script_in_fresh_process(_AT_LEVEL, [seed], {cap: "1"}, timeout=300)
+
+
+# lora_down with few outputs (M · r <= 16): each element of s = drop(x)·Aᵀ or u = dy·B scales a whole row
+# of dB or dA, so its error is not averaged away; those sums are accumulated in fp64 and rounded once.
+# Bound: within 1 ulp of the float64 value (an fp32 sum over a few hundred terms with cancellation was more
+# than 2x plain PyTorch's error in 16 % of draws).
+_FEW_OUTPUTS = r"""
+import sys, torch
+import lora_ops  # noqa: F401  (registers the ops)
+gen = torch.Generator().manual_seed(int(sys.argv[1]))
+for m, l, r, dtype in [(1, 257, 1, torch.float32), (2, 2048, 1, torch.float32), (1, 300, 16, torch.bfloat16),
+                       (4, 1031, 4, torch.float32), (16, 64, 1, torch.float16)]:
+    for trial in range(20):
+        a = torch.randn(m, l, generator=gen).to(dtype)
+        for f in (torch.randn(r, l, generator=gen), torch.randn(l, r, generator=gen).t()):  # A, and Bᵀ (strided)
+            s = torch.ops.lora_ops.lora_down(a, f, 0.0, None)
+            exact = a.double() @ f.double().t()
+            ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(1e-30)
+            err = (s.double() - exact).abs()
+            assert (err <= ulp).all(), (m, l, r, dtype, (err / ulp).max().item())
+"""
+
+
+@pytest.mark.parametrize("cap", [None, "LORA_OPS_NO_AVX2"])
+def test_lora_down_with_few_outputs_is_correctly_rounded(cap, rng):
+    seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
+    run_script_in_fresh_process(_FEW_OUTPUTS, [seed], {cap: "1"} if cap else {}, timeout=120)
