@@ -63,10 +63,20 @@ for m, l, r, dtype in [(1, 257, 1, torch.float32), (2, 2048, 1, torch.float32), 
             ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(1e-30)
             err = (s.double() - exact).abs()
             assert (err <= ulp).all(), (m, l, r, dtype, (err / ulp).max().item())
+# lora_outer with few outputs (p · q <= 16: dA of a K = 1 layer, dB of an N = 1 layer) likewise.
+for m, np_, q, dtype in [(300, 4, 1, torch.bfloat16), (2000, 1, 16, torch.float32), (7, 2, 2, torch.float32)]:
+    for trial in range(20):
+        left = torch.randn(m, np_, generator=gen)
+        right = torch.randn(m, q, generator=gen).to(dtype)
+        g = torch.ops.lora_ops.lora_outer(left, right, 0.5, 0.0, None, torch.float32)
+        exact = 0.5 * left.double().t() @ right.double()
+        ulp = torch.finfo(torch.float32).eps * exact.abs().clamp_min(1e-30)
+        err = (g.double() - exact).abs()
+        assert (err <= ulp).all(), (m, np_, q, dtype, (err / ulp).max().item())
 """
 
 
 @pytest.mark.parametrize("cap", [None, "LORA_OPS_NO_AVX2"])
-def test_lora_down_with_few_outputs_is_correctly_rounded(cap, rng):
+def test_lora_factors_with_few_outputs_are_correctly_rounded(cap, rng):
     seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
     run_script_in_fresh_process(_FEW_OUTPUTS, [seed], {cap: "1"} if cap else {}, timeout=120)

@@ -619,6 +619,33 @@ void lora_down_fp64(const LoraDownParams& p) {
   }
 }
 
+// lora_outer with at most this many outputs (p · q) takes lora_outer_fp64: with so few elements (dA of a
+// K = 1 layer, dB of an N = 1 layer), each is its own mean-relative error; in fp64 they cost ~16 M
+// multiply-adds at most.
+constexpr int64_t kFp64OuterOutputs = 16;
+
+// out[pp, qq] = scale · Σ_m left[m, pp] · drop(right)[m, qq], one fp64 sum per element (exact products of
+// fp32 values), in order over m on one thread, rounded once to the output dtype (fp32; bf16 / fp16 through
+// fp32).
+void lora_outer_fp64(const LoraOuterParams& p) {
+  const int64_t np = p.p, Q = p.q;
+  const uint32_t key = dropout_key(p.dropout.seed);
+  std::vector<float> l(static_cast<size_t>(np)), rr(static_cast<size_t>(Q));
+  std::vector<double> acc(static_cast<size_t>(np * Q), 0.0);
+  for (int64_t m = 0; m < p.m; ++m) {
+    load_row(p.left, p.left_dtype, m * p.left_row_stride, p.left_col_stride, np, l.data());
+    load_row(p.right, p.right_dtype, m * p.right_row_stride, p.right_col_stride, Q, rr.data());
+    if (p.dropout.enabled())
+      mask_row(p.dropout, key, m, Q, rr.data());
+    for (int64_t pp = 0; pp < np; ++pp)
+      for (int64_t qq = 0; qq < Q; ++qq)
+        acc[pp * Q + qq] += static_cast<double>(l[pp]) * rr[qq];
+  }
+  const double scale = static_cast<float>(p.scale); // rounded to float once, as the fp32 paths do
+  for (int64_t i = 0; i < np * Q; ++i)
+    store_elem<double>(p.out, p.out_dtype, i, scale * acc[i]);
+}
+
 } // namespace
 
 void lora_down(const LoraDownParams& p) {
@@ -634,6 +661,8 @@ void lora_down(const LoraDownParams& p) {
 void lora_outer(const LoraOuterParams& p) {
   if (p.out_dtype == DType::kFloat64 || p.left_dtype == DType::kFloat64 || p.right_dtype == DType::kFloat64)
     return lora_outer_typed<double>(p);
+  if (p.p * p.q <= kFp64OuterOutputs)
+    return lora_outer_fp64(p);
   lora_outer_typed<float>(p);
 }
 
