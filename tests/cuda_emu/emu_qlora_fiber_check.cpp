@@ -171,6 +171,13 @@ struct RefSum {
   }
 };
 
+// Few-output LoRA factors are summed in fp64 and rounded once to fp32 (lora_small.cu, lora_factors_cpu.cpp):
+// within one fp32 ulp of the float64 value (checked without dropout: the kernels scale kept x by keep_scale
+// in fp32 before the product, the reference in double, which under cancellation can exceed an ulp).
+bool within_fp32_ulp(float got, const RefSum& ref) {
+  return std::fabs(static_cast<double>(got) - ref.acc) <= std::ldexp(std::fabs(ref.acc), -23) + 1e-300;
+}
+
 // Errors of one output tensor against the float64 reference. `slack` per element is the fp32
 // accumulation floor u32 * sqrt(terms) * sum|terms| (any summation order; it matters only where the
 // terms cancel, e.g. a single output element whose CPU error happens to be near zero).
@@ -460,6 +467,12 @@ void check_down(int64_t m, int64_t l, int rank, DType dt, bool f_fp32, bool f_is
                   (p.dropout.enabled() ? p.dropout.keep_scale : 1.0f) * load(f.ptr, ft, q * p.f_stride_q + t * p.f_stride_l));
       eg.add(load(og.ptr, DType::kFloat32, i * p.out_row_stride + q), ref, l);
       ec.add(load(oc.ptr, DType::kFloat32, i * p.out_row_stride + q), ref, l);
+      if (m * rank <= 16 && !p.dropout.enabled()) {
+        expect(within_fp32_ulp(load(og.ptr, DType::kFloat32, i * p.out_row_stride + q), ref),
+               std::string(nb) + ": few outputs, CUDA not within 1 ulp of float64");
+        expect(within_fp32_ulp(load(oc.ptr, DType::kFloat32, i * p.out_row_stride + q), ref),
+               std::string(nb) + ": few outputs, CPU not within 1 ulp of float64");
+      }
     }
   // dropout scaling: kernels multiply x by keep_scale in fp32 before the product (the reference above
   // multiplies in double; both within the rule)
@@ -512,6 +525,12 @@ void check_outer(bool da, int64_t m, int64_t pdim, int64_t qdim, DType dt, DType
       ref.mag *= std::fabs(p.scale);
       eg.add(load(og.ptr, out_t, i * qdim + j), ref, m);
       ec.add(load(oc.ptr, out_t, i * qdim + j), ref, m);
+      if (pdim * qdim <= 16 && out_t == DType::kFloat32 && !p.dropout.enabled()) {
+        expect(within_fp32_ulp(load(og.ptr, out_t, i * qdim + j), ref),
+               std::string(nb) + ": few outputs, CUDA not within 1 ulp of float64");
+        expect(within_fp32_ulp(load(oc.ptr, out_t, i * qdim + j), ref),
+               std::string(nb) + ": few outputs, CPU not within 1 ulp of float64");
+      }
     }
   judge(nb, eg, ec, out_t);
   expect(og.guard_intact(), std::string(nb) + ": wrote past the output");
@@ -969,6 +988,12 @@ void run_lora() {
       ++i;
     }
   check_outer(true, 600, 8, 72, DType::kBFloat16, DType::kFloat32, 0.5, 3, 1);  // 3 splits of 256 rows
+  // few outputs (fp64 sums): dA of a K = 1 layer with dropout, dB of an N = 1 layer, s of one row at r = 2
+  check_outer(true, 700, 4, 1, DType::kBFloat16, DType::kFloat32, 0.3, 1, 1);
+  check_outer(true, 500, 3, 2, DType::kBFloat16, DType::kFloat32, 0.0, 2, 1);
+  check_outer(false, 300, 1, 8, DType::kFloat32, DType::kBFloat16, 0.0, 2, 1);
+  check_outer(false, 900, 2, 4, DType::kFloat32, DType::kFloat32, 0.0, 1, 1);
+  check_down(1, 3000, 2, DType::kFloat32, true, true, 0.0, 4, 1);
 }
 
 // Degenerate sizes: one chunk / one row / one column, fewer W rows than warps, rank 256.

@@ -3,7 +3,10 @@
 // bound at training sizes, so they use the plain tiled FFMA kernel of tiled_ffma.cuh with fp32
 // accumulation. When the output has too few tiles to fill the GPU, the reduction is split across
 // CTAs; fp32 partials go to a workspace and a second launch sums them in split order, so results are
-// deterministic (no atomics). The dropout mask is recomputed per element from the counter-based hash.
+// deterministic (no atomics). Outputs of at most kFp64Outputs elements (s or u of one or two rows, dA of
+// a K = 1 layer: each element scales a whole gradient row, or is its own relative error) are summed in
+// fp64 instead, one CTA each, as the CPU ops do (lora_factors_cpu.cpp). The dropout mask is recomputed
+// per element from the counter-based hash.
 #include "common/dropout_rng.h"
 #include "cuda/qlora_cuda.h"
 #include "cuda/qlora_device.cuh"
@@ -75,6 +78,28 @@ __global__ void __launch_bounds__(256) splitk_sum_kernel(const ScaledSink sink, 
   }
 }
 
+constexpr int64_t kFp64Outputs = 16;
+
+// One CTA per output element (i, j) = blockIdx.x: fp64 partial sums over the reduction (products of fp32
+// values are exact in fp64), a fixed tree across the CTA, one rounding to fp32 at the store.
+template <class A, class B>
+__global__ void __launch_bounds__(256) few_outputs_fp64_kernel(const A a, const B b, const ScaledSink sink, int64_t J,
+                                                               int64_t T) {
+  const int64_t i = blockIdx.x / J, j = blockIdx.x % J;
+  double acc = 0.0;
+  for (int64_t t = threadIdx.x; t < T; t += blockDim.x)
+    acc += static_cast<double>(a.load(i, t)) * static_cast<double>(b.load(t, j));
+  __shared__ double part[256];
+  part[threadIdx.x] = acc;
+  __syncthreads();
+  for (int half = 128; half > 0; half >>= 1) {
+    if (static_cast<int>(threadIdx.x) < half) part[threadIdx.x] += part[threadIdx.x + half];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0)
+    store_as(sink.out, sink.dtype, i * sink.row_stride + j, static_cast<float>(static_cast<double>(sink.scale) * part[0]));
+}
+
 cudaError_t device_sms(int* sms) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -99,6 +124,11 @@ template <class A, class B>
 cudaError_t run_tiled(const A& a, const B& b, ScaledSink sink, int64_t I, int64_t J, int64_t T, int splits,
                       float* workspace, cudaStream_t stream) {
   if (splits < 1) return cudaErrorInvalidValue;
+  if (I * J <= kFp64Outputs) {
+    sink.ws = nullptr;
+    few_outputs_fp64_kernel<A, B><<<static_cast<unsigned>(I * J), 256, 0, stream>>>(a, b, sink, J, T);
+    return cudaGetLastError();
+  }
   const int64_t per = tiled_ffma_t_per_split(T, splits);
   const int64_t eff = effective_splits(T, splits);
   if ((I + kFfmaTile - 1) / kFfmaTile > 65535 || eff > 65535) return cudaErrorInvalidValue;
