@@ -21,6 +21,9 @@ CASES = [
     ((4,), 8192, 256, 8, fp32, fp32, 64, True, 0.1, False),  # dx, axpy path (M <= 16): over N = 8192, dropout
     ((3,), 64, 16384, 16, fp32, fp32, 64, False, 0.0, False),  # forward, row-dot (M <= 16): K = 16384
     ((20,), 48, 8192, 33, fp32, fp32, 4096, True, 0.0, False),  # blocksize 4096, odd rank (folded into K)
+    ((2,), 257, 2048, 1, fp32, fp32, 32, False, 0.2, False),  # r = 1, M = 2: u's error is dA's (fp64 lora_down)
+    ((1,), 16, 64, 1, fp32, fp32, 64, False, 0.0, True),  # M = 1: s's error is dB's
+    ((300,), 64, 1, 2, fp32, fp32, 64, False, 0.0, False),  # K = 1: dA has 2 elements (fp64 lora_outer)
 ]
 
 
