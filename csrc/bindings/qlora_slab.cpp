@@ -16,9 +16,10 @@
 // order, fp32 adapters kept at fp32. ATen's sgemm is the fast GEMM on AVX2 CPUs: its bf16 GEMM was ~6x
 // slower on the 2-core AMD EPYC (Zen 1) this was measured on (bench/notes_qlora_cpu.md). bf16 (bf16_gemm:
 // CPUs with AVX512_BF16, where oneDNN's bf16 GEMM is ~2x its sgemm; CUDA's bf16 activations): the slab
-// holds the same values in bf16 (exact), x is used as is, products are exact in fp32 and accumulate in fp32, the output is rounded
-// once; the fp32 LoRA operands and bias ride as hi + lo bf16 pairs (relative error ~2^-16 of the LoRA
-// term, instead of 2^-24). With dropout in dx the fp32 kind runs (its epilogue needs fp32 sums).
+// holds the same values in bf16 (exact), x is used as is, products are exact in fp32 and accumulate in
+// fp32, the output is rounded once; the fp32 LoRA operands and bias ride as hi + lo bf16 pairs (relative
+// error ~2^-16 of the LoRA term, instead of 2^-24). With dropout in dx the fp32 kind runs (its epilogue
+// needs fp32 sums).
 //
 // Memory: the activation copy is bounded by rows_bytes (M is chunked beyond it; each chunk decodes W once
 // more), the W slab by slab_bytes (in the GEMM's dtype; the bf16 GEMM with an odd K decodes through one

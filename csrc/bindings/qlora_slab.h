@@ -1,6 +1,6 @@
 // The large-M qlora_matmul on ATen's GEMM (CPU: cpu::CpuMatmulPath::kSlabGemm; CUDA: fp32 and bf16
-// activations, CudaMatmulPath::kSlabGemm): one device-independent slab loop over ATen tensors, fed by each device's
-// NF4 window decode. Lives in the binding layer because it calls ATen.
+// activations, CudaMatmulPath::kSlabGemm): one device-independent slab loop over ATen tensors, fed by each
+// device's NF4 window decode. Lives in the binding layer because it calls ATen.
 #pragma once
 #include <c10/core/Device.h>
 

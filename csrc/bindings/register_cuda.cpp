@@ -68,8 +68,9 @@ void decode_window_16bit(const Nf4Weight& w, DType value_dtype, int64_t row_len,
              "qlora_matmul (slab decode)");
 }
 // W slabs of <= 32 MiB (in the GEMM's dtype) stay in an H100/H200's L2 (50 / 60 MB) for their GEMM;
-// activations are widened (fp32 GEMM) and extended by the LoRA columns in chunks of <= 256 MiB. Two slab buffers (64 MiB of scratch):
-// the next slab decodes on a side stream while cuBLAS multiplies the current one (CudaSlabStreams).
+// activations are widened (fp32 GEMM) and extended by the LoRA columns in chunks of <= 256 MiB. Two slab
+// buffers (64 MiB of scratch): the next slab decodes on a side stream while cuBLAS multiplies the current
+// one (CudaSlabStreams).
 constexpr int64_t kCudaSlabBytes = int64_t{32} << 20, kCudaSlabRowsBytes = int64_t{256} << 20;
 
 // SlabStreams (bindings/qlora_slab.h) on CUDA: the side stream waits once for the inputs (everything the

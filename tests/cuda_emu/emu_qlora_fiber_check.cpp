@@ -7,7 +7,8 @@
 //   - EXACT: dropout masks (bytes), weight values (one-hot activations make out = the dequantized
 //     weight, which must equal the CPU kernel's output and nf4_dequantize bit for bit), and bytes
 //     outside the output rows stay untouched (poison 0xFF).
-// Usage: emu_qlora_fiber_check [group] [seed]   group = all | decode | decode_t | ffma | long | mma | tc_decode | window | dispatch | lora | mask | edge
+// Usage: emu_qlora_fiber_check [group] [seed]
+//   group = all | decode | decode_t | ffma | long | mma | tc_decode | window | dispatch | lora | mask | edge
 // Prints one line per failure and a summary; exit status 1 on any failure.
 #include "emu_fiber_runtime.h"
 // (the runtime must come first)

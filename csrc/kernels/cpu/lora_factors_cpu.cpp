@@ -1,8 +1,9 @@
 // CPU LoRA factor ops (lora_factors_cpu.h). Every output element is computed by one thread, in a fixed
 // summation tree (chunks of 8 terms, blocks of 256, then the blocks: in order over the reduction in
-// lora_down, pairwise in lora_outer, whose reductions over M can be long; lora_down with few outputs
-// accumulates in fp64 instead), so results do not depend on the thread count. AVX2 kernels where cpu_isa() allows them (also on AVX-512 machines: these ops are
-// small next to the GEMMs and AVX2 reaches the same FMA throughput on Zen 4).
+// lora_down, pairwise in lora_outer, whose reductions over M can be long; either op with few outputs
+// sums in fp64 instead), so results do not depend on the thread count. AVX2 kernels where cpu_isa() allows
+// them (also on AVX-512 machines: these ops are small next to the GEMMs and AVX2 reaches the same FMA
+// throughput on Zen 4).
 #include "cpu/lora_factors_cpu.h"
 
 #include <omp.h>
@@ -560,8 +561,10 @@ LORA_AVX2 double dot_fp64_avx2(const float* row, const float* f, int64_t L) {
   int64_t i = 0;
   for (; i + 8 <= L; i += 8) {
     const __m256 x = _mm256_loadu_ps(row + i), y = _mm256_loadu_ps(f + i);
-    a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_cvtps_pd(_mm256_castps256_ps128(y)), a0);
-    a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_cvtps_pd(_mm256_extractf128_ps(y, 1)), a1);
+    const __m128 x_lo = _mm256_castps256_ps128(x), y_lo = _mm256_castps256_ps128(y);
+    const __m128 x_hi = _mm256_extractf128_ps(x, 1), y_hi = _mm256_extractf128_ps(y, 1);
+    a0 = _mm256_fmadd_pd(_mm256_cvtps_pd(x_lo), _mm256_cvtps_pd(y_lo), a0);
+    a1 = _mm256_fmadd_pd(_mm256_cvtps_pd(x_hi), _mm256_cvtps_pd(y_hi), a1);
   }
   alignas(32) double l[4];
   _mm256_store_pd(l, _mm256_add_pd(a0, a1));
@@ -620,8 +623,8 @@ void lora_down_fp64(const LoraDownParams& p) {
 }
 
 // lora_outer with at most this many outputs (p · q) takes lora_outer_fp64: with so few elements (dA of a
-// K = 1 layer, dB of an N = 1 layer), each is its own mean-relative error; in fp64 they cost ~16 M
-// multiply-adds at most.
+// K = 1 layer, dB of an N = 1 layer), each is its own mean-relative error; in fp64 they cost at most
+// 16 · M multiply-adds.
 constexpr int64_t kFp64OuterOutputs = 16;
 
 // out[pp, qq] = scale · Σ_m left[m, pp] · drop(right)[m, qq], one fp64 sum per element (exact products of

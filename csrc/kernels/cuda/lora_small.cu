@@ -96,8 +96,10 @@ __global__ void __launch_bounds__(256) few_outputs_fp64_kernel(const A a, const 
     if (static_cast<int>(threadIdx.x) < half) part[threadIdx.x] += part[threadIdx.x + half];
     __syncthreads();
   }
-  if (threadIdx.x == 0)
-    store_as(sink.out, sink.dtype, i * sink.row_stride + j, static_cast<float>(static_cast<double>(sink.scale) * part[0]));
+  if (threadIdx.x == 0) {
+    const float v = static_cast<float>(static_cast<double>(sink.scale) * part[0]);
+    store_as(sink.out, sink.dtype, i * sink.row_stride + j, v);
+  }
 }
 
 cudaError_t device_sms(int* sms) {
