@@ -118,8 +118,25 @@ LORA_AVX512 inline __m512 fp32_table(float amax, DType t) {
   return v;
 }
 
-// block_absmax with the nested form decoded 16 blocks per step (a gather from the 256-entry map); the same
-// two fp32 roundings (product, then sum) as nf4_nested_absmax, so the same bits.
+// The nested map's entries for 16 8-bit codes q: vpermi2ps picks from 32 entries by bits 0-4, three blend
+// levels by bits 5-7. No gather: gathers are microcoded and slow on Intel CPUs with the GDS (Downfall)
+// microcode mitigation, and on Zen 4 this is faster than the gather was (bench/notes_qlora_cpu.md).
+LORA_AVX512 inline __m512 nested_code_lookup(const float* code, __m512i q) {
+  __m512 r[8];
+#pragma GCC unroll 8
+  for (int j = 0; j < 8; ++j)
+    r[j] = _mm512_permutex2var_ps(_mm512_loadu_ps(code + 32 * j), q, _mm512_loadu_ps(code + 32 * j + 16));
+  for (int bit = 5, n = 8; bit < 8; ++bit, n /= 2) {
+    const __mmask16 hi = _mm512_test_epi32_mask(q, _mm512_set1_epi32(1 << bit));
+#pragma GCC unroll 4
+    for (int j = 0; j < n / 2; ++j)
+      r[j] = _mm512_mask_blend_ps(hi, r[2 * j], r[2 * j + 1]);
+  }
+  return r[0];
+}
+
+// block_absmax with the nested form decoded 16 blocks per step; the same two fp32 roundings (product, then
+// sum) as nf4_nested_absmax, so the same bits.
 LORA_AVX512 inline void block_absmax_avx512(const Nf4Weight& w, int64_t b0, int64_t n, float* out) {
   if (!w.nested())
     return block_absmax(w, b0, n, out);
@@ -128,7 +145,7 @@ LORA_AVX512 inline void block_absmax_avx512(const Nf4Weight& w, int64_t b0, int6
   for (; i + 16 <= n; i += 16) {
     const int64_t b = b0 + i, g = b / kNestedBlocksize, g_last = (b + 15) / kNestedBlocksize;
     const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qabsmax + b)));
-    const __m512 dyn = _mm512_i32gather_ps(q, w.nested_code, 4);
+    const __m512 dyn = nested_code_lookup(w.nested_code, q);
     __m512 a2 = _mm512_set1_ps(w.absmax2[g]);
     if (g_last != g) // 16 blocks straddle at most one group boundary: lanes from it on take the next scale
       a2 = _mm512_mask_blend_ps(static_cast<__mmask16>(0xffffu << (g_last * kNestedBlocksize - b)), a2,
