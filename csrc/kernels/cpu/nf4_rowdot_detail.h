@@ -1,6 +1,7 @@
 // Internals shared by the fused row-dot kernels (nf4_rowdot.cpp: AVX2, nf4_rowdot_avx512.cpp: AVX-512):
 // the NF4 codebook, the block scale decode, and the AVX-512 entry points nf4_rowdot.cpp dispatches to.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -20,8 +21,12 @@ inline void block_absmax(const Nf4Weight& w, int64_t b0, int64_t n, float* out) 
     return;
   }
   const float offset = *w.offset;
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = nf4_nested_absmax(w.nested_code[w.qabsmax[b0 + i]], w.absmax2[(b0 + i) / kNestedBlocksize], offset);
+  for (int64_t i = 0; i < n;) { // per run of blocks sharing a second-level scale: loaded once (out may alias it)
+    const int64_t g = (b0 + i) / kNestedBlocksize, end = std::min(n, (g + 1) * kNestedBlocksize - b0);
+    const float absmax2 = w.absmax2[g];
+    for (; i < end; ++i)
+      out[i] = nf4_nested_absmax(w.nested_code[w.qabsmax[b0 + i]], absmax2, offset);
+  }
 }
 
 // AVX-512 twins of rowdot_prepare_x / rowdot_fused (nf4_rowdot.h), same contracts; cpu_isa() == kAvx512.
