@@ -17,7 +17,8 @@ mkdir -p "$work/debs" "$work/root" "$work/venv/bin"
 
 # qemu-user and the libraries Debian 12's build links that a minimal system may lack, unpacked, not installed.
 if [ ! -x "$work/root/usr/bin/qemu-x86_64" ]; then
-  (cd "$work/debs" && apt-get download qemu-user libcapstone4 liburing2 2>&1 | grep -v '^W: Download is performed unsandboxed')
+  (cd "$work/debs" && apt-get download qemu-user libcapstone4 liburing2 2>&1 |
+    grep -v '^W: Download is performed unsandboxed')
   for deb in "$work"/debs/*.deb; do dpkg -x "$deb" "$work/root"; done
 fi
 qemu="$work/root/usr/bin/qemu-x86_64"
@@ -30,7 +31,8 @@ ln -sfn "$venv/lib" "$work/venv/lib"
 cat > "$work/venv/bin/python" <<EOF
 #!/usr/bin/env bash
 export LD_LIBRARY_PATH="$work/root/usr/lib/x86_64-linux-gnu\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"
-exec "$qemu" -cpu EPYC-Rome -0 "$work/venv/bin/python" "$base" "\$@" 2> >(grep --line-buffered -v "TCG doesn't support" >&2)
+exec "$qemu" -cpu EPYC-Rome -0 "$work/venv/bin/python" "$base" "\$@" \
+  2> >(grep --line-buffered -v "TCG doesn't support" >&2)
 EOF
 chmod +x "$work/venv/bin/python"
 ln -sfn python "$work/venv/bin/python3"
