@@ -213,6 +213,8 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
     bitsandbytes' ``compress_statistics=True`` do."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"quantize_nf4: expected a tensor, got {type(w).__name__}")
+    if w.dim() == 0:  # the format stores a shape of at least one dimension (w_meta = [blocksize, *shape])
+        raise ValueError("quantize_nf4: w must have at least one dimension, got a 0-d tensor (use w.reshape(1))")
     packed, absmax = nf4_ops.nf4_quantize(w.detach(), blocksize)
     if not double_quant:
         return NF4Weight(packed, absmax, blocksize, w.shape, w.dtype)

@@ -38,6 +38,15 @@ def test_empty_tensor(device):
         lora_ops.nf4_quantize(torch.empty(0, 64, device=device), 64)
 
 
+def test_zero_dim_weight_refused(device):
+    # a 0-d weight has no [blocksize, *shape] meta the ops accept: refused up front, not at dequantize
+    with pytest.raises(ValueError, match="at least one dimension.*0-d"):
+        lora_ops.quantize_nf4(torch.randn((), device=device), 64)
+    q = lora_ops.quantize_nf4(torch.randn(64, device=device).reshape(1, 64), 64)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        torch.ops.lora_ops.nf4_dequantize(q.op_args()[0], [64], torch.float32)
+
+
 def _state(device):
     q = lora_ops.quantize_nf4(torch.randn(64, 100, device=device), 64, double_quant=True)
     return q

@@ -8,7 +8,8 @@ Nf4WeightArg nf4_weight_arg(at::TensorList w, at::IntArrayRef w_meta, const char
                     ": the NF4 weight must be 2 tensors (packed, absmax) or 5 (packed, absmax codes, absmax2, "
                     "nested_code, offset), got ",
                     w.size());
-  TORCH_CHECK_VALUE(w_meta.size() >= 2, op, ": w_meta must be [blocksize, *shape], got ", w_meta);
+  TORCH_CHECK_VALUE(w_meta.size() >= 2, op, ": w_meta must be [blocksize, *shape] with a shape of at least one ",
+                    "dimension (0-d weights are not stored), got ", w_meta);
   const int64_t blocksize = w_meta[0];
   check_blocksize(blocksize, op);
   int64_t numel = 1;
