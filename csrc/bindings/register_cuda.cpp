@@ -109,7 +109,8 @@ void qlora_matmul(const QloraMatmulParams& p) {
   const int sms = current_device_attr(cudaDevAttrMultiProcessorCount);
   switch (cuda::choose_matmul_path(p, cuda::kCudaCrossover, cc_major, forced_path())) {
   case cuda::CudaMatmulPath::kTcDecode: {
-    const int splits = cuda::qlora_tc_decode_splits(p, sms);
+    const int splits =
+        cuda::qlora_tc_decode_splits(p, sms, current_device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin));
     Workspace ws(cuda::qlora_splitk_workspace_bytes(p, splits));
     check_cuda(cuda::qlora_tc_decode(p, splits, ws.ptr(), current_stream()), op);
     return;

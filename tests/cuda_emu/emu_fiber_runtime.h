@@ -81,6 +81,7 @@ enum SchedulePolicy { kRoundRobin = 0, kPriorityForward = 1, kPriorityReverse = 
 inline int g_policy = kRoundRobin;
 inline std::mt19937 g_sched_rng(7);
 inline int g_sms = 2;                     // the emulated "device": SM count the launchers see
+inline int g_smem_optin = 232448;         // its per-block shared memory limit (opt-in): 227 KB as sm_90; sm_86 99 KB
 inline long long g_ctas = 0, g_switches = 0;  // statistics
 
 struct Cta {
@@ -427,9 +428,17 @@ inline size_t __cvta_generic_to_shared(const void* p) {
 
 // The runtime calls the launchers make.
 inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
-inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = lora_emu::g_sms; return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr attr, int) {
+  *v = attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? lora_emu::g_smem_optin : lora_emu::g_sms;
+  return cudaSuccess;
+}
 template <typename K>
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) { *n = 2; return cudaSuccess; }
+// As the driver: a dynamic shared memory size over the device's opt-in limit is refused (static shared
+// memory is not modelled, so the launchers must leave room for theirs themselves).
 template <typename K>
-cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int) { return cudaSuccess; }
+cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute attr, int v) {
+  return attr == cudaFuncAttributeMaxDynamicSharedMemorySize && v > lora_emu::g_smem_optin ? cudaErrorInvalidValue
+                                                                                             : cudaSuccess;
+}
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }

@@ -334,7 +334,7 @@ void check_matmul(const MatmulCase& c) {
   int splits = c.splits;
   if (splits == 0)
     splits = c.path == Path::kDecode     ? cuda::qlora_decode_splits(p, 132)
-             : c.path == Path::kTcDecode ? cuda::qlora_tc_decode_splits(p, 132)
+             : c.path == Path::kTcDecode ? cuda::qlora_tc_decode_splits(p, 132, lora_emu::g_smem_optin)
                                          : cuda::qlora_ffma_splits(p, 132);
   switch (c.path) {
     case Path::kDecode:
@@ -786,6 +786,19 @@ void run_tc_decode() {
   check_matmul(c);
   c.m = 12; c.n = 20; c.k = 2880; c.bs = 256; c.nested = true; c.splits = 0;
   check_matmul(c);
+  // The same long rows run on an emulated 99 KB device (sm_86 / sm_89), whose driver refuses a launch over
+  // its limit: with the launcher's own splits for it (rows that fill the SMs, so only the limit splits K).
+  {
+    const int saved = lora_emu::g_smem_optin;
+    lora_emu::g_smem_optin = 101376;
+    c.m = 2; c.n = 16; c.k = 53248; c.bs = 64; c.nested = true; c.rank = 8; c.bias = 1; c.dt = DType::kBFloat16;
+    QloraMatmulParams q;
+    q.m = c.m; q.n = c.n; q.k = c.k; q.weight.blocksize = c.bs;
+    c.splits = cuda::qlora_tc_decode_splits(q, 1, lora_emu::g_smem_optin);
+    expect(c.splits >= 2, "tc_decode_splits: one split of K = 53248 on a 99 KB device");
+    check_matmul(c);
+    lora_emu::g_smem_optin = saved;
+  }
   for (DType t : {DType::kFloat16, DType::kBFloat16}) {
     check_onehot(Path::kTcDecode, false, 64, 40, 2112, t, t == DType::kBFloat16, 64, 1);
     check_onehot(Path::kTcDecode, false, 7, 17, 4352, t, t != DType::kBFloat16, 128, 2);
@@ -883,9 +896,14 @@ void run_tc_decode_predicates() {
   q = p;
   q.n = int64_t{1} << 16;
   q.k = int64_t{1} << 20;
-  expect(cuda::qlora_tc_decode_splits(q, 132) >= 17, "tc_decode_splits: staged absmax of a split exceed 64 KiB");
+  expect(cuda::qlora_tc_decode_splits(q, 132, 232448) >= 17, "tc_decode_splits: staged absmax of a split exceed 64 KiB");
   q.k = 4096;
-  expect(cuda::qlora_tc_decode_splits(q, 132) == 1, "tc_decode_splits: split a layer whose rows fill the SMs");
+  expect(cuda::qlora_tc_decode_splits(q, 132, 232448) == 1, "tc_decode_splits: split a layer whose rows fill the SMs");
+  // One split of K = 53,248 at blocksize 64 stages 833 absmax per row: 64 KiB ring + 53 KB = 116 KB of dynamic
+  // shared memory, which fits sm_90's 227 KB but not sm_86 / sm_89's 99 KB: there the launcher splits K.
+  q.k = 53248;
+  expect(cuda::qlora_tc_decode_splits(q, 132, 232448) == 1, "tc_decode_splits: split K on a 227 KB device");
+  expect(cuda::qlora_tc_decode_splits(q, 132, 101376) >= 2, "tc_decode_splits: one split over a 99 KB device");
 }
 
 // The CUDA dispatcher's table (qlora_cuda_path.h) on one aligned layer: which path each M, dtype and form

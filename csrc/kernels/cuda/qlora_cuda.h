@@ -49,7 +49,7 @@ constexpr int64_t kTcDecodeMaxRows = 64;
 bool qlora_tc_decode_supported(const QloraMatmulParams& p);
 // K splits (forward; 1 unless N is too small to fill the SMs or rows are very long) or N splits (dx) on a
 // device with `sms` multiprocessors; the workspace is qlora_splitk_workspace_bytes(p, splits).
-int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms);
+int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms, int max_smem_per_block);
 cudaError_t qlora_tc_decode(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream);
 
 // ---- slab path (fp32 and bf16 activations, large M): the window decode feeding

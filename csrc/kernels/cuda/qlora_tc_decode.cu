@@ -66,7 +66,8 @@ __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
-__shared__ __align__(16) float2 tc_pairs[256];  // entry v = (c[v >> 4], c[v & 15]): the codes of packed byte v
+__shared__ __align__(16) float2 tc_pairs[256];
+constexpr int64_t kStaticSmemBytes = 256 * sizeof(float2);  // tc_pairs: the dynamic part must fit beside it  // entry v = (c[v >> 4], c[v & 15]): the codes of packed byte v
 
 // Byte (bit offset `shift` = 0, 8, 16, 24) of a code word -> the 16-bit pair register of its two codes,
 // each T(c·absmax). The table entry is addressed by the byte times 8 (sizeof(float2)) directly: one shift
@@ -97,6 +98,9 @@ __host__ __device__ inline int64_t amax_slots(int64_t steps_per_split, int log2_
   return ((steps_per_split * kStepCols + (int64_t{1} << log2_bs) - 1) >> log2_bs) + 1;
 }
 constexpr int64_t kMaxAmaxBytes = 64 * 1024;  // beyond this the host splits K further
+
+// Four column-count instances NT (n8 mma tiles over M); columns past M repeat row M - 1, never stored.
+int column_tiles(int64_t m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
 
 int64_t smem_bytes(int nt, int64_t steps_per_split, int log2_bs) {
   // the ring and the staged absmax; after the main loop the cross-warp reduction reuses the space
@@ -303,11 +307,12 @@ cudaError_t launch(const QloraMatmulParams& p, int splits, float* workspace, cud
 
 template <typename T>
 cudaError_t dispatch(const QloraMatmulParams& p, int splits, float* workspace, cudaStream_t stream) {
-  // Four column-count instances (n8 mma tiles over M); columns past M repeat row M - 1, never stored.
-  if (p.m <= 8) return launch<T, 1>(p, splits, workspace, stream);
-  if (p.m <= 16) return launch<T, 2>(p, splits, workspace, stream);
-  if (p.m <= 32) return launch<T, 4>(p, splits, workspace, stream);
-  return launch<T, 8>(p, splits, workspace, stream);
+  switch (column_tiles(p.m)) {
+  case 1: return launch<T, 1>(p, splits, workspace, stream);
+  case 2: return launch<T, 2>(p, splits, workspace, stream);
+  case 4: return launch<T, 4>(p, splits, workspace, stream);
+  default: return launch<T, 8>(p, splits, workspace, stream);
+  }
 }
 
 // ---- transposed form, dx = dy·W (M <= 64) -------------------------------------------------------------
@@ -526,7 +531,7 @@ bool qlora_tc_decode_supported(const QloraMatmulParams& p) {
          p.a_col_stride == 1 && p.a_row_stride % 8 == 0 && p.rank >= 0 && p.rank <= kMaxLoraRank;
 }
 
-int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms) {
+int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms, int max_smem_per_block) {
   if (p.transpose_w) {  // split N until the column CTAs cover two per SM, each split >= 8 row groups
     const int64_t ctas = (p.k + 16 * t_lane_pairs(p.m) - 1) / (16 * t_lane_pairs(p.m));
     const int64_t groups = (p.n + kTRowStep - 1) / kTRowStep;
@@ -550,9 +555,17 @@ int qlora_tc_decode_splits(const QloraMatmulParams& p, int sms) {
     const int64_t max_by_len = total / kWarps > 1 ? total / kWarps : 1;
     if (s > max_by_len) s = max_by_len;
   }
-  // The staged absmax of a split must fit kMaxAmaxBytes (only very long rows need this).
+  // The staged absmax of a split must fit kMaxAmaxBytes, and the split's dynamic shared memory the device's
+  // per-block limit beside the static table: 99 KB on sm_86 / sm_89, where one split of K = 53,248 at
+  // blocksize 64 would ask for 116 KB (only very long rows need either).
   const int log2_bs = log2_blocksize(p.weight.blocksize);
-  while (s < total && kRows * amax_slots((total + s - 1) / s, log2_bs) * 4 > kMaxAmaxBytes) ++s;
+  const int nt = column_tiles(p.m);
+  const int64_t budget = static_cast<int64_t>(max_smem_per_block) - kStaticSmemBytes;
+  const auto fits = [&](int64_t splits) {
+    const int64_t sps = (total + splits - 1) / splits;
+    return kRows * amax_slots(sps, log2_bs) * 4 <= kMaxAmaxBytes && smem_bytes(nt, sps, log2_bs) <= budget;
+  };
+  while (s < total && !fits(s)) ++s;
   const int64_t sps = (total + s - 1) / s;
   return static_cast<int>((total + sps - 1) / sps);
 }
