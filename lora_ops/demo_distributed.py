@@ -7,23 +7,14 @@ all-gathered per step next to what FSDP2 would gather for the same weights in bf
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
 import torch
 import torch.distributed as dist
 
-
-def _count_all_gather(counter: list[int]):
-    """Counts the bytes FSDP2's all-gathers move (it calls torch.distributed.all_gather_single)."""
-    orig = dist.all_gather_single
-
-    def counting(output, input, *args, **kwargs):
-        counter[0] += output.numel() * output.element_size()
-        return orig(output, input, *args, **kwargs)
-
-    dist.all_gather_single = counting
-    return orig
+from lora_ops.distributed.gather_count import count_all_gather_bytes
 
 
 def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
@@ -79,12 +70,12 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
                   f"{cfg.batch} ({per_rank} per rank) x {cfg.seq_len} tokens | {cfg.steps} steps | {cfg.dtype}",
                   flush=True)
         gathered = [0]
-        orig = _count_all_gather(gathered) if mode == "fsdp" else None
+        counting = count_all_gather_bytes(gathered) if mode == "fsdp" else contextlib.nullcontext()
         losses: list[float] = []
         batches = copy_batches(cfg)
         warmup = min(5, cfg.steps // 10)
         t0 = time.perf_counter()
-        try:
+        with counting:
             for step in range(cfg.steps):
                 if step == warmup:
                     gathered[0] = 0
@@ -101,9 +92,6 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
                 losses.append(total.item() / world)
                 if rank == 0 and (step % 25 == 0 or step == cfg.steps - 1):
                     print(f"step {step:4d}  loss {losses[-1]:.4f}", flush=True)
-        finally:
-            if orig is not None:
-                dist.all_gather_single = orig
         if cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lora_ops.distributed.gather_count import count_all_gather_bytes
 from lora_ops.demo import build_lora_ops_model, copy_batches, make_config
 from lora_ops.optim import PagedAdamW
 
@@ -68,18 +69,9 @@ def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
         model.get_submodule(name).register_forward_pre_hook(_record(seen, name))
 
     gathered = [0]
-    orig = dist.all_gather_single
-
-    def counting(output, input, *args, **kwargs):  # FSDP2's all-gather: count what it moves
-        gathered[-1] += output.numel() * output.element_size()
-        return orig(output, input, *args, **kwargs)
-
-    dist.all_gather_single = counting
     opt = optimizer(model)
-    try:
+    with count_all_gather_bytes(gathered):  # FSDP2's all-gathers: count what they move
         losses = train(model, opt, rank, world)
-    finally:
-        dist.all_gather_single = orig
 
     msd, osd = get_state_dict(model, opt)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(folder / "ckpt"))
