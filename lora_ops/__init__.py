@@ -9,7 +9,13 @@ Public API (see README.md):
                                             (lora_ops.nn, lora_ops.quantize, lora_ops.integrations.peft_native)
 """
 
-from lora_ops import ops  # noqa: F401  (registers torch.ops.lora_ops and fake kernels)
+import torch as _torch
+
+from lora_ops.torch_support import SUPPORTED_TORCH, check_torch
+
+check_torch(_torch.__version__)  # before loading the compiled module: a clear error, not an undefined symbol
+
+from lora_ops import ops  # noqa: E402, F401  (registers torch.ops.lora_ops and fake kernels)
 from lora_ops._native import WITH_CUDA
 from lora_ops.nf4 import NF4Weight, quantize_nf4
 from lora_ops.ops.nf4 import nf4_dequantize, nf4_double_quantize, nf4_quantize
@@ -21,6 +27,7 @@ from lora_ops.quantize import quantize_model
 from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
 
 __all__ = [
+    "SUPPORTED_TORCH",
     "WITH_CUDA",
     "NF4Weight",
     "quantize_nf4",
@@ -42,6 +49,4 @@ __version__ = "0.1.0"
 
 # NF4Weight holds only tensors, a torch.Size, a dtype and an int, and unpickling it runs no code:
 # allow it in torch.load(..., weights_only=True) (torch's default loader since 2.6).
-import torch as _torch  # noqa: E402
-
 _torch.serialization.add_safe_globals([NF4Weight])
