@@ -6,11 +6,32 @@ import os
 # element a kernel forgets to write fails the comparison.
 os.environ.setdefault("LORA_OPS_POISON_OUTPUTS", "1")
 
+import signal  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs an NVIDIA GPU"))]
+
+
+# LORA_OPS_TEST_TIMEOUT=S fails a test whose call runs longer than S seconds (scripts/gpu_check.sh sets it,
+# so one hung test cannot eat the step's time; a hang inside a C call ends only with the step's own limit).
+_TEST_TIMEOUT = float(os.environ.get("LORA_OPS_TEST_TIMEOUT", "0") or 0)
+if _TEST_TIMEOUT > 0:
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item):
+        def expire(signum, frame):
+            raise TimeoutError(f"{item.nodeid}: over LORA_OPS_TEST_TIMEOUT={_TEST_TIMEOUT:g} s")
+
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, _TEST_TIMEOUT)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(params=DEVICES)
