@@ -15,7 +15,6 @@ Exit status 1 if any result is off or any call raises.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ import traceback
 import torch
 
 import lora_ops
+from gpu_results import run_info, write_json
 from lora_ops import reference as ref
 
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}  # ||out - ref|| / ||ref||
@@ -44,8 +44,15 @@ def dense_ref(w) -> torch.Tensor:
 
 
 class Checks:
-    def __init__(self):
+    """The checks so far; with a JSON path, the file is rewritten after each (a killed run keeps them)."""
+
+    def __init__(self, json_path: str | None = None, info: dict | None = None):
         self.rows: list[dict] = []
+        self.json_path, self.info = json_path, info or {}
+
+    def save(self, state: str) -> None:
+        if self.json_path:
+            write_json(self.json_path, {**self.info, "state": state, "checks": self.rows})
 
     def run(self, name: str, fn) -> None:
         t0 = time.perf_counter()
@@ -57,6 +64,7 @@ class Checks:
             row = {"check": name, "ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-1500:]}
         row["seconds"] = round(time.perf_counter() - t0, 3)
         self.rows.append(row)
+        self.save("running")
         detail = f"rel_err {row['rel_err']:.2e} (tol {row['tol']:.0e})" if "rel_err" in row else row["error"]
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {name}: {detail}", flush=True)
 
@@ -73,7 +81,7 @@ def main() -> int:
         return 1
     g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     randn = lambda *s, dt=torch.float32: torch.randn(*s, generator=g).to(dt).to(dev)  # noqa: E731
-    c = Checks()
+    c = Checks(args.json, run_info(dev))
     # (N, K): a square-ish layer, and small N with long K so the decode kernel splits K.
     shapes = [(64, 256)] if args.tiny else [(384, 1024), (64, 8192)]
     r = 8
@@ -166,10 +174,7 @@ def main() -> int:
         torch.cuda.synchronize()
 
     bad = [r_["check"] for r_ in c.rows if not r_["ok"]]
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                       "torch": torch.__version__, "checks": c.rows}, f, indent=1)
+    c.save("done")
     print(f"gpu_smoke: {len(c.rows) - len(bad)}/{len(c.rows)} ok" + (f"; FAILED: {bad}" if bad else ""))
     return 1 if bad else 0
 
