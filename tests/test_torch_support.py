@@ -56,5 +56,6 @@ def test_import_warns_when_allowed():
 def test_build_reads_the_range_from_the_python_file(tmp_path):
     run = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DLORA_OPS_WITH_CUDA=OFF",
                           f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    assert "supports torch" not in run.stdout + run.stderr, run.stdout + run.stderr
+    # the status line comes before torch's own CMake config (which may want a CUDA toolkit for a CUDA torch)
     assert f"lora_ops: torch {torch.__version__} (supported >=2.11,<2.14)" in run.stdout
