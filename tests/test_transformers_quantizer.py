@@ -237,3 +237,28 @@ def test_fp4_and_8bit_checkpoints_are_refused_by_name(bnb_ckpt, tmp_path):
     with pytest.raises(ValueError, match="fp4"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "fp4_tensors", config=bnb_checkpoint_config(tmp_path / "fp4_tensors"),
                                              device_map="cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not (torch.cuda.is_available() and lora_ops.WITH_CUDA), reason="needs a GPU build and a GPU")
+@pytest.mark.parametrize("device_map", ["cuda", "auto"])
+def test_cuda_device_map_quantizes_on_the_gpu_like_the_cpu(dense_ckpt, device_map):
+    """Each weight is quantized where the loader puts it (the GPU): the same bytes as the CPU load."""
+    gpu = AutoModelForCausalLM.from_pretrained(dense_ckpt, quantization_config=NF4Config(), dtype=torch.bfloat16,
+                                               device_map=device_map).eval()
+    cpu = _load(dense_ckpt).eval()
+    for name, m in cpu.named_modules():
+        if isinstance(m, NF4Linear):
+            g = gpu.get_submodule(name)
+            assert g.weight.device.type == "cuda", name
+            for k, v in m.weight.tensors().items():
+                if v is not None:
+                    assert _bytes(g.weight.tensors()[k].cpu()) == _bytes(v), (name, k)
+    twin = float64_twin(cpu)  # the same bytes: the same float64 model
+    plain = LlamaForCausalLM(cpu.config).to(torch.bfloat16).eval()
+    plain.load_state_dict({k: v.to(torch.bfloat16) for k, v in twin.state_dict().items()})
+    ids = torch.randint(0, cpu.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        ours = gpu(input_ids=ids.cuda()).logits.double().cpu()
+        ref, theirs = (m(input_ids=ids).logits.double() for m in (twin, plain))
+    assert (ours - ref).abs().max() <= 2 * (theirs - ref).abs().max() + 2**-8 * ref.abs().max()
