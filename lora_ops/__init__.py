@@ -7,6 +7,8 @@ Public API (see README.md):
     QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
     NF4Linear, quantize_model               a dense model's linears to frozen NF4, ready for PEFT
                                             (lora_ops.nn, lora_ops.quantize, lora_ops.integrations.peft_native)
+    NF4Config, bnb_checkpoint_config        from_pretrained(..., quantization_config=NF4Config()): quantized
+                                            while loading (needs transformers; see docs/transformers.md)
 """
 
 import torch as _torch
@@ -50,3 +52,16 @@ __version__ = "0.1.0"
 # NF4Weight holds only tensors, a torch.Size, a dtype and an int, and unpickling it runs no code:
 # allow it in torch.load(..., weights_only=True) (torch's default loader since 2.6).
 _torch.serialization.add_safe_globals([NF4Weight])
+
+# quant_method "lora_ops" for transformers' from_pretrained (when transformers is installed; idempotent).
+from lora_ops import _transformers_hook  # noqa: E402
+
+_transformers_hook.install()
+
+
+def __getattr__(name: str):
+    if name in ("NF4Config", "bnb_checkpoint_config"):  # need transformers: imported on first use
+        from lora_ops.integrations import transformers_quantizer
+
+        return getattr(transformers_quantizer, name)
+    raise AttributeError(f"module 'lora_ops' has no attribute {name!r}")

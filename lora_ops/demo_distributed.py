@@ -23,7 +23,7 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
     from torch.nn.parallel import DistributedDataParallel
 
     from lora_ops.demo import build_lora_ops_model, copy_batches, device_name, lr_schedule
-    from lora_ops.distributed import check_shardable, make_nf4_shardable, nf4_storage_nbytes
+    from lora_ops.distributed import check_shardable, ddp_ignore_nf4_bases, nf4_storage_nbytes
     from lora_ops.nn import QLoRALinear
     from lora_ops.optim import PagedAdamW
 
@@ -45,10 +45,9 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
         model = build_lora_ops_model(cfg)
         layers = [m for m in model.modules() if isinstance(m, QLoRALinear)]
         n_weights = sum(m.in_features * m.out_features for m in layers)
-        whole_nf4 = sum(m.weight.nbytes for m in layers)
+        whole_nf4 = sum(sum(m.weight.storage_nbytes().values()) for m in layers)
         codes_and_scales = sum(m.weight.packed.numel() + m.weight.absmax.nbytes for m in layers)  # what FSDP2 gathers
-        if mode == "fsdp":
-            make_nf4_shardable(model)
+        if mode == "fsdp":  # fully_shard alone: the NF4 bases are parameters FSDP2 shards as they are
             whole = nf4_storage_nbytes(model)  # one shared copy of the dynamic map from here on
             whole_nf4 = whole["sharded"] + whole["replicated"]
             check_shardable(model, world)
@@ -58,7 +57,7 @@ def run_distributed(mode: str, cfg, checkpoint: str | None = None) -> dict:
             held = nf4_storage_nbytes(model)
             resident = held["sharded"] + held["replicated"]
         else:
-            model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
+            model = DistributedDataParallel(ddp_ignore_nf4_bases(model), device_ids=[local_rank] if cuda else None)
             resident = whole_nf4
         params = [p for p in model.parameters() if p.requires_grad]
         opt = PagedAdamW(params, lr=cfg.lr, weight_decay=0.0)

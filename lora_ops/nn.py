@@ -13,7 +13,7 @@ Stable API (other code depends on it; extend, do not change):
                          adapter_dtype=torch.float32)          # zero-copy: shares the packed bytes
     QLoRALinear.from_peft(peft_lora_linear4bit, adapter_name="default")   # shares A, B and the base
     layer(x)                      x [..., in_features] fp16/bf16/fp32 -> [..., out_features] in x's dtype
-    layer.weight                  NF4Weight view of the base (no copy)
+    layer.weight                  the frozen base: an nn.Parameter (NF4Tensor) with NF4Weight's interface
     layer.lora_A.weight [r, in], layer.lora_B.weight [out, r]   (trainable nn.Parameters)
     layer.scaling                 alpha / r  (alpha / sqrt(r) with use_rslora)
     layer.merge() -> Tensor       dense float32 W + scaling·B·A (the module is not changed)
@@ -22,7 +22,7 @@ Stable API (other code depends on it; extend, do not change):
     layer.adapter_state_dict()    {"lora_A.weight", "lora_B.weight"}: PEFT adapter-file names
 
 state_dict keys: ``lora_A.weight``, ``lora_B.weight`` (PEFT's names without the adapter name),
-``bias`` (if any) and the base buffers ``weight_packed``, ``weight_absmax``, ``weight_absmax2``,
+``bias`` (if any) and the base as ``weight_packed``, ``weight_absmax``, ``weight_absmax2``,
 ``weight_nested_code``, ``weight_offset`` (the last three only when double-quantized), and
 ``lora_merged`` (a bool scalar) only while the adapter is folded into the base by
 ``merge_to_nf4(inplace=True)``: loading a dict restores ``merged`` from it, so the LoRA term is never
@@ -31,7 +31,7 @@ applied twice (a module loaded merged cannot ``unmerge()``: the original base is
 
 NF4Linear: the frozen NF4 base alone (no adapter), what :func:`lora_ops.quantize_model` puts in place of
 ``nn.Linear`` and what PEFT wraps (:mod:`lora_ops.integrations.peft`). A subclass of ``nn.Linear`` as
-bitsandbytes' ``Linear4bit`` is, so ``target_modules="all-linear"`` finds it; same base buffers and
+bitsandbytes' ``Linear4bit`` is, so ``target_modules="all-linear"`` finds it; same base parameter and
 ``weight`` view as QLoRALinear, plus ``bias`` (a frozen Parameter) and ``compute_dtype``.
 
     NF4Linear(weight: NF4Weight, bias=None, compute_dtype=None)
@@ -41,6 +41,7 @@ bitsandbytes' ``Linear4bit`` is, so ``target_modules="all-linear"`` finds it; sa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -49,6 +50,7 @@ from torch import nn
 
 from lora_ops import format as fmt
 from lora_ops.nf4 import NF4Weight, quantize_nf4
+from lora_ops.nf4_tensor import NF4Tensor
 from lora_ops.ops import qlora as qlora_ops
 
 _BASE_KEYS = ("packed", "absmax", "absmax2", "nested_code", "offset")
@@ -87,73 +89,209 @@ def check_input(who: str, x: torch.Tensor, in_features: int) -> None:
 
 
 class _NF4Base:
-    """The frozen NF4 base as buffers ``weight_packed``, ``weight_absmax``, ... (shared by QLoRALinear
-    and NF4Linear): setting it, viewing it as an NF4Weight, and keeping its dtypes through ``.to()``."""
+    """The frozen NF4 base as the parameter ``weight`` (an :class:`~lora_ops.nf4_tensor.NF4Tensor`, shaped
+    like the dense weight, ``requires_grad=False``), shared by QLoRALinear and NF4Linear.
 
-    def _set_base(self, w: NF4Weight) -> None:
+    One storage for every use: ``model.parameters()`` and accelerate see it, transformers' loader sets it
+    (:mod:`lora_ops.integrations.transformers_quantizer`), FSDP2's ``fully_shard`` shards it by rows (a
+    DTensor of NF4Tensor shards outside forward). ``state_dict`` keeps the layer's own keys ``weight_packed``,
+    ``weight_absmax`` (and ``weight_absmax2``, ``weight_nested_code``, ``weight_offset`` when
+    double-quantized), byte-identical to the bitsandbytes layout; the same names are attributes of the layer.
+    Before transformers' loader fills it, ``weight`` may be a dense placeholder parameter (meta device)."""
+
+    def _set_base(self, w: NF4Weight | NF4Tensor) -> None:
         if tuple(w.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"{type(self).__name__}: base weight shape {tuple(w.shape)} != "
                 f"({self.out_features}, {self.in_features})"
             )
+        if isinstance(w, NF4Tensor):
+            w = w.nf4_weight()
+        w = _shared_dynamic_map(w)
+        old = self._parameters.get("weight")
+        if old is not None and not isinstance(old, NF4Tensor) and isinstance(_local_nf4(old), NF4Tensor):
+            raise RuntimeError(f"{type(self).__name__}: the base is sharded (FSDP2); replace it before fully_shard")
         self.blocksize, self.base_dtype = w.blocksize, w.dtype
-        for name, t in w.tensors().items():
-            self.register_buffer(f"weight_{name}", t)
+        self._parameters["weight"] = nn.Parameter(NF4Tensor.from_nf4(w), requires_grad=False)
+
+    def _nf4_local(self) -> NF4Tensor:
+        """The NF4Tensor of this process: the whole base, or this rank's rows under FSDP2 outside forward."""
+        p = self._parameters.get("weight")
+        local = p if isinstance(p, NF4Tensor) else _local_nf4(p)
+        if isinstance(local, NF4Tensor):
+            return local
+        what = "no weight" if p is None else f"a dense {tuple(p.shape)} placeholder on {p.device}"
+        raise RuntimeError(f"{type(self).__name__}: the NF4 base is not loaded yet ({what}); quantize or load it")
 
     @property
-    def weight(self) -> NF4Weight:
-        """The frozen base as an :class:`NF4Weight` (shares the buffers)."""
-        return NF4Weight(
-            self.weight_packed,
-            self.weight_absmax,
-            self.blocksize,
-            (self.out_features, self.in_features),
-            self.base_dtype,
-            self.weight_absmax2,
-            self.weight_nested_code,
-            self.weight_offset,
-        )
+    def base_loaded(self) -> bool:
+        """False while ``weight`` is still a dense placeholder (before transformers' loader quantizes it)."""
+        p = self._parameters.get("weight")
+        return isinstance(p if isinstance(p, NF4Tensor) else _local_nf4(p), NF4Tensor)
 
     def _weight_op_args(self) -> tuple[list[torch.Tensor], list[int]]:
-        """``self.weight.op_args()`` read straight from the buffers: what forward passes to the ops.
-        Why: building an NF4Weight per call costs more than a small layer's kernels. Nothing is cached,
-        so ``.to()``, ``load_state_dict``, in-place updates and a replaced base are always seen."""
-        b = self._buffers
-        packed = b.get("weight_packed")
-        if packed is None:  # a subclass keeps the base elsewhere (lora_ops.distributed.fsdp)
-            return self.weight.op_args()
-        absmax = b["weight_absmax"]
-        w = [packed if packed.dtype == torch.uint8 else packed.view(torch.uint8), absmax]
-        if absmax.dtype == torch.uint8:
-            w += [b["weight_absmax2"], b["weight_nested_code"], b["weight_offset"]]
-        return w, [self.blocksize, self.out_features, self.in_features]
+        """``self.weight.op_args()``: what forward passes to the ops, read from the parameter each call
+        (nothing cached, so ``.to()``, ``load_state_dict``, in-place updates and a replaced base are seen)."""
+        p = self._parameters.get("weight")
+        return (p if isinstance(p, NF4Tensor) else self._nf4_local()).op_args()
 
-    def _apply(self, fn, recurse=True):
-        # .to(dtype) / .half() must not cast the quantization state (absmax & co. are float32 by
-        # format): keep their dtype, follow only the device change.
-        saved = {f"weight_{k}": self._buffers.get(f"weight_{k}") for k in _BASE_KEYS}
-        super()._apply(fn, recurse)
-        for name, orig in saved.items():
-            new = self._buffers.get(name)
-            if orig is not None and new is not None and new.dtype != orig.dtype:
-                self._buffers[name] = orig.to(new.device)
-        return self
+    # The state_dict names of the base, as attributes (this rank's part when sharded): the layer's API, and
+    # torch.distributed.checkpoint.state_dict resolves every state_dict key as an attribute path.
+    def _get_part(name):
+        def get(self):
+            local = self._nf4_local()
+            if name == "packed":
+                return local.packed.view(-1, 1)
+            return getattr(local, name)
+
+        def set_(self, value):  # replaces one tensor of the base (e.g. to test an input check)
+            local = self._nf4_local()
+            if name in ("packed", "absmax"):
+                setattr(local, name, value.reshape(-1) if name == "packed" else value)
+                return
+            nested = list(local.nested_state or (None, None, None))
+            nested[("absmax2", "nested_code", "offset").index(name)] = value
+            local._info["nested"] = tuple(nested)
+
+        return property(get, set_)
+
+    weight_packed = _get_part("packed")
+    weight_absmax = _get_part("absmax")
+    weight_absmax2 = _get_part("absmax2")
+    weight_nested_code = _get_part("nested_code")
+    weight_offset = _get_part("offset")
+    del _get_part
 
     def hf_base_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
         """The base weight (and bias) in Hugging Face 4-bit checkpoint keys: ``{prefix}weight``,
         ``{prefix}weight.absmax``, ``{prefix}weight.quant_state.bitsandbytes__nf4``, ..."""
-        out = self.weight.hf_state_dict(f"{prefix}weight")
+        out = self._nf4_local().hf_state_dict(f"{prefix}weight")
         if self.bias is not None:
             out[f"{prefix}bias"] = self.bias
         return out
+
+    # ---- state_dict: the base under its own keys -----------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.base_loaded:  # a dense placeholder keeps the key "weight" (what transformers' loader fills)
+            return
+        p = destination.pop(prefix + "weight")
+        local = self._nf4_local()
+        own = {"packed": local.packed.view(-1, 1), "absmax": local.absmax}
+        if not isinstance(p, NF4Tensor):  # FSDP2: this rank's rows, as row shards of the bitsandbytes bytes
+            from torch.distributed.tensor import DTensor, Shard
+
+            n, k = local.full_rows, local.shape[1]
+            full_shapes = {"packed": (-(-n * k // 2), 1), "absmax": (-(-n * k // local.blocksize),)}
+            for name, t in own.items():
+                own[name] = DTensor.from_local(t, p.device_mesh, [Shard(0)], run_check=False,
+                                               shape=torch.Size(full_shapes[name]),
+                                               stride=torch.empty(full_shapes[name], device="meta").stride())
+        nested = dict(zip(("absmax2", "nested_code", "offset"), local.nested_state or ()))
+        for name, t in {**own, **nested}.items():
+            destination[prefix + f"weight_{name}"] = t if keep_vars else t.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        if not self.base_loaded:  # a placeholder loads a dense "weight" as any parameter would
+            return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                                 unexpected_keys, error_msgs)
+        base = {k: state_dict.pop(prefix + f"weight_{k}") for k in _BASE_KEYS if prefix + f"weight_{k}" in state_dict}
+        try:
+            super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                          error_msgs)
+        finally:
+            state_dict.update({prefix + f"weight_{k}": v for k, v in base.items()})
+        if prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")
+        if "packed" not in base:
+            if strict:
+                missing_keys.extend(prefix + f"weight_{k}" for k in ("packed", "absmax"))
+            return
+        try:
+            self._load_base(base, unexpected_keys, prefix)
+        except (ValueError, RuntimeError, KeyError) as e:
+            error_msgs.append(f"{prefix}weight_*: {e}")
+
+    @torch.no_grad()
+    def _load_base(self, base: dict[str, torch.Tensor], unexpected_keys: list[str], prefix: str) -> None:
+        """Copies the base bytes of a state dict into the parameter's storage (this rank's rows when
+        sharded; a source sharded differently is gathered whole first)."""
+        local = self._nf4_local()
+        mine = self._parameters["weight"]
+        k, bs = local.shape[1], local.blocksize
+        rows = (local.row_start, local.row_start + local.shape[0])
+        for name in ("packed", "absmax"):
+            src = base[name]
+            if _is_dtensor(src):
+                if _is_dtensor(mine) and src.device_mesh == mine.device_mesh and src.placements == mine.placements:
+                    getattr(local, name).copy_(src.to_local().reshape(-1))  # sharded as we are: our rows
+                    continue
+                src = src.full_tensor()
+            src = src.reshape(-1)
+            if name == "packed":
+                part = src[rows[0] * k // 2 : -(-rows[1] * k // 2)]
+            else:
+                part = src[rows[0] * k // bs : -(-rows[1] * k // bs)]
+            dst = getattr(local, name)
+            if part.dtype != dst.dtype or part.numel() != dst.numel():
+                raise ValueError(f"{name}: expected {dst.dtype} with {dst.numel()} elements for rows "
+                                 f"{rows[0]}..{rows[1]}, got {part.dtype} with {part.numel()}")
+            dst.copy_(part)
+        if local.nested:
+            new = []
+            for name, dst in zip(("absmax2", "nested_code", "offset"), local.nested_state):
+                src = base.get(name)
+                if src is None:
+                    raise KeyError(f"the double-quantized base needs weight_{name}")
+                src = (src.full_tensor() if _is_dtensor(src) else src).reshape(dst.shape)
+                if name == "nested_code":  # never written into: it may be the map other layers share
+                    if src.dtype != dst.dtype:
+                        raise ValueError(f"nested_code: expected {dst.dtype}, got {src.dtype}")
+                    new.append(_shared_map_or(src.to(dst.device, copy=True)))
+                else:
+                    new.append(dst.copy_(src))
+            local._info["nested"] = tuple(new)
+        else:
+            unexpected_keys.extend(prefix + f"weight_{n}" for n in ("absmax2", "nested_code", "offset") if n in base)
+
+
+_DYNAMIC_MAPS: dict[torch.device, torch.Tensor] = {}
+
+
+def _shared_map_or(code: torch.Tensor) -> torch.Tensor:
+    """The one copy per device of the standard dynamic map when ``code`` equals it (1 KiB a layer otherwise,
+    replicated on every FSDP2 rank), else ``code``. Nothing writes into a base's map in place."""
+    if code.device.type == "meta" or code.shape != (256,) or code.dtype != torch.float32:
+        return code
+    std = _DYNAMIC_MAPS.get(code.device)
+    if std is None:
+        std = _DYNAMIC_MAPS.setdefault(code.device, fmt.dynamic_map(code.device))
+    return std if std is code or torch.equal(std, code) else code
+
+
+def _shared_dynamic_map(w: NF4Weight) -> NF4Weight:
+    if not w.nested:
+        return w
+    code = _shared_map_or(w.nested_code)
+    return w if code is w.nested_code else dataclasses.replace(w, nested_code=code)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "_local_tensor")
+
+
+def _local_nf4(p):
+    """The local tensor of a DTensor parameter (FSDP2), else None."""
+    return p._local_tensor if _is_dtensor(p) else None
 
 
 class QLoRALinear(_NF4Base, nn.Module):
     """``y = x·Wᵀ + scaling·(dropout(x)·Aᵀ)·Bᵀ + bias`` with W frozen in NF4 and A, B trainable.
 
     Adapters start like PEFT's: A Kaiming-uniform (a = sqrt(5)), B zeros, so the layer starts as the
-    base layer. The base weight and bias are buffers (frozen: they move with ``.to()`` and appear in
-    ``state_dict`` but never receive gradients).
+    base layer. The base weight is a frozen parameter and the bias a buffer (frozen: they move with
+    ``.to()`` and appear in ``state_dict`` but never receive gradients).
     """
 
     def __init__(
@@ -302,7 +440,7 @@ class QLoRALinear(_NF4Base, nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
             f"alpha={self.lora_alpha}, scaling={self.scaling:g}, dropout={self.lora_dropout_p}, "
-            f"blocksize={self.blocksize}, double_quant={self.weight_absmax.dtype == torch.uint8}, "
+            f"blocksize={self.blocksize}, double_quant={self._nf4_local().nested}, "
             f"base_dtype={self.base_dtype}, bias={self.bias is not None}, merged={self.merged}"
         )
 
@@ -344,7 +482,7 @@ class QLoRALinear(_NF4Base, nn.Module):
         if self.merged:
             raise RuntimeError("QLoRALinear.merge_to_nf4: already merged; call unmerge() first")
         merged = self.merge()
-        base = self.weight
+        base = self._nf4_local().nf4_weight()
         target = merged.to(self.base_dtype)
         new = quantize_nf4(target, self.blocksize, base.nested)
         err = new.dequantize(torch.float32) - merged
@@ -412,7 +550,7 @@ class NF4Linear(_NF4Base, nn.Linear):
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None = None,
                  compute_dtype: torch.dtype | None = None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: there is no dense weight to allocate
-        if not isinstance(weight, NF4Weight):
+        if not isinstance(weight, (NF4Weight, NF4Tensor)):
             raise TypeError(f"NF4Linear: weight must be an NF4Weight, got {type(weight).__name__}")
         if len(weight.shape) != 2:
             raise ValueError(f"NF4Linear: weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
@@ -432,6 +570,23 @@ class NF4Linear(_NF4Base, nn.Linear):
         w = linear.weight.detach()
         return cls(quantize_nf4(w, blocksize, double_quant), linear.bias, compute_dtype)
 
+    @classmethod
+    def unloaded(cls, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                 compute_dtype: torch.dtype | None = None, device: torch.device | str = "meta") -> NF4Linear:
+        """A layer whose ``weight`` (and ``bias``) are dense placeholders on ``device`` (no memory on
+        "meta") until the NF4 base is set (:meth:`set_weight`, or transformers' loader through
+        :mod:`lora_ops.integrations.transformers_quantizer`); forward refuses to run until then."""
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = out_features, in_features
+        self.compute_dtype = compute_dtype
+        self.blocksize, self.base_dtype = None, dtype
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        return self
+
     def reset_parameters(self) -> None:  # nn.Linear's would re-draw a dense weight; the base is data
         pass
 
@@ -440,10 +595,11 @@ class NF4Linear(_NF4Base, nn.Linear):
         self._set_base(weight)
 
     def extra_repr(self) -> str:
+        base = (f"blocksize={self.blocksize}, double_quant={self._nf4_local().nested}" if self.base_loaded
+                else "base=not loaded")
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"blocksize={self.blocksize}, double_quant={self.weight_absmax.dtype == torch.uint8}, "
-            f"base_dtype={self.base_dtype}, compute_dtype={self.compute_dtype}"
+            f"{base}, base_dtype={self.base_dtype}, compute_dtype={self.compute_dtype}"
         )
 
     def _call_inputs(self, x: torch.Tensor, who: str) -> tuple[torch.Tensor, torch.Tensor | None, bool]:

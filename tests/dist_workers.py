@@ -55,8 +55,7 @@ def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
 
     from lora_ops.distributed import check_shardable, make_nf4_shardable, nf4_storage_nbytes
 
-    model = build_lora_ops_model(config())
-    make_nf4_shardable(model)
+    model = build_lora_ops_model(config())  # fully_shard alone: the NF4 bases are parameters already
     before = nf4_storage_nbytes(model)
     check_shardable(model, world)
     for layer in model.model.layers:
@@ -80,7 +79,7 @@ def fsdp_rank(rank: int, world: int, folder: Path) -> dict:
     # The other way: the single-process checkpoint the test wrote loads into a sharded model of another
     # seed; one forward records the bytes the watched layers see.
     target = build_lora_ops_model(make_config("ci", "cpu", steps=STEPS, seed=1))
-    make_nf4_shardable(target)
+    make_nf4_shardable(target)  # the former conversion call: kept working, now a no-op
     for layer in target.model.layers:
         fully_shard(layer)
     fully_shard(target)
@@ -120,7 +119,9 @@ def ddp_rank(rank: int, world: int, folder: Path) -> dict:
     """DistributedDataParallel around the plain QLoRALinear model: only adapter gradients are reduced."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    model = DDP(build_lora_ops_model(config()))
+    from lora_ops.distributed import ddp_ignore_nf4_bases
+
+    model = DDP(ddp_ignore_nf4_bases(build_lora_ops_model(config())))
     opt = optimizer(model)
     losses = train(model, opt, rank, world)
     reduced = sorted(n for n, p in model.module.named_parameters() if p.requires_grad)

@@ -67,8 +67,8 @@ def test_shardable_layer_keeps_forward_and_state_dict(rng):
     model = torch.nn.Sequential(QLoRALinear.from_linear(lin, 4, 8))
     model[0].load_state_dict(plain.state_dict())
     make_nf4_shardable(model)
-    assert [n for n, _ in model.named_parameters()] == ["0.weight_nf4", "0.lora_A.weight", "0.lora_B.weight"]
-    assert not model[0].weight_nf4.requires_grad
+    assert [n for n, _ in model.named_parameters()] == ["0.weight", "0.lora_A.weight", "0.lora_B.weight"]
+    assert isinstance(model[0].weight, NF4Tensor) and not model[0].weight.requires_grad
     x = randn(5, 64, generator=rng)
     torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
     sd = model[0].state_dict()

@@ -58,7 +58,8 @@ def test_from_linear_starts_as_the_base_layer_with_peft_init(device):
 def test_only_adapters_train_and_the_base_is_unchanged(device):
     layer = QLoRALinear.from_linear(_linear(device=device), r=4, alpha=8, dropout=0.2)
     _randomize_adapter(layer)
-    assert [n for n, _ in layer.named_parameters()] == ["lora_A.weight", "lora_B.weight"]
+    assert [n for n, _ in layer.named_parameters()] == ["weight", "lora_A.weight", "lora_B.weight"]
+    assert [n for n, p in layer.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
     before = {k: v.clone() for k, v in layer.state_dict().items() if not k.startswith("lora_")}
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(3, 7, 96).to(bf16).to(device).requires_grad_()

@@ -112,7 +112,8 @@ def test_bf16_model_keeps_its_dtype_and_compute_dtype_is_honoured():
 def test_gradients_flow_through_frozen_nf4_layers_and_a_trainable_bias_learns():
     lin = nn.Linear(128, 40)
     layer = NF4Linear.from_linear(lin)
-    assert [n for n, p in layer.named_parameters()] == ["bias"] and not layer.bias.requires_grad
+    assert [n for n, p in layer.named_parameters()] == ["weight", "bias"] and not layer.bias.requires_grad
+    assert not layer.weight.requires_grad
     x = torch.randn(4, 3, 128, requires_grad=True)
     dy = torch.randn(4, 3, 40)
     (layer(x) * dy).sum().backward()
