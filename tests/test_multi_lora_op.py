@@ -10,6 +10,7 @@ from qlora_utils import assert_close_rule, dense_weight, run_script_in_fresh_pro
 from lora_ops import reference
 from lora_ops.nf4 import quantize_nf4
 from lora_ops.ops.multi_lora import multi_lora_linear, multi_lora_linear_args
+from lora_ops.ops.qlora import qlora_linear
 
 
 def make_pool(n, k, ranks, r_max, adapter_dtype, generator):
@@ -94,6 +95,14 @@ def test_all_rows_base_only_equals_base(rng):
     y = multi_lora_linear(x, wq, *pool, ids, b)
     base = torch.ops.lora_ops.qlora_matmul(x, *wq.op_args(), False, None, None, 1.0, b, 0.0, None)
     assert torch.equal(y, base)
+
+
+def test_one_adapter_for_all_rows_is_the_single_adapter_op(rng):
+    wq, x, b = make_layer(96, 192, (2, 5), torch.bfloat16, 64, rng)
+    pool, adapters = make_pool(96, 192, [16, 7, 32], 32, torch.float32, rng)
+    y = multi_lora_linear(x, wq, *pool, torch.full((2, 5), 1), b)
+    A, B, scale = adapters[1]
+    assert torch.equal(y, qlora_linear(x, wq, A, B, scale, b))
 
 
 def test_row_results_do_not_depend_on_other_rows_adapters(rng):

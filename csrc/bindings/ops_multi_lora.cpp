@@ -1,12 +1,15 @@
 // multi_lora_linear (schema and math: csrc/torch_bindings.cpp, csrc/kernels/common/multi_lora_params.h):
 // validation, then the base term through lora_ops::qlora_matmul ONCE for all rows (whatever path the CPU
 // dispatcher picks for this M: fused row-dot at decode sizes, the slab GEMM at large M), then the per-row
-// LoRA term by cpu::multi_lora_add. The CPU registration is here so register_cpu.cpp stays as it is.
+// LoRA term by cpu::multi_lora_add; a batch whose rows all name one loaded adapter is qlora_linear itself.
+// The CPU registration is here so register_cpu.cpp stays as it is.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <optional>
 #include <vector>
 
@@ -28,6 +31,23 @@ at::Tensor base_matmul(const at::Tensor& x2, at::TensorList w, at::IntArrayRef w
                             const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
                             const std::optional<at::Tensor>&)>();
   return op.call(x2, w, w_meta, false, std::nullopt, std::nullopt, 1.0, bias, 0.0, std::nullopt);
+}
+
+// Every row on one loaded adapter: the single-adapter fused op itself (its LoRA term inside the base GEMM,
+// one rounding), so a batch with one adapter costs what qlora_linear costs.
+at::Tensor single_adapter(const at::Tensor& x, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& A,
+                          const at::Tensor& Bt, int64_t slot, int64_t rank, double scale,
+                          const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("lora_ops::qlora_linear", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::TensorList, at::IntArrayRef,
+                                                    const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, double, double,
+                                                    const std::optional<at::Tensor>&)>();
+  const at::Tensor a = A.select(0, slot).narrow(0, 0, rank);
+  const at::Tensor b = Bt.select(0, slot).narrow(0, 0, rank).t(); // [N, r] view: the op takes any strides
+  return std::get<0>(op.call(x, w, w_meta, a, b, bias, scale, 0.0, std::nullopt));
 }
 
 DType side_dtype(const at::Tensor& t, const at::Tensor& x, const char* arg) {
@@ -86,6 +106,9 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, at::TensorList w, at::IntA
   const float* sp = sc.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c)
     TORCH_CHECK_VALUE(rp[c] == 0 || std::isfinite(sp[c]), kOp, ": scales[", c, "] = ", sp[c], " is not finite");
+
+  if (M > 0 && idp[0] >= 0 && rp[idp[0]] > 0 && std::all_of(idp, idp + M, [&](int64_t c) { return c == idp[0]; }))
+    return single_adapter(x, w, w_meta, A, Bt, idp[0], rp[idp[0]], sp[idp[0]], bias);
 
   const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, K});
   at::Tensor y2 = base_matmul(x2, w, w_meta, bias); // [M, N] in x's dtype, contiguous

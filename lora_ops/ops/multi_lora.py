@@ -8,8 +8,10 @@ Math (x viewed as [M, K], W = dequant(NF4) [N, K]; a pool of C slots, each with 
     y[m] = x[m]·Wᵀ + bias                                              adapter_ids[m] = -1 or r_c = 0
 
 The base term runs once per call for all rows (qlora_matmul, rounded to x's dtype); the LoRA term is added
-in fp32 and rounded again (csrc/kernels/common/multi_lora_params.h). A row's output depends only on its own
-x and adapter. :class:`lora_ops.serving.AdapterPool` keeps the pool tensors.
+in fp32 and rounded again (csrc/kernels/common/multi_lora_params.h). When every row names the same loaded
+adapter, the call is qlora_linear with that adapter (bit for bit; one rounding). For a given batch of slot
+ids, a row's output depends only on its own x and adapter: loading or unloading other slots never changes
+it. :class:`lora_ops.serving.AdapterPool` keeps the pool tensors.
 """
 
 from __future__ import annotations

@@ -27,62 +27,129 @@ namespace {
 constexpr int64_t kChunk = 256; // output columns per up-projection task (16 x 16 fp32 lanes)
 constexpr int kRowsPerPass = 4; // rows sharing each A load in the down-projection
 
-float load_elem(const void* base, DType t, int64_t i) {
-  switch (t) {
-  case DType::kFloat32: return static_cast<const float*>(base)[i];
-  case DType::kFloat16: return fp16_to_float(static_cast<const uint16_t*>(base)[i]);
-  default: return bf16_to_float(static_cast<const uint16_t*>(base)[i]);
-  }
-}
-
-void store_elem(void* base, DType t, int64_t i, float v) {
-  switch (t) {
-  case DType::kFloat32: static_cast<float*>(base)[i] = v; break;
-  case DType::kFloat16: static_cast<uint16_t*>(base)[i] = float_to_fp16(v); break;
-  default: static_cast<uint16_t*>(base)[i] = float_to_bf16(v); break;
-  }
-}
-
 const char* elem_ptr(const void* base, DType t, int64_t i) {
   return static_cast<const char*>(base) + i * dtype_size(t);
 }
 
-// ---- portable inner loops -------------------------------------------------------------------------------
-void dot_rows_portable(const float* const* xs, int rows, const void* a, DType at, int64_t k, float* out) {
+// ---- portable inner loops (plain C++, dtypes as template arguments so the loops vectorize; compiled once
+// for the baseline ISA and once for AVX2 + FMA + F16C) ---------------------------------------------------------
+template <DType AT>
+__attribute__((always_inline)) inline void dot_rows_body(const float* const* xs, int rows, const void* a, int64_t k,
+                                                        float* out) {
+  using S = Storage<AT>;
+  const auto* av = static_cast<const typename S::type*>(a);
   for (int j = 0; j < rows; ++j) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < k; ++i)
-      acc += xs[j][i] * load_elem(a, at, i);
-    out[j] = acc;
+    constexpr int L = 16; // 16 partial sums per row: a vectorizable reduction with a fixed order
+    float acc[L] = {};
+    int64_t i = 0;
+    for (; i + L <= k; i += L)
+      for (int l = 0; l < L; ++l)
+        acc[l] += xs[j][i + l] * S::load(av[i + l]);
+    for (int l = 0; i + l < k; ++l)
+      acc[l] += xs[j][i + l] * S::load(av[i + l]);
+    float sum = 0.0f;
+    for (int l = 0; l < L; ++l)
+      sum += acc[l];
+    out[j] = sum;
   }
 }
 
-void up_row_portable(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt, int64_t o0,
-                     int64_t cw) {
+template <DType XT, DType BT>
+__attribute__((always_inline)) inline void up_row_body(const MultiLoraParams& p, int64_t row, const float* s,
+                                                      int32_t rank, const void* bt, int64_t o0, int64_t cw) {
+  using SX = Storage<XT>;
+  using SB = Storage<BT>;
+  auto* out = static_cast<typename SX::type*>(p.out) + row * p.out_row_stride + o0;
+  const auto* b = static_cast<const typename SB::type*>(bt) + o0;
   float acc[kChunk];
-  const int64_t base = row * p.out_row_stride + o0;
   for (int64_t j = 0; j < cw; ++j)
-    acc[j] = load_elem(p.out, p.x_dtype, base + j);
+    acc[j] = SX::load(out[j]);
   for (int32_t q = 0; q < rank; ++q) {
     const float sq = s[q];
+    const auto* bq = b + q * p.n;
     for (int64_t j = 0; j < cw; ++j)
-      acc[j] += sq * load_elem(bt, p.b_dtype, q * p.n + o0 + j);
+      acc[j] += sq * SB::load(bq[j]);
   }
   for (int64_t j = 0; j < cw; ++j)
-    store_elem(p.out, p.x_dtype, base + j, acc[j]);
+    out[j] = SX::store(acc[j]);
+}
+
+template <DType AT> void dot_rows_plain(const float* const* xs, int rows, const void* a, int64_t k, float* out) {
+  dot_rows_body<AT>(xs, rows, a, k, out);
+}
+template <DType XT, DType BT>
+void up_row_plain(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt, int64_t o0,
+                  int64_t cw) {
+  up_row_body<XT, BT>(p, row, s, rank, bt, o0, cw);
+}
+#ifdef LORA_OPS_X86
+template <DType AT>
+LORA_AVX2 void dot_rows_avx2(const float* const* xs, int rows, const void* a, int64_t k, float* out) {
+  dot_rows_body<AT>(xs, rows, a, k, out);
+}
+template <DType XT, DType BT>
+LORA_AVX2 void up_row_avx2(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                           int64_t o0, int64_t cw) {
+  up_row_body<XT, BT>(p, row, s, rank, bt, o0, cw);
+}
+#endif
+
+template <DType AT> void dot_rows_generic(bool avx2, const float* const* xs, int rows, const void* a, int64_t k,
+                                          float* out) {
+#ifdef LORA_OPS_X86
+  if (avx2)
+    return dot_rows_avx2<AT>(xs, rows, a, k, out);
+#endif
+  dot_rows_plain<AT>(xs, rows, a, k, out);
+}
+
+void dot_rows_portable(bool avx2, const float* const* xs, int rows, const void* a, DType at, int64_t k, float* out) {
+  switch (at) {
+  case DType::kFloat32: return dot_rows_generic<DType::kFloat32>(avx2, xs, rows, a, k, out);
+  case DType::kFloat16: return dot_rows_generic<DType::kFloat16>(avx2, xs, rows, a, k, out);
+  default: return dot_rows_generic<DType::kBFloat16>(avx2, xs, rows, a, k, out);
+  }
+}
+
+template <DType XT, DType BT>
+void up_row_generic(bool avx2, const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                    int64_t o0, int64_t cw) {
+#ifdef LORA_OPS_X86
+  if (avx2)
+    return up_row_avx2<XT, BT>(p, row, s, rank, bt, o0, cw);
+#endif
+  up_row_plain<XT, BT>(p, row, s, rank, bt, o0, cw);
+}
+
+template <DType XT>
+void up_row_portable_x(bool avx2, const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                       int64_t o0, int64_t cw) {
+  switch (p.b_dtype) {
+  case DType::kFloat32: return up_row_generic<XT, DType::kFloat32>(avx2, p, row, s, rank, bt, o0, cw);
+  case DType::kFloat16: return up_row_generic<XT, DType::kFloat16>(avx2, p, row, s, rank, bt, o0, cw);
+  default: return up_row_generic<XT, DType::kBFloat16>(avx2, p, row, s, rank, bt, o0, cw);
+  }
+}
+
+void up_row_portable(bool avx2, const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                     int64_t o0, int64_t cw) {
+  switch (p.x_dtype) {
+  case DType::kFloat32: return up_row_portable_x<DType::kFloat32>(avx2, p, row, s, rank, bt, o0, cw);
+  case DType::kFloat16: return up_row_portable_x<DType::kFloat16>(avx2, p, row, s, rank, bt, o0, cw);
+  default: return up_row_portable_x<DType::kBFloat16>(avx2, p, row, s, rank, bt, o0, cw);
+  }
 }
 
 #ifdef LORA_OPS_X86
-// ---- AVX-512 inner loops --------------------------------------------------------------------------------
-LORA_AVX512 inline __m512 load16(const void* base, DType t, int64_t i, __mmask16 mask) {
-  switch (t) {
-  case DType::kFloat32: return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + i);
-  case DType::kFloat16:
+// ---- AVX-512 inner loops (dtypes are template arguments: no branch inside a loop) ---------------------------
+template <DType T> LORA_AVX512 inline __m512 load16(const void* base, int64_t i, __mmask16 mask) {
+  if constexpr (T == DType::kFloat32) {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(base) + i);
+  } else if constexpr (T == DType::kFloat16) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i));
-  default:
-    return _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i)),
-                          16));
+  } else {
+    const __m256i h = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(base) + i);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   }
 }
 
@@ -97,15 +164,14 @@ LORA_AVX512 inline __m256i to_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
 }
 
-LORA_AVX512 inline void store16(void* base, DType t, int64_t i, __m512 v, __mmask16 mask) {
-  switch (t) {
-  case DType::kFloat32: _mm512_mask_storeu_ps(static_cast<float*>(base) + i, mask, v); break;
-  case DType::kFloat16:
+template <DType T> LORA_AVX512 inline void store16(void* base, int64_t i, __m512 v, __mmask16 mask) {
+  if constexpr (T == DType::kFloat32)
+    _mm512_mask_storeu_ps(static_cast<float*>(base) + i, mask, v);
+  else if constexpr (T == DType::kFloat16)
     _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, mask,
                              _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-    break;
-  default: _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, mask, to_bf16(v)); break;
-  }
+  else
+    _mm256_mask_storeu_epi16(static_cast<uint16_t*>(base) + i, mask, to_bf16(v));
 }
 
 inline __mmask16 tail_mask(int64_t left) {
@@ -113,14 +179,14 @@ inline __mmask16 tail_mask(int64_t left) {
 }
 
 // Per row: two 16-lane accumulators over k, summed at the end (the same sequence for every rows count).
-template <int R>
-LORA_AVX512 void dot_rows_avx512_n(const float* const* xs, const void* a, DType at, int64_t k, float* out) {
+template <int R, DType AT>
+LORA_AVX512 void dot_rows_avx512_n(const float* const* xs, const void* a, int64_t k, float* out) {
   __m512 acc0[R], acc1[R];
   for (int j = 0; j < R; ++j)
     acc0[j] = acc1[j] = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 32 <= k; i += 32) {
-    const __m512 a0 = load16(a, at, i, 0xffff), a1 = load16(a, at, i + 16, 0xffff);
+    const __m512 a0 = load16<AT>(a, i, 0xffff), a1 = load16<AT>(a, i + 16, 0xffff);
     for (int j = 0; j < R; ++j) {
       acc0[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[j] + i), a0, acc0[j]);
       acc1[j] = _mm512_fmadd_ps(_mm512_loadu_ps(xs[j] + i + 16), a1, acc1[j]);
@@ -128,7 +194,7 @@ LORA_AVX512 void dot_rows_avx512_n(const float* const* xs, const void* a, DType 
   }
   for (; i < k; i += 16) {
     const __mmask16 mk = tail_mask(k - i);
-    const __m512 a0 = load16(a, at, i, mk);
+    const __m512 a0 = load16<AT>(a, i, mk);
     for (int j = 0; j < R; ++j)
       acc0[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, xs[j] + i), a0, acc0[j]);
   }
@@ -136,35 +202,94 @@ LORA_AVX512 void dot_rows_avx512_n(const float* const* xs, const void* a, DType 
     out[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[j], acc1[j]));
 }
 
-LORA_AVX512 void dot_rows_avx512(const float* const* xs, int rows, const void* a, DType at, int64_t k, float* out) {
+template <DType AT>
+LORA_AVX512 void dot_rows_avx512_t(const float* const* xs, int rows, const void* a, int64_t k, float* out) {
   switch (rows) {
-  case 4: return dot_rows_avx512_n<4>(xs, a, at, k, out);
-  case 3: return dot_rows_avx512_n<3>(xs, a, at, k, out);
-  case 2: return dot_rows_avx512_n<2>(xs, a, at, k, out);
-  default: return dot_rows_avx512_n<1>(xs, a, at, k, out);
+  case 4: return dot_rows_avx512_n<4, AT>(xs, a, k, out);
+  case 3: return dot_rows_avx512_n<3, AT>(xs, a, k, out);
+  case 2: return dot_rows_avx512_n<2, AT>(xs, a, k, out);
+  default: return dot_rows_avx512_n<1, AT>(xs, a, k, out);
+  }
+}
+
+LORA_AVX512 void dot_rows_avx512(const float* const* xs, int rows, const void* a, DType at, int64_t k, float* out) {
+  switch (at) {
+  case DType::kFloat32: return dot_rows_avx512_t<DType::kFloat32>(xs, rows, a, k, out);
+  case DType::kFloat16: return dot_rows_avx512_t<DType::kFloat16>(xs, rows, a, k, out);
+  default: return dot_rows_avx512_t<DType::kBFloat16>(xs, rows, a, k, out);
+  }
+}
+
+// One row's output chunk: 16 accumulators in registers over the rank loop. Full chunks load unmasked.
+template <DType XT, DType BT, bool kFull>
+LORA_AVX512 void up_row_avx512_t(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                                 int64_t o0, int64_t cw) {
+  constexpr int V = kChunk / 16;
+  __m512 acc[V];
+  const int64_t base = row * p.out_row_stride + o0;
+  auto mask = [&](int v) -> __mmask16 {
+    if constexpr (kFull)
+      return static_cast<__mmask16>(0xffff);
+    else
+      return v * 16 < cw ? tail_mask(cw - v * 16) : static_cast<__mmask16>(0);
+  };
+  for (int v = 0; v < V; ++v)
+    acc[v] = load16<XT>(p.out, base + v * 16, mask(v));
+  for (int32_t q = 0; q < rank; ++q) {
+    const __m512 sq = _mm512_set1_ps(s[q]);
+    const int64_t b0 = q * p.n + o0;
+    for (int v = 0; v < V; ++v)
+      acc[v] = _mm512_fmadd_ps(sq, load16<BT>(bt, b0 + v * 16, mask(v)), acc[v]);
+  }
+  for (int v = 0; v < V; ++v)
+    store16<XT>(p.out, base + v * 16, acc[v], mask(v));
+}
+
+template <DType XT, DType BT>
+LORA_AVX512 void up_row_avx512_b(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                                 int64_t o0, int64_t cw) {
+  if (cw == kChunk)
+    up_row_avx512_t<XT, BT, true>(p, row, s, rank, bt, o0, cw);
+  else
+    up_row_avx512_t<XT, BT, false>(p, row, s, rank, bt, o0, cw);
+}
+
+template <DType XT>
+LORA_AVX512 void up_row_avx512_x(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
+                                 int64_t o0, int64_t cw) {
+  switch (p.b_dtype) {
+  case DType::kFloat32: return up_row_avx512_b<XT, DType::kFloat32>(p, row, s, rank, bt, o0, cw);
+  case DType::kFloat16: return up_row_avx512_b<XT, DType::kFloat16>(p, row, s, rank, bt, o0, cw);
+  default: return up_row_avx512_b<XT, DType::kBFloat16>(p, row, s, rank, bt, o0, cw);
   }
 }
 
 LORA_AVX512 void up_row_avx512(const MultiLoraParams& p, int64_t row, const float* s, int32_t rank, const void* bt,
                                int64_t o0, int64_t cw) {
-  constexpr int V = kChunk / 16;
-  __m512 acc[V];
-  __mmask16 mask[V];
-  const int64_t base = row * p.out_row_stride + o0;
-  for (int v = 0; v < V; ++v) {
-    mask[v] = v * 16 < cw ? tail_mask(cw - v * 16) : static_cast<__mmask16>(0);
-    acc[v] = load16(p.out, p.x_dtype, base + v * 16, mask[v]);
+  switch (p.x_dtype) {
+  case DType::kFloat32: return up_row_avx512_x<DType::kFloat32>(p, row, s, rank, bt, o0, cw);
+  case DType::kFloat16: return up_row_avx512_x<DType::kFloat16>(p, row, s, rank, bt, o0, cw);
+  default: return up_row_avx512_x<DType::kBFloat16>(p, row, s, rank, bt, o0, cw);
   }
-  for (int32_t q = 0; q < rank; ++q) {
-    const __m512 sq = _mm512_set1_ps(s[q]);
-    const int64_t b0 = q * p.n + o0;
-    for (int v = 0; v < V; ++v)
-      acc[v] = _mm512_fmadd_ps(sq, load16(bt, p.b_dtype, b0 + v * 16, mask[v]), acc[v]);
-  }
-  for (int v = 0; v < V; ++v)
-    store16(p.out, p.x_dtype, base + v * 16, acc[v], mask[v]);
 }
 #endif
+
+template <DType T> void widen_rows(const MultiLoraParams& p, const std::vector<int64_t>& order, float* xs) {
+  using S = Storage<T>;
+  const auto* x = static_cast<const typename S::type*>(p.x);
+  const int64_t n_rows = static_cast<int64_t>(order.size()), K = p.k;
+#pragma omp parallel for schedule(static) if (n_rows * K >= (int64_t{1} << 16))
+  for (int64_t i = 0; i < n_rows; ++i) {
+    const auto* src = x + order[i] * p.x_row_stride;
+    float* dst = xs + i * K;
+    if (p.x_col_stride == 1)
+      for (int64_t j = 0; j < K; ++j)
+        dst[j] = S::load(src[j]);
+    else
+      for (int64_t j = 0; j < K; ++j)
+        dst[j] = S::load(src[j * p.x_col_stride]);
+  }
+}
 
 } // namespace
 
@@ -197,19 +322,14 @@ void multi_lora_add(const MultiLoraParams& p) {
     if (start[c + 1] > start[c])
       used.push_back(c);
 
-#ifdef LORA_OPS_X86
-  const bool avx512 = cpu_isa() == CpuIsa::kAvx512;
-#else
-  const bool avx512 = false;
-#endif
+  const bool avx512 = cpu_isa() == CpuIsa::kAvx512, avx2 = cpu_isa() == CpuIsa::kAvx2;
 
   // x rows of the active rows, widened to fp32 in grouped order.
   std::vector<float> xs(static_cast<size_t>(active * K));
-#pragma omp parallel for schedule(static) if (active * K >= (int64_t{1} << 16))
-  for (int64_t i = 0; i < active; ++i) {
-    const int64_t row = order[i];
-    for (int64_t j = 0; j < K; ++j)
-      xs[i * K + j] = load_elem(p.x, p.x_dtype, row * p.x_row_stride + j * p.x_col_stride);
+  switch (p.x_dtype) {
+  case DType::kFloat32: widen_rows<DType::kFloat32>(p, order, xs.data()); break;
+  case DType::kFloat16: widen_rows<DType::kFloat16>(p, order, xs.data()); break;
+  default: widen_rows<DType::kBFloat16>(p, order, xs.data()); break;
   }
 
   // 2. s [active, r_max] = scale · x·Aᵀ, one task per (used slot, rank row).
@@ -236,7 +356,7 @@ void multi_lora_add(const MultiLoraParams& p) {
         dot_rows_avx512(xr, rows, a, p.a_dtype, K, d);
       else
 #endif
-        dot_rows_portable(xr, rows, a, p.a_dtype, K, d);
+        dot_rows_portable(avx2, xr, rows, a, p.a_dtype, K, d);
       for (int j = 0; j < rows; ++j)
         s[(i0 + j) * r_max + q] = scale * d[j];
     }
@@ -255,7 +375,7 @@ void multi_lora_add(const MultiLoraParams& p) {
           up_row_avx512(p, order[i], s.data() + i * r_max, p.ranks[c], bt, o0, cw);
         else
 #endif
-          up_row_portable(p, order[i], s.data() + i * r_max, p.ranks[c], bt, o0, cw);
+          up_row_portable(avx2, p, order[i], s.data() + i * r_max, p.ranks[c], bt, o0, cw);
       }
     }
   }
