@@ -130,6 +130,12 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     have_bnb = bc.bnb_version() is not None
+    env = {
+        "cpu": bc.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "bitsandbytes": bc.bnb_version(), "commit": bc.git_commit(), "python": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "min_time_s": args.min_time, "load": "other jobs shared this 2-core machine during the run",
+    }
     rows = []
     for n, k in bc.parse_shapes(args.shapes):
         for rank_kind in args.ranks.split(","):
@@ -144,12 +150,6 @@ def main(argv=None):
                     row = {"n": n, "k": k, "m": m, "adapters": d, "ranks": rank_kind, **t}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    env = {
-        "cpu": bc.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-        "bitsandbytes": bc.bnb_version(), "commit": bc.git_commit(), "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "min_time_s": args.min_time,
-    }
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_multi_lora.json").write_text(json.dumps({"env": env, "rows": rows}, indent=1))
@@ -164,7 +164,8 @@ def markdown(env, rows) -> str:
         "",
         f"CPU {env['cpu']}, {env['threads']} threads; torch {env['torch']}; bitsandbytes {env['bitsandbytes']}; "
         f"lora_ops commit {env['commit']}; {env['date_utc']} UTC. Medians in ms, methods round-robin "
-        f"({env['min_time_s']} s each per point). Rows spread round-robin over the adapters.",
+        f"({env['min_time_s']} s each per point). Rows spread round-robin over the adapters. "
+        f"Note: {env['load']}.",
         "",
         "| N×K | ranks | M | adapters | " + " | ".join(cols) + " | multi / single | peft_ours / multi "
         "| peft_bnb / multi |",
