@@ -5,6 +5,7 @@
 // The CPU registration is here so register_cpu.cpp stays as it is.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "bindings/ops_multi_lora.h"
 #include "bindings/tensor_checks.h"
 #include "common/qlora_params.h"
 #include "cpu/multi_lora_cpu.h"
@@ -61,9 +63,13 @@ void check_device(const at::Tensor& t, const at::Tensor& x, const char* arg) {
               "; move all inputs to one device");
 }
 
-at::Tensor multi_lora_linear_cpu(const at::Tensor& x, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& A,
-                                 const at::Tensor& Bt, const at::Tensor& scales, const at::Tensor& ranks,
-                                 const at::Tensor& adapter_ids, const std::optional<at::Tensor>& bias) {
+} // namespace
+
+at::Tensor multi_lora_linear_op(const at::Tensor& x, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& A,
+                                const at::Tensor& Bt, const at::Tensor& scales, const at::Tensor& ranks,
+                                const at::Tensor& adapter_ids, const std::optional<at::Tensor>& bias,
+                                void (*add)(const MultiLoraParams&)) {
+  const c10::DeviceGuard guard(x.device());
   TORCH_CHECK_VALUE(x.dim() >= 1, kOp, ": x must have at least one dimension [..., K], got a 0-d tensor");
   TORCH_CHECK_VALUE(w_meta.size() == 3, kOp, ": the NF4 weight must be 2-D [N, K], got w_meta ", w_meta);
   const int64_t N = w_meta[1], K = w_meta[2];
@@ -93,17 +99,20 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, at::TensorList w, at::IntA
   p.a_dtype = side_dtype(A, x, "A");
   p.b_dtype = side_dtype(Bt, x, "Bt");
 
+  // The kernels read the device tensors; the checks (and the one-adapter test) read host copies (a copy, and
+  // a synchronization, on CUDA only).
   const at::Tensor ids = adapter_ids.reshape({M}).contiguous();
   const at::Tensor rk = ranks.contiguous(), sc = scales.contiguous();
-  const int64_t* idp = ids.data_ptr<int64_t>();
-  const int32_t* rp = rk.data_ptr<int32_t>();
+  const at::Tensor ids_h = ids.cpu(), rk_h = rk.cpu(), sc_h = sc.cpu();
+  const int64_t* idp = ids_h.data_ptr<int64_t>();
+  const int32_t* rp = rk_h.data_ptr<int32_t>();
   for (int64_t c = 0; c < C; ++c)
     TORCH_CHECK_VALUE(rp[c] >= 0 && rp[c] <= r_max, kOp, ": ranks[", c, "] = ", rp[c], " is outside 0..r_max = ",
                       r_max);
   for (int64_t m = 0; m < M; ++m)
     TORCH_CHECK_VALUE(idp[m] >= -1 && idp[m] < C, kOp, ": adapter_ids[", m, "] = ", idp[m],
                       " is not a slot of the pool (0..", C - 1, ") or -1 (the base alone)");
-  const float* sp = sc.data_ptr<float>();
+  const float* sp = sc_h.data_ptr<float>();
   for (int64_t c = 0; c < C; ++c)
     TORCH_CHECK_VALUE(rp[c] == 0 || std::isfinite(sp[c]), kOp, ": scales[", c, "] = ", sp[c], " is not finite");
 
@@ -126,14 +135,22 @@ at::Tensor multi_lora_linear_cpu(const at::Tensor& x, at::TensorList w, at::IntA
     p.out_row_stride = y2.stride(0);
     p.a_pool = A.data_ptr();
     p.bt_pool = Bt.data_ptr();
-    p.scales = sp;
-    p.ranks = rp;
-    p.ids = idp;
-    cpu::multi_lora_add(p);
+    p.scales = sc.data_ptr<float>();
+    p.ranks = rk.data_ptr<int32_t>();
+    p.ids = ids.data_ptr<int64_t>();
+    add(p);
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
   shape.back() = N;
   return y2.view(shape);
+}
+
+namespace {
+
+at::Tensor multi_lora_linear_cpu(const at::Tensor& x, at::TensorList w, at::IntArrayRef w_meta, const at::Tensor& A,
+                                 const at::Tensor& Bt, const at::Tensor& scales, const at::Tensor& ranks,
+                                 const at::Tensor& adapter_ids, const std::optional<at::Tensor>& bias) {
+  return multi_lora_linear_op(x, w, w_meta, A, Bt, scales, ranks, adapter_ids, bias, &cpu::multi_lora_add);
 }
 
 } // namespace
