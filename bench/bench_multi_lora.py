@@ -20,6 +20,8 @@ import argparse
 import datetime
 import json
 import platform
+import statistics
+import time
 from pathlib import Path
 
 import bench_common as bc
@@ -101,8 +103,8 @@ class Case:
         A_rows, Bt_rows = self.A[ids], self.Bt[ids]
         scale_rows = self.scales[ids].view(m, 1)
         out = {
-            "multi": lambda: multi_lora_linear_args(x, self.w, self.meta, self.A, self.Bt, self.scales, self.rank_t,
-                                                    ids),
+            "multi": lambda: multi_lora_linear_args(x, self.w, self.meta, self.A, self.Bt, self.scales,
+                                                    self.rank_t, ids),
             "single": lambda: qlora_linear_args(x, self.w, self.meta, self.A16, self.B16, 2.0),
             "peft_ours": lambda: PeftLoraLinear._mixed_batch_forward(self.peft_ours, x3, adapter_names=names),
             "dense_rows": lambda: (
@@ -116,6 +118,26 @@ class Case:
         return out
 
 
+def timed(fns: dict, min_time: float, clock: str) -> dict:
+    """Median ms per method, round-robin; ``clock`` as --clock says."""
+    if clock == "wall":
+        return bc.interleaved_ms(fns, "cpu", min_time)
+    for fn in fns.values():  # warm-up
+        fn()
+    times = {k: [] for k in fns}
+    spent = 0.0
+    rounds = 0
+    while rounds < 5 or (spent < min_time * len(fns) and rounds < 200):
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn()
+            dt = time.process_time() - t0
+            times[name].append(dt * 1e3)
+            spent += dt
+        rounds += 1
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="1024x1024,4096x4096,14336x4096", help="NxK list")
@@ -124,6 +146,10 @@ def main(argv=None):
     p.add_argument("--ranks", default="r16,mixed")
     p.add_argument("--min-time", type=float, default=0.4, help="seconds per method per point")
     p.add_argument("--threads", type=int, default=None, help="torch / OpenMP threads (default: torch's)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="wall: perf_counter; cpu: this process's CPU time (all its threads), the measure "
+                   "that other jobs on a shared machine disturb least (with --threads 1 it equals the wall "
+                   "time of an idle machine, up to cache effects)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.threads:
@@ -134,7 +160,8 @@ def main(argv=None):
         "cpu": bc.cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "bitsandbytes": bc.bnb_version(), "commit": bc.git_commit(), "python": platform.python_version(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "min_time_s": args.min_time, "load": "other jobs shared this 2-core machine during the run",
+        "min_time_s": args.min_time, "clock": args.clock,
+        "load": "other jobs shared this 2-core machine during the run (load average 6-13)",
     }
     rows = []
     for n, k in bc.parse_shapes(args.shapes):
@@ -146,7 +173,7 @@ def main(argv=None):
                     if d > m:
                         continue  # D distinct adapters need at least D rows
                     with torch.no_grad():
-                        t = bc.interleaved_ms(case.methods(m), "cpu", args.min_time)
+                        t = timed(case.methods(m), args.min_time, args.clock)
                     row = {"n": n, "k": k, "m": m, "adapters": d, "ranks": rank_kind, **t}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -162,8 +189,10 @@ def markdown(env, rows) -> str:
     lines = [
         "# Multi-adapter serving forward (bf16, CPU)",
         "",
-        f"CPU {env['cpu']}, {env['threads']} threads; torch {env['torch']}; bitsandbytes {env['bitsandbytes']}; "
-        f"lora_ops commit {env['commit']}; {env['date_utc']} UTC. Medians in ms, methods round-robin "
+        f"CPU {env['cpu']}, {env['threads']} threads; torch {env['torch']}; "
+        f"bitsandbytes {env['bitsandbytes']}; "
+        f"lora_ops commit {env['commit']}; {env['date_utc']} UTC. Medians in ms ({env['clock']} clock), "
+        f"methods round-robin "
         f"({env['min_time_s']} s each per point). Rows spread round-robin over the adapters. "
         f"Note: {env['load']}.",
         "",

@@ -5,6 +5,7 @@
 // The CPU registration is here so register_cpu.cpp stays as it is.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
@@ -32,6 +33,7 @@ at::Tensor base_matmul(const at::Tensor& x2, at::TensorList w, at::IntArrayRef w
           .typed<at::Tensor(const at::Tensor&, at::TensorList, at::IntArrayRef, bool, const std::optional<at::Tensor>&,
                             const std::optional<at::Tensor>&, double, const std::optional<at::Tensor>&, double,
                             const std::optional<at::Tensor>&)>();
+  const at::AutoDispatchBelowADInplaceOrView below_autograd; // forward only: straight to the kernel
   return op.call(x2, w, w_meta, false, std::nullopt, std::nullopt, 1.0, bias, 0.0, std::nullopt);
 }
 
@@ -49,6 +51,7 @@ at::Tensor single_adapter(const at::Tensor& x, at::TensorList w, at::IntArrayRef
                                                     const std::optional<at::Tensor>&)>();
   const at::Tensor a = A.select(0, slot).narrow(0, 0, rank);
   const at::Tensor b = Bt.select(0, slot).narrow(0, 0, rank).t(); // [N, r] view: the op takes any strides
+  const at::AutoDispatchBelowADInplaceOrView below_autograd; // the kernel, not qlora_linear's Python autograd
   return std::get<0>(op.call(x, w, w_meta, a, b, bias, scale, 0.0, std::nullopt));
 }
 
