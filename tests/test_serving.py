@@ -204,3 +204,13 @@ def test_peft_pool_follows_changed_adapter_weights(dirs):
         single = model(input_ids=ids[1:]).logits[0]
     assert not torch.equal(y1[1], y2[1])
     assert _rel_err(y2[1], single) <= 1e-5
+
+
+def test_serve_demo_runs_and_rows_agree():
+    from lora_ops import serve_demo
+
+    result = serve_demo.run(["--size", "ci", "--batch", "5", "--new-tokens", "3", "--repeats", "1"])
+    assert result["rows_equal"] == 5
+    counts = result["op_counts"]
+    assert counts["lora_ops::multi_lora_linear"] == counts["LoRA layers"] > 0
+    assert counts["lora_ops::qlora_linear"] == 0
