@@ -22,6 +22,8 @@ ADAPTERS = {  # differing target modules, ranks and alphas (and rsLoRA)
     "a": dict(r=8, lora_alpha=16, target_modules="all-linear"),
     "b": dict(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj", "down_proj"]),
     "c": dict(r=16, lora_alpha=4, target_modules=["v_proj", "o_proj", "up_proj"]),
+    "d": dict(r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"], rank_pattern={"q_proj": 2},
+              alpha_pattern={"down_proj": 24}),  # per-module rank and alpha
 }
 
 
@@ -70,7 +72,7 @@ def test_pool_rows_match_single_adapter_runs(dirs):
     server = AdapterServer(_quantized(dirs["dense"]), capacity=4, r_max=16)
     for name in ADAPTERS:
         server.load_adapter(str(dirs[name]))
-    names = ["a", "b", None, "c", "b", "a"]
+    names = ["a", "b", None, "c", "b", "a", "d"]
     ids = _ids(len(names))
     with torch.no_grad(), server.batch(names):
         mixed = server.model(input_ids=ids).logits
