@@ -177,7 +177,7 @@ def test_peft_generate_with_adapter_names(dirs):
     model = _peft_mixed(dirs)
     names = ["c", "a", "__base__", "b"]
     prompt = _ids(len(names), seq=5)
-    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)  # no early EOS: no padding
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         out = model.generate(input_ids=prompt, adapter_names=names, **kw)
     n_fused = sum(e.name == "lora_ops::multi_lora_linear" for e in prof.events())
