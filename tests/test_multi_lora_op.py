@@ -88,6 +88,19 @@ def test_decode_and_slab_sizes(m, rng):
     check(512, 1024, (m,), [16] * 12 + [0, 0, 8, 48], torch.bfloat16, torch.float32, 64, rng)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_x(dtype, rng):
+    # x with a column stride of 2 (a strided view), rows of two adapters and the base
+    wq, _, b = make_layer(70, 96, (6,), dtype, 32, rng)
+    pool, adapters = make_pool(70, 96, [5, 12], 12, torch.float32, rng)
+    xs = torch.randn(6, 2 * 96, generator=rng).to(dtype)[:, ::2]
+    ids = torch.tensor([0, 1, -1, 1, 0, 0])
+    y = multi_lora_linear(xs, wq, *pool, ids, b)
+    wd = dense_weight(wq, dtype)
+    ref = reference.multi_lora_linear(xs, wd, adapters, ids, b)
+    assert_close_rule(y, ref, plain_torch(xs, wd, adapters, ids, b), dtype, "strided x")
+
+
 def test_all_rows_base_only_equals_base(rng):
     wq, x, b = make_layer(64, 128, (6,), torch.bfloat16, 64, rng)
     pool, _ = make_pool(64, 128, [4, 0, 9], 16, torch.float32, rng)
