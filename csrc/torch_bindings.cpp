@@ -50,6 +50,15 @@ TORCH_LIBRARY(lora_ops, m) {
   // bool [rows, cols]: the LoRA dropout keep-mask of x viewed [rows, cols] (tests; kernels never store it).
   m.def("lora_dropout_mask(int rows, int cols, float dropout_p, Tensor rng) -> Tensor");
 
+  // ---- Multi-adapter serving (csrc/kernels/common/multi_lora_params.h) -----------------------------------
+  // Each row of x [..., K] picks a slot of an adapter pool: A [C, r_max, K], Bt [C, r_max, N] (B transposed per
+  // slot; x's dtype or fp32), scales f32 [C], ranks int32 [C] (0: empty slot), adapter_ids int64 (one per row,
+  // -1: the base alone). y = x·Wᵀ + bias + scales[c]·(x·A[c][:r]ᵀ)·Bt[c][:r] with c = adapter_ids[row]; the
+  // base runs once for all rows. Forward only (serving).
+  m.def(
+      "multi_lora_linear(Tensor x, Tensor[] w, int[] w_meta, Tensor A, Tensor Bt, Tensor scales, Tensor ranks, "
+      "Tensor adapter_ids, Tensor? bias) -> Tensor");
+
   // ---- Paged AdamW --------------------------------------------------------------------------------
   // Fused multi-tensor AdamW step, in place, torch.optim.AdamW's math (csrc/kernels/common/adamw_params.h).
   // Per index i: params[i] f32/f16/bf16 contiguous (any shape; usually a 1-D slice of one parameter that

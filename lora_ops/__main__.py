@@ -10,6 +10,8 @@ import sys
 _COMMANDS = {
     "demo": ("lora_ops.demo", ("the end-to-end QLoRA fine-tune (random tiny Llama, copy task) next to "
                                "bitsandbytes + PEFT; --ci is the reduced CI run")),
+    "serve-demo": ("lora_ops.serve_demo", ("several LoRA adapters on one NF4 base in one mixed batch: rows "
+                                           "checked against single-adapter runs, tokens/s next to PEFT")),
     "env": ("lora_ops.env", "this machine: CPU model and SIMD, the kernel paths chosen, bitsandbytes' CPU paths"),
     "report": ("lora_ops.report", "the benchmark report (storage, fused linear, optimizer) from a source checkout"),
 }

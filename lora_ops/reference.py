@@ -262,3 +262,30 @@ def qlora_linear_backward(
     dA = scale * u.t() @ xd
     dB = scale * dy2.t() @ (xd @ A.t())
     return dx.reshape(x.shape), dA, dB
+
+
+def multi_lora_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
+    adapter_ids: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float64 oracle of the per-row multi-adapter layer, one row at a time: row m is :func:`qlora_linear`
+    of that row with ``adapters[adapter_ids[m]] = (A [r, K], B [N, r], scale)``, or the base alone when the
+    id is negative or not in ``adapters``. ``w`` as for :func:`qlora_linear`. Returns y [..., N] float64."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    ids = adapter_ids.reshape(-1).tolist()
+    rows = []
+    for m, c in enumerate(ids):
+        xm = x2[m : m + 1].to(torch.float64)
+        if c in adapters:
+            A, B, scale = adapters[c]
+            ym, _ = qlora_linear(xm, w, A, B, scale, bias)
+        else:
+            ym = xm @ w.to(torch.float64).t()
+            if bias is not None:
+                ym = ym + bias.to(torch.float64)
+        rows.append(ym)
+    return torch.cat(rows).reshape(*x.shape[:-1], w.shape[0])

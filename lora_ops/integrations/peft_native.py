@@ -22,7 +22,8 @@ Semantics (PEFT's LoRA over a 4-bit base, as ``peft.tuners.lora.bnb.Linear4bit``
   ``scaling`` read at every call (rsLoRA, ``set_scale``); dropout masks from torch's default generator;
 - several active adapters: summed in one fused call when none drops out; with dropout, the first
   adapter is fused and each further one runs PEFT's own arithmetic (its own independent mask);
-- ``adapter_names=`` mixed batches run PEFT's own code over the fused base;
+- ``adapter_names=`` mixed batches run the fused per-row op (lora_ops.integrations.peft_mixed_batch; PEFT's
+  own code where that does not apply);
 - merging re-quantizes ``dequant(W) + Σ scaling·B·A`` to NF4 (the base's blocksize and double
   quant); ``unmerge`` restores the original base exactly (it is kept while merged).
 
@@ -119,6 +120,11 @@ class LoraOpsLinear(PeftLoraLinear):
             xa = self._cast_input_dtype(x, self.lora_A[a].weight.dtype)
             y = y + (self.lora_B[a](self.lora_A[a](self.lora_dropout[a](xa))) * self.scaling[a]).to(y.dtype)
         return y.to(x.dtype)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args, adapter_names: list[str], **kwargs) -> torch.Tensor:
+        from lora_ops.integrations.peft_mixed_batch import mixed_batch_forward
+
+        return mixed_batch_forward(self, x, *args, adapter_names=adapter_names, **kwargs)
 
     # ---- merging --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -211,5 +211,10 @@ def build_nf4_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...
     return _build(out_dir, "emu_nf4_check", jobs, cxx, extra_flags)
 
 
+def build_multi_lora_check(out_dir: Path, cxx: str = "g++", extra_flags: tuple[str, ...] = ()) -> Path:
+    """Compiles tests/cuda_emu/emu_multi_lora_check.cpp (it includes the rewritten multi_lora.cu); returns the
+    binary."""
+    return _build(out_dir, "emu_multi_lora_check", [(EMU / "emu_multi_lora_check.cpp", [])], cxx, extra_flags)
+
 if __name__ == "__main__":
     print(build_qlora_check(Path(sys.argv[1]).resolve(), extra_flags=tuple(sys.argv[2:])))
