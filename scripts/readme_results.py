@@ -88,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.write(md)
         return
     text = README.read_text()
-    old = readme_block(text)
-    README.write_text(text.replace(BEGIN + "\n" + old, BEGIN + "\n" + md, 1))
+    readme_block(text)  # the markers must be there
+    start = text.index(BEGIN) + len(BEGIN)
+    README.write_text(text[:start] + "\n" + md + text[text.index(END, start):])
 
 
 if __name__ == "__main__":
