@@ -82,12 +82,21 @@ def test_layer_recipe_computes_the_fused_layer_and_its_gradients():
     absmax = reference.nested_absmax(w.absmax, w.absmax2, w.offset) if w.nested else w.absmax
     w64 = reference.nf4_dequantize(w.packed, absmax, w.blocksize, w.shape, torch.float64)
     x64 = x.detach().double()
-    ref = x64 @ w64.T + layer.bias.double() + layer.scaling * (x64 @ layer.lora_A.weight.double().T) @ \
-        layer.lora_B.weight.double().T
-    # plain PyTorch in bf16 sets the tolerance: our error <= 2x its error + one bf16 rounding
-    plain = (x.detach() @ w64.to(torch.bfloat16).T + layer.bias.to(torch.bfloat16)).double()
-    tol = 2 * (plain - ref).abs().max() + ref.abs().max() * 2**-8
-    assert (y.double() - ref).abs().max() <= tol
+
+    def check(y):
+        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        ref = x64 @ w64.T + layer.bias.double() + layer.scaling * (x64 @ A.double().T) @ B.double().T
+        # plain PyTorch in bf16 sets the tolerance: our error <= 2x its error + one bf16 rounding
+        xb = x.detach()
+        plain = (xb @ w64.to(torch.bfloat16).T + layer.bias.to(torch.bfloat16)
+                 + layer.scaling * (xb @ A.to(torch.bfloat16).T) @ B.to(torch.bfloat16).T).double()
+        tol = 2 * (plain - ref).abs().max() + ref.abs().max() * 2**-8
+        assert (y.double() - ref).abs().max() <= tol
+
+    check(y)
+    with torch.no_grad():  # B starts at zero; a non-zero B checks the LoRA term too
+        layer.lora_B.weight.normal_(0, 0.05)
+        check(layer(x.detach()))
     assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().max() > 0
     assert layer.lora_A.weight.grad is not None  # zero here: B starts at zero, so dA = 0 on the first step
     assert x.grad is not None and x.grad.abs().max() > 0
@@ -103,7 +112,7 @@ def test_bnb_patch_recipe_patches_every_lora_layer_and_trains(tmp_path, rng, cap
     exec(compile(recipe("bnb_patch"), "README.md:recipe:bnb_patch", "exec"), ns)
     model, report = ns["model"], ns["report"]
     assert report == 14 and not report.skipped
-    assert "14 layers patched" in capsys.readouterr().out
+    assert "patched=14" in capsys.readouterr().out
     no_bnb_cpu_repack(model)
     # the patched layers run lora_ops' op: a training step reaches every adapter through it
     from lora_ops.integrations.peft import unpatch_peft_model
