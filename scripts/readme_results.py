@@ -4,8 +4,8 @@
     python scripts/readme_results.py --write    # replaces the block between the README's results markers
 
 One table per machine kind, i.e. per bench/results/cpu_bars_<kind>/cpu_bars.json (bench/cpu_bars.py writes
-it); every row names its machine, the lora_ops commit and the UTC date of the run. tests/test_readme_results.py
-checks that the README holds exactly this output.
+it); every row names its machine, the lora_ops commit and the UTC date of the run.
+tests/test_readme_results.py checks that the README holds exactly this output.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def table(folder: Path) -> str:
     env = data.get("environment", {})
     lines = [f"**{kind}** — {machine}; lora_ops kernels `{env.get('lora_ops_cpu_isa')}`, "
              f"allocator {env.get('malloc')} (`{folder.relative_to(ROOT).as_posix()}/`)", "",
-             "| measurement | result | goal | met | machine | commit | date |", "|---|---|---|---|---|---|---|"]
+             "| measurement | result | goal | met | machine | commit | date |",
+             "|---|---|---|---|---|---|---|"]
     for b in data["bars"]:
         goal = ("≥ " if b["higher_is_better"] else "≤ ") + f"{b['goal']:g}"
         met = {True: "yes", False: "no", None: "n/a"}[b.get("met")]

@@ -19,7 +19,7 @@ _spec.loader.exec_module(readme_results)
 def test_readme_tables_are_the_generated_ones():
     generated = readme_results.markdown()
     in_readme = readme_results.readme_block((ROOT / "README.md").read_text())
-    assert in_readme == generated, "README results differ from bench/results: python scripts/readme_results.py --write"
+    assert in_readme == generated, "README results differ: python scripts/readme_results.py --write"
 
 
 def test_every_row_names_machine_commit_and_date():
