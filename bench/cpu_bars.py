@@ -34,6 +34,7 @@ import json
 import os
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +169,9 @@ def main(argv=None) -> None:
         bars += train_bars(out / "train_reuse", reuse, peak=False)
     env = {"lora_ops_cpu_isa": fwd_env.get("lora_ops_cpu_kernels"), "bnb_packed": fwd_env.get("bnb_cpu_packed_path"),
            "malloc": fwd_env.get("malloc")}
+    # Commit and UTC date name every figure taken from this file (scripts/readme_results.py).
+    env["lora_ops_commit"] = fwd_env.get("lora_ops_commit")
+    env["date_utc"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     result = {"machine": info, "environment": env, "bars": bars}
     (out / "cpu_bars.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu_bars.md").write_text(markdown(result))

@@ -59,3 +59,75 @@ def test_trainer_recipe_trains_every_adapter_saves_and_reloads(tmp_path, rng):
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, trained.eval()(input_ids=ids).logits,
                                    rtol=0, atol=0)
+
+
+def recipe_names() -> list[str]:
+    return re.findall(r"<!-- recipe: (\w+) -->", README.read_text())
+
+
+def test_every_readme_recipe_has_a_test():
+    """A recipe added to (or renamed in) the README fails here until it has its test in this file."""
+    assert sorted(recipe_names()) == ["bnb_patch", "layer", "trainer"], recipe_names()
+
+
+def test_layer_recipe_computes_the_fused_layer_and_its_gradients():
+    ns: dict = {}
+    exec(compile(recipe("layer"), "README.md:recipe:layer", "exec"), ns)
+    layer, x, y = ns["layer"], ns["x"], ns["y"]
+    assert y.shape == (8, 256) and y.dtype == torch.bfloat16
+    # float64 reference from the layer's own NF4 bytes decoded by the spec oracle (not by the kernels)
+    from lora_ops import reference
+
+    w = layer.weight
+    absmax = reference.nested_absmax(w.absmax, w.absmax2, w.offset) if w.nested else w.absmax
+    w64 = reference.nf4_dequantize(w.packed, absmax, w.blocksize, w.shape, torch.float64)
+    x64 = x.detach().double()
+
+    def check(y):
+        A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+        ref = x64 @ w64.T + layer.bias.double() + layer.scaling * (x64 @ A.double().T) @ B.double().T
+        # plain PyTorch in bf16 sets the tolerance: our error <= 2x its error + one bf16 rounding
+        xb = x.detach()
+        plain = (xb @ w64.to(torch.bfloat16).T + layer.bias.to(torch.bfloat16)
+                 + layer.scaling * (xb @ A.to(torch.bfloat16).T) @ B.to(torch.bfloat16).T).double()
+        tol = 2 * (plain - ref).abs().max() + ref.abs().max() * 2**-8
+        assert (y.double() - ref).abs().max() <= tol
+
+    check(y)
+    with torch.no_grad():  # B starts at zero; a non-zero B checks the LoRA term too
+        layer.lora_B.weight.normal_(0, 0.05)
+        check(layer(x.detach()))
+    assert layer.lora_B.weight.grad is not None and layer.lora_B.weight.grad.abs().max() > 0
+    assert layer.lora_A.weight.grad is not None  # zero here: B starts at zero, so dA = 0 on the first step
+    assert x.grad is not None and x.grad.abs().max() > 0
+    assert not any(p.requires_grad for n, p in layer.named_parameters() if "lora_" not in n)
+
+
+def test_bnb_patch_recipe_patches_every_lora_layer_and_trains(tmp_path, rng, capsys):
+    pytest.importorskip("bitsandbytes", reason="CI installs bitsandbytes; the recipe patches a bnb model")
+    from bnb_required import no_bnb_cpu_repack
+
+    model_id = save_random_llama(tmp_path / "tiny", seed=int(torch.randint(0, 10_000, (1,), generator=rng)))
+    ns = {"model_id": str(model_id)}
+    exec(compile(recipe("bnb_patch"), "README.md:recipe:bnb_patch", "exec"), ns)
+    model, report = ns["model"], ns["report"]
+    assert report == 14 and not report.skipped
+    assert "patched=14" in capsys.readouterr().out
+    no_bnb_cpu_repack(model)
+    # the patched layers run lora_ops' op: a training step reaches every adapter through it
+    from lora_ops.integrations.peft import unpatch_peft_model
+
+    ids = torch.randint(0, 96, (2, 9), generator=rng)
+    for m in model.modules():
+        if hasattr(m, "lora_B") and "default" in getattr(m, "lora_B", {}):
+            torch.nn.init.normal_(m.lora_B["default"].weight, std=0.02)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = [m.lora_A["default"].weight.grad for m in model.modules() if hasattr(m, "lora_A")
+             and "default" in getattr(m, "lora_A", {})]
+    assert len(grads) == 14 and all(g is not None and g.abs().max() > 0 for g in grads)
+    with torch.no_grad():
+        patched = model(input_ids=ids).logits
+        unpatch_peft_model(model)
+        plain = model(input_ids=ids).logits
+    torch.testing.assert_close(patched, plain, rtol=0.05, atol=0.05)
