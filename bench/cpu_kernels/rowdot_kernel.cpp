@@ -52,7 +52,9 @@ int main(int argc, char** argv) {
   } else {
     w.absmax = absmax.data();
   }
-  cpu::select_cpu_kernels(getenv("NO_AVX512") ? cpu::CpuIsa::kAvx2 : cpu::CpuIsa::kAvx512);
+  cpu::select_cpu_kernels(getenv("NO_AVX512")        ? cpu::CpuIsa::kAvx2
+                          : getenv("NO_AVX512_BF16") ? cpu::CpuIsa::kAvx512
+                                                     : cpu::CpuIsa::kAvx512Bf16);
   if (cpu::cpu_isa() == cpu::CpuIsa::kPortable) {
     std::printf("no AVX2+FMA+F16C on this CPU: the fused row-dot does not run\n");
     return 1;

@@ -74,12 +74,12 @@ void ukernel(const float* x, int64_t ldx, const float* pw, int64_t kb, float* c,
 } // namespace
 
 // Rows per register tile at the SIMD level in use (ukernel_rows takes up to this many).
-int64_t tile_rows() { return cpu_isa() == CpuIsa::kAvx512 ? kMrAvx512 : kMR; }
+int64_t tile_rows() { return cpu_isa() >= CpuIsa::kAvx512 ? kMrAvx512 : kMR; }
 
 void ukernel_rows(int mr, const float* x, int64_t ldx, const float* pw, int64_t kb, float* c, int64_t ldc,
                   bool accumulate) {
 #ifdef LORA_OPS_X86
-  if (cpu_isa() == CpuIsa::kAvx512)
+  if (cpu_isa() >= CpuIsa::kAvx512)
     return ukernel_avx512(mr, x, ldx, pw, kb, c, ldc, accumulate);
 #endif
   switch (mr) {
