@@ -69,8 +69,8 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
                                          kSlabNever, kSlabNever, kSlabNever, kSlabNever, 0,          kCpuSlabBytes,
                                          64 << 20,   false};
 
-// AVX-512 BF16 kernels (cpu_isa.h: kAvx512Bf16). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
-// model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
+// AVX-512 BF16 kernels (cpu_isa.h: kAvx512Bf16). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4,
+// lscpu family 25 model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
 // dtype. The slab path with oneDNN's bf16 GEMM beats the kGemm tile for bf16 at every measured M from 17,
 // forward (1.28-2.59x; 1.83x at M = 2048) and dx (1.19-1.41x up to M = 128, 1.95x at 2048;
 // bench/results/cpu_crossover_avx512_bf16/; before the window decode's prefetch dx lost below M = 256:
@@ -102,8 +102,9 @@ constexpr CpuCrossover kCpuCrossoverAvx512{16,  16,  16,  16,  128, 128, 128, 12
 
 // The table of the kernels at this SIMD level.
 constexpr const CpuCrossover& crossover_for(CpuIsa isa) {
-  return isa == CpuIsa::kAvx512Bf16 ? kCpuCrossoverAvx512Bf16 : isa == CpuIsa::kAvx512 ? kCpuCrossoverAvx512
-                                                                                        : kCpuCrossoverAvx2;
+  if (isa == CpuIsa::kAvx512Bf16)
+    return kCpuCrossoverAvx512Bf16;
+  return isa == CpuIsa::kAvx512 ? kCpuCrossoverAvx512 : kCpuCrossoverAvx2;
 }
 
 // isa: the SIMD level in use (cpu_isa()).
