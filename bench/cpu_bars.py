@@ -169,6 +169,8 @@ def markdown(result: dict) -> str:
         value = "n/a" if b["value"] is None else f"{b['value']:.3f}"
         goal = ("≥ " if b["higher_is_better"] else "≤ ") + f"{b['goal']}"
         lines.append(f"| {b['bar']} | {value} | {goal} | {'yes' if b['met'] else 'no'} |")
+    if result.get("skipped_steps"):
+        lines += ["", f"Steps not run (their bars are missing): {', '.join(result['skipped_steps'])}."]
     lines += ["", "Each benchmark's own tables are in the subfolders (nf4/, nf4_reuse/, forward/, demo/, train/, "
               "train_reuse/, limits/: the machine's limits and lora_ops' fractions of them, medians with min..max)."]
     return "\n".join(lines) + "\n"
@@ -183,6 +185,11 @@ def main(argv=None) -> None:
     ap.add_argument("--train-reuse", action=argparse.BooleanOptionalAction, default=None,
                     help="also run the training benchmark with malloc reuse (default: with AVX512_BF16 only; "
                          "without it, torch's bf16 GEMM makes each baseline call take minutes)")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the steps whose results are already in --out (an interrupted run goes on)")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="STEP",
+                    help="steps not to run (nf4, nf4_reuse, limits, forward, demo, train, train_reuse): "
+                         "their bars are left out and the result says so")
     args = ap.parse_args(argv)
     info = machine()
     fast_bf16 = "avx512_bf16" in info["flags"]
@@ -191,28 +198,38 @@ def main(argv=None) -> None:
     out = (args.out or ROOT / "bench" / "results" / f"cpu_bars_{cpu_kind(info)}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     py = sys.executable
-    run([py, "bench/bench_nf4.py", "--out", str(out / "nf4")], out / "nf4.log")
-    run([py, "bench/bench_nf4.py", "--out", str(out / "nf4_reuse")], out / "nf4_reuse.log", MALLOC_REUSE_ENV)
-    run([py, "bench/cpu_limits.py", "--out", str(out / "limits")], out / "limits.log")
-    run([py, "bench/bench_qlora.py", "--shapes", "4096x4096", "--ms", "1,2,4,8,16", "--ranks", "16", "--no-backward",
-         "--dtype", "bfloat16", "--out", str(out / "forward")], out / "forward.log")
-    run([py, "-m", "lora_ops", "demo", "--no-progress", "--out", str(out / "demo")], out / "demo.log")
-    run([py, "bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds), "--out", str(out / "train")],
-        out / "train.log")
     reuse = " *(malloc reuse)*"
-    fwd_bars, fwd_env = forward_bars(out / "forward")
-    bars = (limit_bars(out / "limits") + dequant_bars(out / "nf4") + dequant_bars(out / "nf4_reuse", reuse) + fwd_bars
-            + demo_bars(out / "demo") + demo_bars(out / "demo", 1.2, "32") + train_bars(out / "train"))
+    train_args = ["bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds)]
+    # (step = its subfolder, command, extra environment, result file)
+    steps = [("nf4", ["bench/bench_nf4.py"], None, "bench_nf4.json"),
+             ("nf4_reuse", ["bench/bench_nf4.py"], MALLOC_REUSE_ENV, "bench_nf4.json"),
+             ("limits", ["bench/cpu_limits.py"], None, "cpu_limits.json"),
+             ("forward", ["bench/bench_qlora.py", "--shapes", "4096x4096", "--ms", "1,2,4,8,16", "--ranks", "16",
+                          "--no-backward", "--dtype", "bfloat16"], None, "bench_qlora.json"),
+             ("demo", ["-m", "lora_ops", "demo", "--no-progress"], None, "demo.json"),
+             ("train", train_args, None, "bench_qlora_train.json")]
     if train_reuse:
-        run([py, "bench/bench_qlora_train.py", "--ms", "2048", "--rounds", str(train_rounds), "--out",
-             str(out / "train_reuse")], out / "train_reuse.log", MALLOC_REUSE_ENV)
-        bars += train_bars(out / "train_reuse", reuse, peak=False)
+        steps.append(("train_reuse", train_args, MALLOC_REUSE_ENV, "bench_qlora_train.json"))
+    for name, cmd, extra, result_file in steps:
+        if name in args.skip or (args.resume and (out / name / result_file).exists()):
+            continue
+        run([py, *cmd, "--out", str(out / name)], out / f"{name}.log", extra)
+
+    def have(name: str, bars_fn, *a, **kw) -> list[dict]:  # a skipped step's bars read n/a
+        return bars_fn(out / name, *a, **kw) if (out / name).exists() and name not in args.skip else []
+
+    fwd_bars, fwd_env = forward_bars(out / "forward") if "forward" not in args.skip else ([], {})
+    bars = (have("limits", limit_bars) + have("nf4", dequant_bars) + have("nf4_reuse", dequant_bars, reuse) + fwd_bars
+            + have("demo", demo_bars) + have("demo", demo_bars, 1.2, "32") + have("train", train_bars))
+    if train_reuse:
+        bars += have("train_reuse", train_bars, reuse, peak=False)
+    skipped = [name for name, *_ in steps if name in args.skip]
     env = {"lora_ops_cpu_isa": fwd_env.get("lora_ops_cpu_kernels"), "bnb_packed": fwd_env.get("bnb_cpu_packed_path"),
            "malloc": fwd_env.get("malloc")}
     from lora_ops.env import git_commit
 
     info["kind"] = cpu_kind(info)
-    result = {"machine": info, "environment": env, "commit": git_commit(ROOT), "bars": bars}
+    result = {"machine": info, "environment": env, "commit": git_commit(ROOT), "skipped_steps": skipped, "bars": bars}
     (out / "cpu_bars.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "cpu_bars.md").write_text(markdown(result))
     print(markdown(result))
