@@ -137,5 +137,8 @@ extern "C" PyObject* PyInit__C(void) {
 #endif
   // Which CPU kernels were chosen at load time (AVX2+FMA+F16C or portable), for `python -m lora_ops env`.
   PyModule_AddStringConstant(m, "CPU_SIMD", lora_ops::cpu::cpu_isa_name(lora_ops::cpu::cpu_isa()));
+  // The highest level this CPU could run, and each kernel family's choice at the level in use.
+  PyModule_AddStringConstant(m, "CPU_SIMD_SUPPORTED", lora_ops::cpu::cpu_isa_name(lora_ops::cpu::cpu_isa_supported()));
+  PyModule_AddStringConstant(m, "CPU_KERNELS", lora_ops::cpu::cpu_kernel_families());
   return m;
 }

@@ -11,7 +11,13 @@ except ImportError as e:  # pragma: no cover - only reached on a broken install
     ) from e
 
 WITH_CUDA: bool = bool(_C.WITH_CUDA)
-CPU_SIMD: str = _C.CPU_SIMD  # "avx512", "avx2" or "portable": the CPU kernels chosen at load time
+# The CPU kernels' SIMD tier chosen at load time: "avx512_bf16", "avx512", "avx2" or "portable" (capped by
+# LORA_OPS_NO_AVX512_BF16 / LORA_OPS_NO_AVX512 / LORA_OPS_NO_AVX2), the highest tier this CPU could run, and
+# each kernel family's choice at the tier in use ("family=tier ...").
+CPU_SIMD: str = _C.CPU_SIMD
+CPU_SIMD_SUPPORTED: str = _C.CPU_SIMD_SUPPORTED
+CPU_KERNELS: dict[str, str] = dict(item.split("=", 1) for item in _C.CPU_KERNELS.split())
+CPU_TIERS: tuple[str, ...] = ("portable", "avx2", "avx512", "avx512_bf16")  # lowest first
 
 
 def cpu_matmul_path(m: int, n: int, k: int, dtype: str, transpose_w: bool = False, blocksize: int = 64) -> str:

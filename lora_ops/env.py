@@ -109,6 +109,8 @@ def describe() -> dict:
         "cpu_threads": torch.get_num_threads(),
         "malloc": malloc_library(),
         "lora_ops_cpu_kernels": _native.CPU_SIMD,
+        "lora_ops_cpu_tier_supported": _native.CPU_SIMD_SUPPORTED,
+        "lora_ops_cpu_kernel_families": [f"{k}={v}" for k, v in _native.CPU_KERNELS.items()],
         # the CPU path of a 4096x4096 bf16 layer's forward at a decode, a mid and a training-size M
         "lora_ops_cpu_paths_4096_bf16": {m: _native.cpu_matmul_path(m, 4096, 4096, "bfloat16") for m in (1, 64, 2048)},
         "lora_ops_with_cuda": bool(_native.WITH_CUDA),

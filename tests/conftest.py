@@ -68,3 +68,15 @@ def _simulate_bnb_cpu_repack() -> None:
 
 if os.environ.get("LORA_OPS_TEST_BNB_REPACK") == "1":
     _simulate_bnb_cpu_repack()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # Which CPU SIMD tiers this machine could not force and test (tests/cpu_tiers.py): their tests skipped.
+    try:
+        import cpu_tiers
+    except Exception:  # noqa: BLE001 - the extension failed to load: other errors say so
+        return
+    missing = cpu_tiers.not_runnable()
+    terminalreporter.write_line(f"lora_ops CPU tiers: this CPU runs up to {cpu_tiers.SUPPORTED}; "
+                                + (f"not tested here (the CPU lacks them): {', '.join(missing)}" if missing
+                                   else "every tier (" + ", ".join(cpu_tiers.TIERS) + ") forced and tested"))

@@ -1,12 +1,14 @@
 """The CPU dequantize kernels chosen at load (AVX-512: vpermw / vpermps lookups of indices built in output
 order; AVX2: pshufb / vpermps lookups in per-block tables; portable: scalar tables) write the same bits.
-LORA_OPS_NO_AVX512=1 caps a process at AVX2, LORA_OPS_NO_AVX2=1 forces the portable kernels; those runs
+LORA_OPS_NO_AVX512_BF16=1 caps a process at AVX-512 without BF16, LORA_OPS_NO_AVX512=1 at AVX2,
+LORA_OPS_NO_AVX2=1 forces the portable kernels (tests/cpu_tiers.py); those runs
 happen in fresh processes because the choice is made once at library load. A machine without a level
 runs the next lower one (the comparison is then between equal levels); the bits of this process's run
 against the spec's decode are checked in test_nf4_ops.py."""
 
 import pytest
 import torch
+from cpu_tiers import lower_tiers, tier_params
 from qlora_utils import run_script_in_fresh_process
 
 import lora_ops
@@ -43,8 +45,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
 
 
-@pytest.mark.parametrize("level_env", [{"LORA_OPS_NO_AVX2": "1"}, {"LORA_OPS_NO_AVX512": "1"}],
-                         ids=["portable", "avx2"])
+@pytest.mark.parametrize("level_env", tier_params(lower_tiers()))
 def test_lower_simd_levels_and_this_one_dequantize_bit_identically(level_env, tmp_path):
     seed = int(torch.randint(0, 2**30, (1,)).item())  # fresh inputs each run
     path = str(tmp_path / "lower.pt")

@@ -9,6 +9,7 @@ machine's run in fresh processes (the level is read once at load)."""
 
 import pytest
 import torch
+from cpu_tiers import lower_tiers, tier_params
 from qlora_utils import run_script_in_fresh_process
 from test_qlora_slab_path import check_case
 
@@ -42,10 +43,10 @@ for i, case in enumerate(t.CASES):
 """
 
 
-@pytest.mark.parametrize("cap", ["LORA_OPS_NO_AVX512", "LORA_OPS_NO_AVX2"])
-def test_long_fp32_reductions_at_lower_simd_levels(cap, rng):
+@pytest.mark.parametrize("tier_env", tier_params(lower_tiers()))
+def test_long_fp32_reductions_at_lower_simd_levels(tier_env, rng):
     seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
-    run_script_in_fresh_process(_AT_LEVEL, [seed], {cap: "1"}, timeout=300)
+    run_script_in_fresh_process(_AT_LEVEL, [seed], tier_env, timeout=300)
 
 
 # lora_down with few outputs (M · r <= 16): each element of s = drop(x)·Aᵀ or u = dy·B scales a whole row

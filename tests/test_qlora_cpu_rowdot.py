@@ -3,7 +3,7 @@ level, AVX2 (bf16 byte tables or vpermps tables) and AVX-512 (vdpbf16ps or vperm
 decoded into a buffer); the portable one. Each is checked against the float64 reference on shapes that
 reach its corners: more than 64 blocks per row (the absmax run), N tails, x-row chunks of 4 (AVX2) and 8
 (AVX-512) with remainders, non-contiguous x, every blocksize kind, plain and nested absmax. The levels
-below the CPU's and the buffered kernel run in fresh processes (LORA_OPS_NO_AVX512=1, LORA_OPS_NO_AVX2=1,
+below the CPU's and the buffered kernel run in fresh processes (tests/cpu_tiers.py's caps,
 LORA_OPS_FUSED_ROWDOT_MAX_M=0: read at load)."""
 
 import os
@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+from cpu_tiers import TIER_ENV, lower_tiers, runnable
 from qlora_utils import (assert_close_rule, dense_weight, make_problem, run_script_in_fresh_process,
                          torch_same_dtype)
 
@@ -67,26 +68,19 @@ for case in t.CASES:
 """
 
 
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
-
-
-@pytest.mark.parametrize("cap", ["LORA_OPS_NO_AVX512", "LORA_OPS_NO_AVX2"])
-def test_lower_simd_levels_match_reference(cap, rng):
-    # The kernels of the level the cap leaves (AVX2 on an AVX-512 machine; portable) against the reference.
-    # On a CPU below the capped level this reruns what it already runs (the default run is the other test).
+@pytest.mark.parametrize("tier", lower_tiers())
+def test_lower_simd_levels_match_reference(tier, rng):
+    # The kernels of each tier below the CPU's (AVX-512 without BF16: the vpermps kernel for bf16 too; AVX2;
+    # portable) against the reference, each forced in a fresh process; a tier the CPU lacks is skipped.
+    if not runnable(tier):
+        pytest.skip(f"this CPU cannot run the {tier} tier")
     seed = str(int(torch.randint(0, 2**30, (1,), generator=rng).item()))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **{cap: "1"})
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""), **TIER_ENV[tier])
     res = subprocess.run([sys.executable, "-c", _AT_LEVEL, seed], cwd=root, env=env, capture_output=True,
                          text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr[-4000:]
-    level = res.stdout.split()[0]
-    if cap == "LORA_OPS_NO_AVX2":
-        assert level == "portable"
-    else:
-        assert level == ("avx2" if {"avx2", "fma", "f16c"} <= _cpu_flags() else "portable")
+    assert res.stdout.split()[0] == tier
 
 
 _BUFFERED = r"""

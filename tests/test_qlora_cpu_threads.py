@@ -7,6 +7,7 @@ import pytest
 import torch
 from qlora_utils import make_problem
 
+from lora_ops import _native
 from lora_ops.ops import qlora as qlora_ops
 
 
@@ -37,10 +38,13 @@ def test_gemm_rows_do_not_depend_on_row_blocking(dtype, rng):
     # The kGemm path converts x in M-blocks (256..1024 rows); every output element is computed the same
     # way whichever block and row part its row falls in: one call over 1100 rows equals four calls over
     # slices of it (with the LoRA term folded into the reduction, forward and dx).
-    wq, x, A, B, _ = make_problem((1100,), 96, 300, 8, dtype, "cpu", bias=False, generator=rng)
+    # (M·N·K below 2^24: the tiers whose tables send large M to the slab path leave it on the kGemm path)
+    wq, x, A, B, _ = make_problem((1100,), 48, 300, 8, dtype, "cpu", bias=False, generator=rng)
     s = torch.randn(1100, 8, generator=rng)
-    dy = torch.randn(1100, 96, generator=rng).to(dtype)
+    dy = torch.randn(1100, 48, generator=rng).to(dtype)
     cuts = [0, 300, 557, 1024, 1100]
+    for transpose in (False, True):
+        assert _native.cpu_matmul_path(1100, 48, 300, str(dtype)[6:], transpose) == "gemm"
     for a, w, transpose in ((x, B, False), (dy, A.t(), True)):
         whole = qlora_ops.qlora_matmul(a, wq, transpose, s, w, 0.5)
         parts = torch.cat([qlora_ops.qlora_matmul(a[i:j], wq, transpose, s[i:j], w, 0.5)

@@ -1,10 +1,8 @@
 // Single-thread timing of the fused row-dot kernel alone (csrc/kernels/cpu/nf4_rowdot.cpp), no torch:
 // W 4096 x 4096 (N from $N), blocksize 64 (or $BS), random codes, nested absmax when $NESTED is set, x
 // rounded to bf16 for DTYPE 0 (as the op passes it). Build and run:
-//   g++ -O3 -ffp-contract=off -std=c++17 -Icsrc/kernels bench/cpu_kernels/rowdot_kernel.cpp \
-//       csrc/kernels/cpu/nf4_rowdot.cpp csrc/kernels/cpu/nf4_rowdot_avx512.cpp csrc/kernels/cpu/nf4_cpu.cpp \
-//       csrc/kernels/cpu/nf4_dequant_avx512.cpp csrc/kernels/cpu/gemm_ukernel_avx512.cpp csrc/kernels/cpu/qlora_cpu.cpp \
-//       csrc/kernels/cpu/row_convert.cpp -fopenmp -o /tmp/rowdot_kernel
+//   g++ -O3 -ffp-contract=off -std=c++17 -Icsrc -Icsrc/kernels bench/cpu_kernels/rowdot_kernel.cpp \
+//       csrc/kernels/cpu/*.cpp -fopenmp -o /tmp/rowdot_kernel
 //   NESTED=1 /tmp/rowdot_kernel M DTYPE      (DTYPE 0 bf16, 1 fp16, 2 fp32; prints the best of 20)
 // The kernel of the CPU's highest SIMD level runs; NO_AVX512=1 caps it at AVX2.
 #include <chrono>
@@ -54,7 +52,9 @@ int main(int argc, char** argv) {
   } else {
     w.absmax = absmax.data();
   }
-  cpu::select_cpu_kernels(getenv("NO_AVX512") ? cpu::CpuIsa::kAvx2 : cpu::CpuIsa::kAvx512);
+  cpu::select_cpu_kernels(getenv("NO_AVX512")        ? cpu::CpuIsa::kAvx2
+                          : getenv("NO_AVX512_BF16") ? cpu::CpuIsa::kAvx512
+                                                     : cpu::CpuIsa::kAvx512Bf16);
   if (cpu::cpu_isa() == cpu::CpuIsa::kPortable) {
     std::printf("no AVX2+FMA+F16C on this CPU: the fused row-dot does not run\n");
     return 1;

@@ -23,6 +23,7 @@ const EnvOverrides& env_overrides() {
     e.poison_outputs = flag("LORA_OPS_POISON_OUTPUTS");
     e.no_avx2 = flag("LORA_OPS_NO_AVX2");
     e.no_avx512 = flag("LORA_OPS_NO_AVX512");
+    e.no_avx512_bf16 = flag("LORA_OPS_NO_AVX512_BF16");
     e.cpu_row_dot_max_m = integer("LORA_OPS_GEMV_MAX_M");
     e.cpu_fused_row_dot_max_m = integer("LORA_OPS_FUSED_ROWDOT_MAX_M");
     e.cpu_axpy_max_m = integer("LORA_OPS_AXPY_MAX_M");

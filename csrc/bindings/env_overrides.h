@@ -9,6 +9,7 @@ struct EnvOverrides {
   bool poison_outputs = false;       // LORA_OPS_POISON_OUTPUTS=1: fill new outputs with 0xFF (NaN) first
   bool no_avx2 = false;              // LORA_OPS_NO_AVX2=1: the portable CPU kernels
   bool no_avx512 = false;            // LORA_OPS_NO_AVX512=1: the AVX2 CPU kernels at most
+  bool no_avx512_bf16 = false;       // LORA_OPS_NO_AVX512_BF16=1: the AVX-512 kernels without AVX512_BF16 at most
   int64_t cpu_row_dot_max_m = -1;    // LORA_OPS_GEMV_MAX_M: CPU forward row-dot crossover (-1: the table's)
   int64_t cpu_fused_row_dot_max_m = -1; // LORA_OPS_FUSED_ROWDOT_MAX_M: largest M of the fused row-dot, both
                                         // table kinds (-1: the table's; 0: never)

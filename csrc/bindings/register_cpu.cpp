@@ -119,9 +119,10 @@ const char* cpu_matmul_path(int64_t m, int64_t n, int64_t k, DType a_dtype, bool
 
 TORCH_LIBRARY_IMPL(lora_ops, CPU, m) {
   const EnvOverrides& env = env_overrides();
-  cpu::select_cpu_kernels(env.no_avx2     ? cpu::CpuIsa::kPortable
-                          : env.no_avx512 ? cpu::CpuIsa::kAvx2
-                                          : cpu::CpuIsa::kAvx512);
+  cpu::select_cpu_kernels(env.no_avx2          ? cpu::CpuIsa::kPortable
+                          : env.no_avx512      ? cpu::CpuIsa::kAvx2
+                          : env.no_avx512_bf16 ? cpu::CpuIsa::kAvx512
+                                               : cpu::CpuIsa::kAvx512Bf16);
   register_ops<&kCpuBackend>(m);
 }
 

@@ -1075,7 +1075,7 @@ void run_long() {
 
 int main(int argc, char** argv) {
   const std::string group = argc > 1 ? argv[1] : "all";
-  cpu::select_cpu_kernels(cpu::CpuIsa::kAvx512); // as the library does at load
+  cpu::select_cpu_kernels(cpu::CpuIsa::kAvx512Bf16); // as the library does at load
   g_rng.seed(argc > 2 ? std::atoi(argv[2]) : 1234);
   if (argc > 3) lora_emu::g_policy = std::atoi(argv[3]);
   const auto want = [&](const char* g) { return group == "all" || group == g; };

@@ -1,5 +1,6 @@
 // The AVX-512 register tile of the CPU GEMM (qlora_cpu.cpp, kGemm path): C[mr x 16] (+)= x[mr x kb] ·
-// P[kb x 16] with P a micro-panel of 16 columns (one zmm per k). Call only when cpu_isa() == kAvx512.
+// P[kb x 16] with P a micro-panel of 16 columns (one zmm per k). Call only when cpu_isa() >= kAvx512
+// (AVX-512 F/BW/VL/DQ).
 #pragma once
 #include <cstdint>
 

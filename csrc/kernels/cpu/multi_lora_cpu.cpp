@@ -322,7 +322,7 @@ void multi_lora_add(const MultiLoraParams& p) {
     if (start[c + 1] > start[c])
       used.push_back(c);
 
-  const bool avx512 = cpu_isa() == CpuIsa::kAvx512, avx2 = cpu_isa() == CpuIsa::kAvx2;
+  const bool avx512 = cpu_isa() >= CpuIsa::kAvx512, avx2 = !avx512 && cpu_isa() >= CpuIsa::kAvx2;
 
   // x rows of the active rows, widened to fp32 in grouped order.
   std::vector<float> xs(static_cast<size_t>(active * K));

@@ -234,7 +234,7 @@ void decode_run(const Nf4Weight& w, int64_t e0, int64_t e1, typename Storage<T>:
 
 void set_nf4_isa(CpuIsa isa) {
   g_nf4_avx2 = isa >= CpuIsa::kAvx2;
-  g_nf4_avx512 = isa == CpuIsa::kAvx512;
+  g_nf4_avx512 = isa >= CpuIsa::kAvx512; // F/BW only: no BF16 instruction
 }
 
 float nf4_block_absmax(const Nf4Weight& w, int64_t block) {

@@ -1,4 +1,4 @@
-// AVX-512 block decoders of nf4_dequantize (nf4_cpu.cpp), for cpu_isa() == kAvx512.
+// AVX-512 block decoders of nf4_dequantize (nf4_cpu.cpp), for cpu_isa() >= kAvx512 (AVX-512 F/BW/VL/DQ).
 //
 // 16-bit outputs: per 16 packed bytes (32 outputs) one vpermw of indices built in output order
 // (nf4_avx512_indices.h) in the block's 16 output values, repeated in words 16-31. fp32 outputs build

@@ -1,6 +1,6 @@
 // AVX-512 block decoders of nf4_dequantize (nf4_cpu.cpp): n elements of one block (its packed codes
 // from the block's first byte) with finite absmax amax, into out; the bits of the portable decoder.
-// Call only when cpu_isa() == kAvx512.
+// Call only when cpu_isa() >= kAvx512 (AVX-512 F/BW/VL/DQ).
 #pragma once
 #include <cstdint>
 

@@ -52,7 +52,7 @@ bool rowdot_fused_applies(const Nf4Weight& w, int64_t k) { return k > 0 && k % w
 bool rowdot_byte_tables(const Nf4Weight& w, DType t) { return t == DType::kBFloat16 && w.blocksize >= kChunk; }
 
 void rowdot_prepare_x(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32) {
-  if (cpu_isa() == CpuIsa::kAvx512)
+  if (cpu_isa() >= CpuIsa::kAvx512)
     return rowdot_detail::rowdot_prepare_x_avx512(w, value_dtype, m, k, x32);
   if (!rowdot_byte_tables(w, value_dtype))
     return;
@@ -238,7 +238,7 @@ void rowdot_avx2(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, i
 void rowdot_fused(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
                   int64_t m, float* out, int64_t ldo) {
 #ifdef LORA_OPS_X86
-  if (cpu_isa() == CpuIsa::kAvx512)
+  if (cpu_isa() >= CpuIsa::kAvx512)
     return rowdot_detail::rowdot_avx512(w, value_dtype, k, o0, rows, x32, m, out, ldo);
   if (cpu_isa() == CpuIsa::kAvx2)
     return rowdot_avx2(w, value_dtype, k, o0, rows, x32, m, out, ldo);

@@ -17,7 +17,8 @@ namespace lora_ops::cpu {
 bool rowdot_fused_applies(const Nf4Weight& w, int64_t k);
 
 // True when rowdot_fused takes its bf16 kernel for this weight and compute dtype (bf16, blocksize >= 64:
-// AVX2 byte tables, AVX-512 vdpbf16ps); otherwise its vpermps kernel. The two have different crossovers
+// AVX2 byte tables, AVX512_BF16 vdpbf16ps; AVX-512 without BF16 takes its vpermps kernel for every dtype,
+// and its crossover table gives both kinds the same limit); otherwise its vpermps kernel. The two have different crossovers
 // (qlora_cpu_path.h).
 bool rowdot_byte_tables(const Nf4Weight& w, DType value_dtype);
 

@@ -29,9 +29,21 @@ inline void block_absmax(const Nf4Weight& w, int64_t b0, int64_t n, float* out) 
   }
 }
 
-// AVX-512 twins of rowdot_prepare_x / rowdot_fused (nf4_rowdot.h), same contracts; cpu_isa() == kAvx512.
+// AVX-512 twins of rowdot_prepare_x / rowdot_fused (nf4_rowdot.h), same contracts; cpu_isa() >= kAvx512
+// (nf4_rowdot_avx512.cpp). They pass bf16 weights of blocksize >= 64 to the _bf16 pair at kAvx512Bf16.
 void rowdot_prepare_x_avx512(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32);
 void rowdot_avx512(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
                    int64_t m, float* out, int64_t ldo);
+
+// The vdpbf16ps kernels' weights: bf16 values, blocksize >= 64 (one 64-column chunk within a block).
+inline bool rowdot_bf16_pairs_applies(const Nf4Weight& w, DType t) {
+  return t == DType::kBFloat16 && w.blocksize >= 64;
+}
+
+// The vdpbf16ps kernels (nf4_rowdot_avx512_bf16.cpp): cpu_isa() == kAvx512Bf16 and
+// rowdot_bf16_pairs_applies only.
+void rowdot_prepare_x_avx512_bf16(const Nf4Weight& w, DType value_dtype, int64_t m, int64_t k, float* x32);
+void rowdot_avx512_bf16(const Nf4Weight& w, DType value_dtype, int64_t k, int64_t o0, int64_t rows, const float* x32,
+                        int64_t m, float* out, int64_t ldo);
 
 } // namespace lora_ops::cpu::rowdot_detail

@@ -69,8 +69,8 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
                                          kSlabNever, kSlabNever, kSlabNever, kSlabNever, 0,          kCpuSlabBytes,
                                          64 << 20,   false};
 
-// AVX-512 kernels (cpu_isa.h). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4, lscpu family 25
-// model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
+// AVX-512 BF16 kernels (cpu_isa.h: kAvx512Bf16). Measured on a 2-core AMD EPYC with AVX-512 BF16 (Zen 4,
+// lscpu family 25 model 17), 4096x4096, r = 16: bench/notes_qlora_cpu.md. The fused row-dot wins at every M <= 16 and
 // dtype. The slab path with oneDNN's bf16 GEMM beats the kGemm tile for bf16 at every measured M from 17,
 // forward (1.28-2.59x; 1.83x at M = 2048) and dx (1.19-1.41x up to M = 128, 1.95x at 2048;
 // bench/results/cpu_crossover_avx512_bf16/; before the window decode's prefetch dx lost below M = 256:
@@ -82,9 +82,19 @@ constexpr CpuCrossover kCpuCrossoverAvx2{16,         16,         4,          16,
 // tile wins (128x320 .. 512x512 at M = 17..128: slab 0.29-0.95x; at 2^24: 0.93-1.35x; from 20 Mi on
 // 1.07-1.8x; back-to-back calls in one process per path, 2026-12-07, notes_qlora_cpu.md).
 constexpr int64_t kCpuSlabMinWork = int64_t{1} << 24;
-constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         16,         17,
-                                           17,         kSlabNever, kSlabNever, kSlabNever, kSlabNever,
-                                           kCpuSlabMinWork, kCpuSlabBytes, 64 << 20, true};
+constexpr CpuCrossover kCpuCrossoverAvx512Bf16{16,         16,         16,         16,         17,
+                                               17,         kSlabNever, kSlabNever, kSlabNever, kSlabNever,
+                                               kCpuSlabMinWork, kCpuSlabBytes, 64 << 20, true};
+
+// AVX-512 kernels without AVX512_BF16 (kAvx512: Skylake-SP, Cascade Lake, Ice Lake Xeons; no AMD CPU has
+// AVX-512 without BF16). The fused row-dot is the vpermps kernel for every dtype (bf16 too): both limits 16,
+// as the vpermps kernel measured on Zen 4 (every M <= 16 beat the buffered one). Large M: torch's bf16 GEMM
+// has no native kernel there (a 2-core Ice Lake Xeon, family 6 model 106, 2026-12-07, 2048 x 4096 x 4096,
+// 2 threads: fp32 MKL sgemm 305 GFLOP/s, bf16 63), so the slab path feeds ATen's fp32 GEMM for every
+// dtype; the kGemm tile ran ~140 GFLOP/s there. The crossover M was not measured on that CPU: from M = 128,
+// where on the Zen 4 the slab path's fixed cost was already amortized (docs/cpu_engines.md).
+constexpr CpuCrossover kCpuCrossoverAvx512{16,  16,  16,  16,  128, 128, 128, 128, 128, 128, kCpuSlabMinWork,
+                                           kCpuSlabBytes, 64 << 20, false};
 
 // Overrides for tests and benchmarks (applied by the binding layer): LORA_OPS_GEMV_MAX_M,
 // LORA_OPS_FUSED_ROWDOT_MAX_M, LORA_OPS_AXPY_MAX_M, LORA_OPS_SLAB_MIN_M, LORA_OPS_SLAB_BYTES,
@@ -92,6 +102,8 @@ constexpr CpuCrossover kCpuCrossoverAvx512{16,         16,         16,         1
 
 // The table of the kernels at this SIMD level.
 constexpr const CpuCrossover& crossover_for(CpuIsa isa) {
+  if (isa == CpuIsa::kAvx512Bf16)
+    return kCpuCrossoverAvx512Bf16;
   return isa == CpuIsa::kAvx512 ? kCpuCrossoverAvx512 : kCpuCrossoverAvx2;
 }
 
