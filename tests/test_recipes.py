@@ -67,7 +67,29 @@ def recipe_names() -> list[str]:
 
 def test_every_readme_recipe_has_a_test():
     """A recipe added to (or renamed in) the README fails here until it has its test in this file."""
-    assert sorted(recipe_names()) == ["bnb_patch", "layer", "trainer"], recipe_names()
+    assert sorted(recipe_names()) == ["bnb_patch", "from_pretrained", "layer", "trainer"], recipe_names()
+
+
+def test_from_pretrained_recipe_quantizes_while_loading_as_quantize_model_does(tmp_path, rng):
+    from transformers import AutoModelForCausalLM
+
+    import lora_ops
+    from lora_ops.nn import NF4Linear
+
+    model_id = save_random_llama(tmp_path / "tiny", seed=int(torch.randint(0, 10_000, (1,), generator=rng)))
+    ns = {"model_id": str(model_id)}
+    exec(compile(recipe("from_pretrained"), "README.md:recipe:from_pretrained", "exec"), ns)
+    model = ns["model"]
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+    assert len(layers) == 14 and "lm_head" not in layers
+    assert all(not m.weight.requires_grad and any(p is m.weight for p in model.parameters()) for m in layers.values())
+    # the same bytes as quantizing the dense model after loading it: identical logits
+    dense = lora_ops.quantize_model(AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16))
+    ids = torch.randint(0, 96, (2, 9), generator=rng)
+    with torch.no_grad():
+        got, want = model.eval()(input_ids=ids).logits, dense.eval()(input_ids=ids).logits
+    assert torch.isfinite(got).all() and got.abs().max() > 0
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_layer_recipe_computes_the_fused_layer_and_its_gradients():
