@@ -123,8 +123,10 @@ def test_norm_identity_under_cancellation(device, rng):
     w_args, meta = wq.to(device).op_args()
     ours = dora_ops.weight_norm_args(w_args, meta, A.to(device), B.to(device), scale).cpu()
     plain = torch.linalg.vector_norm(wd.float() + scale * (B @ A), dim=1)
-    err, err_plain = (ours - ref).abs(), (plain.double() - ref).abs()
-    assert (err <= 2 * err_plain + 1e-12 * ref.max()).all(), (err.max().item(), err_plain.max().item())
+    # relative per row (the cancelled rows are the small ones), the suite's max rule over rows
+    rel, rel_plain = (ours - ref).abs() / ref, (plain.double() - ref).abs() / ref
+    assert rel.max() <= 2 * rel_plain.max() + 1e-12, (rel.max().item(), rel_plain.max().item())
+    assert rel[rows].max() <= 2 * rel_plain[rows].max() + 1e-12
 
 
 def test_base_norms_from_codes_and_cache(rng):
@@ -207,5 +209,7 @@ def test_compile_fullgraph_matches_eager(rng, p):
     eager, eg = _grads(step, [x, A, B, m], dy)
     compiled, cg = _grads(torch.compile(step, fullgraph=True), [x, A, B, m], dy)
     assert torch.equal(eager, compiled)
-    for a, b in zip(eg, cg):
+    for a, b in zip(eg[:3], cg[:3]):
         assert torch.equal(a, b)
+    # dm: the backward's column sums are traced and compiled by Inductor, which may order them differently
+    torch.testing.assert_close(eg[3], cg[3], rtol=1e-6, atol=0)

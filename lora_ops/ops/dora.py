@@ -19,8 +19,10 @@ Without dropout (p = 0, or eval mode) PEFT reuses the base result: one GEMM.
 ‖W_i‖² is a constant of the frozen base: computed from the NF4 codes and the absmax (chunks of rows,
 never the whole weight) and cached per weight storage, keyed by the tensors' version counters (an
 in-place write, ``load_state_dict`` or a replaced base invalidates it). ``W·Aᵀ`` is the fused NF4
-matmul with A as r rows of input (float64 on the CPU so that cancellation between W and s·B·A costs
-no more than the float64 sum; float32 on CUDA, whose kernels have no float64 path).
+matmul (float32) with A as r rows of input; the three terms are summed in float64. Where W and s·B·A
+nearly cancel (a row's norm² below 1/16 of ‖W_i‖² + s²‖(B·A)_i‖²) the float32 cross term's rounding
+could dominate, so those rows alone are decoded and summed directly in float64 (adversarial cases;
+a trained DoRA update is far from it, and no row is decoded).
 
 Backward (dy scaled per output column by g into the fused LoRA backward):
     dx, dA, dB = qlora backward of (dy ⊙ g) at x (at x̃ with dropout; plus (dy·W)∘(1 - mask/(1-p)))
@@ -43,7 +45,7 @@ from lora_ops.ops._checks import check_one_device, weight_parts
 
 _ops = torch.ops.lora_ops
 _ROW_CHUNK_ELEMENTS = 1 << 20  # elements decoded at a time for the base row norms
-_COL_CHUNK_ROWS = 256  # rows of [M, N] scaled in float32 at a time (bounds the temporary)
+_COL_CHUNK_ROWS = 64  # rows of [M, N] scaled in float32 at a time (a cache-sized buffer)
 
 
 def _norm_dtype() -> torch.dtype:
@@ -64,23 +66,32 @@ def _absmax_float(w: list[torch.Tensor]) -> torch.Tensor:
     return code[q.long()] * scales + offset
 
 
+def _decode_elements(w: list[torch.Tensor], blocksize: int, idx: torch.Tensor) -> torch.Tensor:
+    """The spec's float32 decode ``codebook[code] * absmax[block]`` of the flat elements ``idx`` (int64)."""
+    packed = w[0].reshape(-1)
+    byte = packed[idx // 2]
+    codes = torch.where(idx % 2 == 0, byte >> 4, byte & 0x0F)
+    codebook = fmt.NF4_CODEBOOK.to(device=packed.device, dtype=torch.float32)
+    return codebook[codes.long()] * _absmax_float(w)[idx // blocksize]
+
+
 def _row_sq_norms_compute(w: list[torch.Tensor], w_meta: list[int]) -> torch.Tensor:
     blocksize, n, k = w_meta
-    packed = w[0].reshape(-1)
-    absmax = _absmax_float(w)
-    codebook = fmt.NF4_CODEBOOK.to(device=packed.device, dtype=torch.float32)
-    out = torch.empty(n, dtype=torch.float64, device=packed.device)
+    device = w[0].device
+    out = torch.empty(n, dtype=torch.float64, device=device)
     rows = max(1, _ROW_CHUNK_ELEMENTS // max(k, 1))
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
-        e0, e1 = r0 * k, r1 * k
-        b0 = e0 // 2
-        bytes_ = packed[b0: (e1 + 1) // 2]
-        codes = torch.stack([bytes_ >> 4, bytes_ & 0x0F], dim=1).reshape(-1)[e0 - 2 * b0: e0 - 2 * b0 + (e1 - e0)]
-        block = torch.arange(e0, e1, device=packed.device) // blocksize
-        vals = codebook[codes.long()] * absmax[block]  # the spec's float32 decode, one rounding
+        vals = _decode_elements(w, blocksize, torch.arange(r0 * k, r1 * k, device=device))
         out[r0:r1] = vals.double().square().view(r1 - r0, k).sum(dim=1)
     return out
+
+
+def _dense_rows(w: list[torch.Tensor], w_meta: list[int], rows: torch.Tensor) -> torch.Tensor:
+    """float64 [len(rows), K]: a few rows of W decoded (for rows whose norm the identity cannot give)."""
+    blocksize, _, k = w_meta
+    idx = rows.to(w[0].device)[:, None] * k + torch.arange(k, device=w[0].device)
+    return _decode_elements(w, blocksize, idx.reshape(-1)).double().view(-1, k)
 
 
 # Cache: one entry per weight storage (held by a weak reference, so an entry never outlives or mistakes
@@ -123,17 +134,30 @@ def _nf4_row_sq_norms_fake(w, w_meta):
     return w[0].new_empty((w_meta[1],), dtype=torch.float64)
 
 
+# A row whose norm² is below this fraction of ‖W_i‖² + s²‖(B·A)_i‖² is cancelled enough that the
+# float32 cross term's rounding (about 2^-24·sqrt(K) of its size) could dominate it: such rows are
+# recomputed from their decoded values. Trained DoRA updates are far from it, so none are decoded.
+_CANCELLATION = 2.0**-4
+_DENSE_ROWS_AT_ONCE = 256
+
+
 def _row_norms(w, w_meta, A, B, base_sq, scale) -> torch.Tensor:
-    """‖W_i + s·(B·A)_i‖ (float64 [N]) by the identity: W·Aᵀ through the fused NF4 matmul with A as r
-    rows of input, A·Aᵀ r×r, no dense W or B·A. Clamped at 0 before the square root (rounding can make
-    a fully cancelled row's sum slightly negative)."""
+    """‖W_i + s·(B·A)_i‖ (float64 [N]) by the identity: W·Aᵀ through the fused NF4 matmul (float32) with
+    A as r rows of input, A·Aᵀ r×r, the sums in float64; no dense W or B·A. Rows with heavy cancellation
+    (see _CANCELLATION) are recomputed directly from their decoded values in float64."""
     d = torch.float64
-    a_rows = A.to(d if A.device.type == "cpu" else torch.float32)
-    p = _ops.qlora_matmul(a_rows, w, w_meta, False, None, None, 1.0, None, 0.0, None).to(d)  # [r, N] = A·Wᵀ
     ad, bd = A.detach().to(d), B.detach().to(d)
-    cross = (bd * p.t()).sum(dim=1)
+    p = _ops.qlora_matmul(A.detach().to(torch.float32), w, w_meta, False, None, None, 1.0, None, 0.0, None)
+    cross = (bd * p.t().to(d)).sum(dim=1)
     quad = ((bd @ (ad @ ad.t())) * bd).sum(dim=1)
-    sq = base_sq.to(d) + (2.0 * scale) * cross + (scale * scale) * quad
+    base_sq = base_sq.to(d)
+    sq = base_sq + (2.0 * scale) * cross + (scale * scale) * quad
+    cancelled = (sq < _CANCELLATION * (base_sq + (scale * scale) * quad)).nonzero().flatten()
+    if cancelled.numel():
+        for i in range(0, cancelled.numel(), _DENSE_ROWS_AT_ONCE):
+            rows = cancelled[i: i + _DENSE_ROWS_AT_ONCE]
+            exact = _dense_rows(w, w_meta, rows) + scale * (bd[rows] @ ad)
+            sq[rows] = exact.square().sum(dim=1)
     return sq.clamp_min(0.0).sqrt()
 
 
@@ -141,28 +165,42 @@ def _row_norms(w, w_meta, A, B, base_sq, scale) -> torch.Tensor:
 def _scale_cols(z: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """``z ⊙ g (+ add) (+ bias)`` for z [M, N] (any dtype), computed in float32 (float64 for float64 z)
-    and rounded once to z's dtype, a chunk of rows at a time (bounds the float32 temporary)."""
+    and rounded once to z's dtype. A few rows at a time through one small float32 buffer: torch's
+    mixed-dtype elementwise path is several times slower than same-dtype copies and multiplies."""
     acc = _acc_dtype(z)
     g = g.to(acc)
+    bias = None if bias is None else bias.to(acc)
     out = torch.empty_like(z)
-    for i in range(0, z.shape[0], _COL_CHUNK_ROWS):
-        j = min(z.shape[0], i + _COL_CHUNK_ROWS)
-        v = z[i:j].to(acc) * g
+    rows = _COL_CHUNK_ROWS
+    buf = torch.empty((min(rows, z.shape[0]), z.shape[1]), dtype=acc, device=z.device)
+    for i in range(0, z.shape[0], rows):
+        j = min(z.shape[0], i + rows)
+        b = buf[: j - i]
+        b.copy_(z[i:j])
+        b.mul_(g)
         if add is not None:
-            v += add[i:j]
+            b.add_(add[i:j])
         if bias is not None:
-            v += bias
-        out[i:j] = v
+            b.add_(bias)
+        out[i:j].copy_(b)
     return out
 
 
 def _col_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Σ_rows a ⊙ b per column (float64 [N]) for a, b [M, N], in float32 chunks summed in float64."""
+    """Σ_rows a ⊙ b per column (float64 [N]) for a, b [M, N]: exact float32 products of 16-bit values,
+    summed in float32 over a few rows at a time and in float64 across them."""
     acc = _acc_dtype(a)
     out = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
-    for i in range(0, a.shape[0], _COL_CHUNK_ROWS):
-        j = min(a.shape[0], i + _COL_CHUNK_ROWS)
-        out += (a[i:j].to(acc) * b[i:j].to(acc)).sum(dim=0, dtype=torch.float64)
+    rows = _COL_CHUNK_ROWS
+    n = min(rows, a.shape[0])
+    buf_a = torch.empty((n, a.shape[1]), dtype=acc, device=a.device)
+    buf_b = torch.empty((n, a.shape[1]), dtype=acc, device=a.device)
+    for i in range(0, a.shape[0], rows):
+        j = min(a.shape[0], i + rows)
+        pa, pb = buf_a[: j - i], buf_b[: j - i]
+        pa.copy_(a[i:j])
+        pb.copy_(b[i:j])
+        out += pa.mul_(pb).sum(dim=0)
     return out
 
 
