@@ -259,3 +259,38 @@ def test_dora_with_another_active_adapter_raises_clearly(dense_dir):
     model.base_model.set_adapter(["default", "plain"])
     with pytest.raises(NotImplementedError, match="activate one adapter at a time"):
         model(input_ids=_ids())
+
+
+def test_patch_peft_model_runs_dora_over_bitsandbytes(dense_dir):
+    """patch_peft_model on PEFT's QDoRA over bitsandbytes: every DoRA layer runs the fused op, with PEFT's
+    own (dequantizing) DoRA as the witness for logits and for the gradients of A, B and the magnitude."""
+    pytest.importorskip("bitsandbytes", reason="CI installs bitsandbytes; this test needs it")
+    from hf_tiny import load_bnb_4bit
+
+    from lora_ops.integrations import peft as lo_peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(load_bnb_4bit(dense_dir), _config())
+    _randomize_dora(model)
+    ids = _ids()
+
+    def run():
+        model.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                out = model(input_ids=ids, labels=ids)
+                out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        return out.logits.detach(), grads, sum(e.name == DORA_OP for e in prof.events())
+
+    ref_logits, ref_grads, n_ref = run()
+    lo_peft._fallback_counts.clear()
+    assert lo_peft.patch_peft_model(model) == N_LINEARS
+    logits, grads, n_ops = run()
+    assert n_ref == 0 and n_ops == N_LINEARS and lo_peft.fallback_reasons() == {}
+    assert _rel_err(logits, ref_logits) <= 1e-4
+    assert len(grads) == 3 * N_LINEARS
+    for n in grads:
+        assert _rel_err(grads[n], ref_grads[n]) <= 1e-3, n
