@@ -45,7 +45,7 @@ from lora_ops.ops._checks import check_one_device, weight_parts
 
 _ops = torch.ops.lora_ops
 _ROW_CHUNK_ELEMENTS = 1 << 20  # elements decoded at a time for the base row norms
-_COL_CHUNK_ROWS = 64  # rows of [M, N] scaled in float32 at a time (a cache-sized buffer)
+_COL_CHUNK_ELEMENTS = 1 << 21  # elements of [M, N] scaled in float32 at a time (8 MiB: few op calls)
 
 
 def _norm_dtype() -> torch.dtype:
@@ -165,13 +165,13 @@ def _row_norms(w, w_meta, A, B, base_sq, scale) -> torch.Tensor:
 def _scale_cols(z: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None, bias: torch.Tensor | None
                 ) -> torch.Tensor:
     """``z ⊙ g (+ add) (+ bias)`` for z [M, N] (any dtype), computed in float32 (float64 for float64 z)
-    and rounded once to z's dtype. A few rows at a time through one small float32 buffer: torch's
+    and rounded once to z's dtype. A chunk of rows at a time through one float32 buffer: torch's
     mixed-dtype elementwise path is several times slower than same-dtype copies and multiplies."""
     acc = _acc_dtype(z)
     g = g.to(acc)
     bias = None if bias is None else bias.to(acc)
     out = torch.empty_like(z)
-    rows = _COL_CHUNK_ROWS
+    rows = max(1, _COL_CHUNK_ELEMENTS // max(z.shape[1], 1))
     buf = torch.empty((min(rows, z.shape[0]), z.shape[1]), dtype=acc, device=z.device)
     for i in range(0, z.shape[0], rows):
         j = min(z.shape[0], i + rows)
@@ -191,7 +191,7 @@ def _col_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     summed in float32 over a few rows at a time and in float64 across them."""
     acc = _acc_dtype(a)
     out = torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
-    rows = _COL_CHUNK_ROWS
+    rows = max(1, _COL_CHUNK_ELEMENTS // max(a.shape[1], 1))
     n = min(rows, a.shape[0])
     buf_a = torch.empty((n, a.shape[1]), dtype=acc, device=a.device)
     buf_b = torch.empty((n, a.shape[1]), dtype=acc, device=a.device)
