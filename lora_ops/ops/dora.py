@@ -177,13 +177,35 @@ def _scale_cols(z: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None, bias
         j = min(z.shape[0], i + rows)
         b = buf[: j - i]
         b.copy_(z[i:j])
-        b.mul_(g)
         if add is not None:
-            b.add_(add[i:j])
-        if bias is not None:
-            b.add_(bias)
+            torch.addcmul(add[i:j], b, g, out=b)
+        elif bias is not None:
+            torch.addcmul(bias, b, g, out=b)
+        else:
+            b.mul_(g)
         out[i:j].copy_(b)
     return out
+
+
+def _scale_cols_and_dots(dy: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``dy ⊙ g`` rounded once to dy's dtype, Σ_rows dy ⊙ z per column in float64): the two backward
+    passes over [M, N] sharing one float32 copy of each chunk of dy."""
+    acc = _acc_dtype(dy)
+    g = g.to(acc)
+    out = torch.empty_like(dy)
+    dots = torch.zeros(dy.shape[1], dtype=torch.float64, device=dy.device)
+    rows = max(1, _COL_CHUNK_ELEMENTS // max(dy.shape[1], 1))
+    n = min(rows, dy.shape[0])
+    buf_dy = torch.empty((n, dy.shape[1]), dtype=acc, device=dy.device)
+    buf_z = torch.empty((n, dy.shape[1]), dtype=acc, device=dy.device)
+    for i in range(0, dy.shape[0], rows):
+        j = min(dy.shape[0], i + rows)
+        pd, pz = buf_dy[: j - i], buf_z[: j - i]
+        pd.copy_(dy[i:j])
+        pz.copy_(z[i:j])
+        dots += pz.mul_(pd).sum(dim=0)
+        out[i:j].copy_(pd.mul_(g))
+    return out, dots
 
 
 def _col_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -303,8 +325,12 @@ def _backward(ctx, grad_y, _gs, _gz, _gn):
         dA = _ops.lora_outer(u, x2, ctx.scale, p, rng, A.dtype)  # uᵀ·drop(x), the kernels' own dropout
     if need_dB:  # (dy ⊙ g)ᵀ·s = g ⊙ (dyᵀ·s)
         dB = (_ops.lora_outer(dy, s, ctx.scale, 0.0, None, _acc_dtype(x)) * g.to(_acc_dtype(x))[:, None]).to(B.dtype)
+    dy_g = dots = None
+    if need_dx and need_dm:
+        dy_g, dots = _scale_cols_and_dots(dy, g, z)
     if need_dx:
-        dy_g = _scale_cols(dy, g, None, None)
+        if dy_g is None:
+            dy_g = _scale_cols(dy, g, None, None)
         dx = _ops.qlora_matmul(dy_g, w, ctx.w_meta, True, u, A.t(), ctx.scale, None, 0.0, None)
         if factor is not None:  # d/dx of (x - x̃)·Wᵀ and of x̃: (dy·W)∘(1 - f) + dx̃∘f, f = keep/(1-p)
             d_rest = _ops.qlora_matmul(dy, w, ctx.w_meta, True, None, None, 1.0, None, 0.0, None)
@@ -312,7 +338,7 @@ def _backward(ctx, grad_y, _gs, _gz, _gn):
             dx = (d_rest.to(acc) + (dx.to(acc) - d_rest.to(acc)) * factor).to(x.dtype)
         dx = dx.reshape(x.shape)
     if need_dm:
-        dm = (_col_dots(dy, z) / norm).to(magnitude.dtype)
+        dm = ((_col_dots(dy, z) if dots is None else dots) / norm).to(magnitude.dtype)
     return dx, no_dw, None, dA, dB, dm, None, None, None, None, None
 
 
