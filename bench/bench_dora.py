@@ -62,14 +62,15 @@ def build(method: str, n: int, k: int, r: int, dtype) -> torch.nn.Module:
     elif method == "bnb_dora":
         import bitsandbytes as bnb
 
-        q = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True, quant_type="nf4",
-                              device="meta")
+        q = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, compress_statistics=True,
+                              quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
                                      quant_type="nf4", blocksize=64, module=q)
         base = q.to("cpu")  # bitsandbytes quantizes on the move to the device
     else:
         base = lin
-    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"], use_dora=method != "ours_lora")
+    cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=["proj"],
+                     use_dora=method != "ours_lora")
     model = get_peft_model(_Wrap(base), cfg)
     layer = model.base_model.model.proj
     init_adapters([(layer.lora_A["default"].weight, layer.lora_B["default"].weight)], 0)
@@ -134,9 +135,11 @@ def run_worker(method: str, m: int, reps: int, args) -> dict:
         raise RuntimeError(f"{method} M={m} failed:\n{res.stderr[-3000:]}")
     out = json.loads(res.stdout.strip().splitlines()[-1])
     if method == "interleaved":
-        print(f"M={m} " + ", ".join(f"{k}: {[round(t) for t in v]} ms" for k, v in out["times_ms"].items()), flush=True)
+        calls = ", ".join(f"{k}: {[round(t) for t in v]} ms" for k, v in out["times_ms"].items())
+        print(f"M={m} {calls}", flush=True)
     else:
-        print(f"M={m} {method}: {[round(t) for t in out['times_ms']]} ms, peak {out['peak_MiB']:.0f} MiB", flush=True)
+        times = [round(t) for t in out["times_ms"]]
+        print(f"M={m} {method}: {times} ms, peak {out['peak_MiB']:.0f} MiB", flush=True)
     return out
 
 
@@ -146,7 +149,8 @@ def main(argv=None):
     ap.add_argument("--shapes", default="4096x4096", help="comma list of NxK")
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    ap.add_argument("--rounds", type=int, default=5, help="timed round-robin rounds (one fwd+bwd per method each)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="timed round-robin rounds (one fwd+bwd per method each)")
     ap.add_argument("--out", default="bench/results/dora_latest")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, default=0, help=argparse.SUPPRESS)
@@ -161,7 +165,8 @@ def main(argv=None):
     import peft
 
     env = {"machine": machine(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__, "lora_ops_commit": bc.git_commit(),
+           "bitsandbytes": bitsandbytes.__version__, "peft": peft.__version__,
+           "lora_ops_commit": bc.git_commit(),
            "malloc": bc.malloc_library(), "load_avg_start": os.getloadavg(),
            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     rows = []
@@ -203,17 +208,19 @@ def markdown(result) -> str:
         f"{env['load_avg_start'][0]:.1f} / {env.get('load_avg_end', [float('nan')])[0]:.1f} (the machine was "
         "shared with other jobs: only ratios within one run mean anything).",
         "",
-        "Median ms of forward+backward, methods round-robin in one process (all calls in the JSON); peak = RSS "
-        "high-water mark above the pre-call RSS, fresh process per method, one call, plain glibc malloc.",
+        "Median ms of forward+backward, methods round-robin in one process (all calls in the JSON); "
+        "peak = RSS high-water mark above the pre-call RSS, fresh process per method, one call, "
+        "plain glibc malloc.",
         "",
-        "| N×K | M | r | dtype | ours DoRA | bnb + PEFT DoRA | dense + PEFT DoRA | ours LoRA | × vs bnb DoRA | "
-        "ours DoRA / ours LoRA | peak MiB ours DoRA / bnb DoRA / dense DoRA / ours LoRA |",
+        "| N×K | M | r | dtype | ours DoRA | bnb + PEFT DoRA | dense + PEFT DoRA | ours LoRA | "
+        "× vs bnb DoRA | ours DoRA / ours LoRA | peak MiB ours DoRA / bnb DoRA / dense DoRA / ours LoRA |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['N']}×{r['K']} | {r['M']} | {r['r']} | {r['dtype']} | {r['ours_dora_fwdbwd_ms']:.0f} | "
-            f"{r['bnb_dora_fwdbwd_ms']:.0f} | {r['dense_dora_fwdbwd_ms']:.0f} | {r['ours_lora_fwdbwd_ms']:.0f} | "
+            f"{r['bnb_dora_fwdbwd_ms']:.0f} | {r['dense_dora_fwdbwd_ms']:.0f} | "
+            f"{r['ours_lora_fwdbwd_ms']:.0f} | "
             f"{r['speedup_vs_bnb_dora']:.2f} | {r['ours_dora_over_ours_lora']:.2f} | "
             + " / ".join(f"{r[f'{m}_peak_MiB']:.0f}" for m in METHODS) + " |"
         )

@@ -4,7 +4,7 @@ or PEFT. Autograd through it gives the float64 reference gradients (the norm det
 
     n = ‖W + scale·B·A‖ per row (dense), g = m / n
     no dropout:  y = g ⊙ (x·Wᵀ + scale·(x·Aᵀ)·Bᵀ) + bias
-    dropout p:   y = x·Wᵀ + bias + (g - 1) ⊙ (x̃·Wᵀ) + g ⊙ scale·(x̃·Aᵀ)·Bᵀ,  x̃ = drop(x)   (PEFT 0.21's form)
+    dropout p:   y = x·Wᵀ + bias + (g - 1) ⊙ (x̃·Wᵀ) + g ⊙ scale·(x̃·Aᵀ)·Bᵀ,  x̃ = drop(x)  (PEFT 0.21's)
 """
 
 from __future__ import annotations

@@ -29,9 +29,9 @@ fused DoRA op (:mod:`lora_ops.ops.dora`; PEFT's magnitude parameter, PEFT's DoRA
 base's row norms are cached per weight storage: bitsandbytes replaces the weight when it merges).
 
 Anything else falls back to PEFT's own forward, with a warning once per reason: other LoRA variants
-and DoRA with several active adapters, ``lora_bias``, mixed-adapter batches (``adapter_names=``), several active adapters
-with dropout in training mode (PEFT draws an independent mask per adapter), FP4 bases, or unexpected
-extra arguments.
+and DoRA with several active adapters, ``lora_bias``, mixed-adapter batches (``adapter_names=``),
+several active adapters with dropout in training mode (PEFT draws an independent mask per adapter), FP4
+bases, or unexpected extra arguments.
 
 bitsandbytes' AVX-512 BF16 CPU inference path (eval mode, no grad) repacks a 4-bit weight in place and
 rounds its absmax to bf16. Patched layers are kept from that repack (their forward is lora_ops'); a

@@ -115,8 +115,9 @@ class LoraOpsLinear(PeftLoraLinear):
         dora = [a for a in active if a in self.lora_magnitude_vector]
         if dora:
             if len(active) > 1:
+                others = [a for a in active if a != dora[0]]
                 raise NotImplementedError(f"LoraOpsLinear: DoRA adapter {dora[0]!r} is active together with "
-                                          f"{[a for a in active if a != dora[0]]}; activate one adapter at a time")
+                                          f"{others}; activate one adapter at a time")
             a = dora[0]
             y = dora_ops.dora_linear_args(xc, w, w_meta, self.lora_A[a].weight, self.lora_B[a].weight,
                                           self.lora_magnitude_vector[a].weight, float(self.scaling[a]),

@@ -187,7 +187,8 @@ def _scale_cols(z: torch.Tensor, g: torch.Tensor, add: torch.Tensor | None, bias
     return out
 
 
-def _scale_cols_and_dots(dy: torch.Tensor, g: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_cols_and_dots(dy: torch.Tensor, g: torch.Tensor, z: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """(``dy ⊙ g`` rounded once to dy's dtype, Σ_rows dy ⊙ z per column in float64): the two backward
     passes over [M, N] sharing one float32 copy of each chunk of dy."""
     acc = _acc_dtype(dy)
@@ -233,7 +234,8 @@ def _keep_scale(p: float) -> float:
     return torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).item()
 
 
-def _dropout_parts(x2: torch.Tensor, p: float, rng: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dropout_parts(x2: torch.Tensor, p: float, rng: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x̃ = drop(x), x - x̃, keep·scale) for x viewed [M, K]: x̃ and x - x̃ each rounded once to x's dtype
     from the float32 products (the fused kernels' own mask for this rng)."""
     acc = _acc_dtype(x2)
@@ -279,8 +281,8 @@ def dora_linear_op(
 
 @dora_linear_op.register_fake
 def _dora_linear_fake(x, w, w_meta, A, B, magnitude, base_sq, bias, scale, dropout_p, rng):
-    check_one_device("dora_linear", "x", x, host={"rng": rng}, **weight_parts(w), A=A, B=B, magnitude=magnitude,
-                     base_sq=base_sq, bias=bias)
+    check_one_device("dora_linear", "x", x, host={"rng": rng}, **weight_parts(w), A=A, B=B,
+                     magnitude=magnitude, base_sq=base_sq, bias=bias)
     m = 1
     for d in x.shape[:-1]:
         m = m * d
@@ -324,7 +326,8 @@ def _backward(ctx, grad_y, _gs, _gz, _gn):
     if need_dA:
         dA = _ops.lora_outer(u, x2, ctx.scale, p, rng, A.dtype)  # uᵀ·drop(x), the kernels' own dropout
     if need_dB:  # (dy ⊙ g)ᵀ·s = g ⊙ (dyᵀ·s)
-        dB = (_ops.lora_outer(dy, s, ctx.scale, 0.0, None, _acc_dtype(x)) * g.to(_acc_dtype(x))[:, None]).to(B.dtype)
+        acc = _acc_dtype(x)
+        dB = (_ops.lora_outer(dy, s, ctx.scale, 0.0, None, acc) * g.to(acc)[:, None]).to(B.dtype)
     dy_g = dots = None
     if need_dx and need_dm:
         dy_g, dots = _scale_cols_and_dots(dy, g, z)
@@ -350,7 +353,8 @@ def _check_magnitude(magnitude: torch.Tensor, n_out: int, x: torch.Tensor) -> No
     if not isinstance(magnitude, torch.Tensor):
         raise TypeError(f"dora_linear: magnitude must be a tensor, got {type(magnitude).__name__}")
     if magnitude.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"dora_linear: magnitude must be float32, float16, bfloat16 or float64, got {magnitude.dtype}")
+        raise TypeError(f"dora_linear: magnitude must be float32, float16, bfloat16 or float64, "
+                        f"got {magnitude.dtype}")
     if tuple(magnitude.shape) != (n_out,):
         raise ValueError(f"dora_linear: magnitude must have shape [{n_out}] (out_features), got "
                          f"{tuple(magnitude.shape)}")
@@ -394,5 +398,6 @@ def dora_linear_args(x, w, w_meta, A, B, magnitude, scale: float, bias=None, dro
         rng = qlora_ops.make_rng() if qlora_ops._eager(x, A, B, bias) else qlora_ops.draw_dropout_rng()
     if base_sq is None:
         base_sq = nf4_row_sq_norms(w, w_meta)
-    y, _, _, _ = dora_linear_op(x, w, w_meta, A, B, magnitude, base_sq, bias, float(scale), float(dropout_p), rng)
+    y, _, _, _ = dora_linear_op(x, w, w_meta, A, B, magnitude, base_sq, bias, float(scale), float(dropout_p),
+                                rng)
     return y
