@@ -1,4 +1,4 @@
-"""The fused DoRA linear (lora_ops.ops.dora) against the float64 DoRA oracle (lora_ops.reference_dora)
+"""The fused DoRA linear (lora_ops.ops.dora) against the float64 DoRA oracle (lora_ops.reference)
 with the suite's error rule: y, dx, dA, dB, dm on odd shapes, ranks 1-256, 3-D x, dropout, 16-bit
 adapters; the norm identity under cancellation; the base-norm cache; no dense weight; opcheck; compile."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from qlora_utils import DEVICES, assert_close_rule, dense_weight, make_problem
 
-from lora_ops import reference, reference_dora
+from lora_ops import reference
 from lora_ops.nf4 import quantize_nf4
 from lora_ops.ops import dora as dora_ops
 from lora_ops.ops.qlora import make_rng
@@ -16,7 +16,7 @@ from lora_ops.ops.qlora import make_rng
 
 def _magnitude(wq, A, B, scale, g, dtype=torch.float32):
     """A magnitude near the initial one (the weight norm), perturbed so that g = m/n differs per row."""
-    n = reference_dora.dora_weight_norm(dense_weight(wq, torch.float32), A.cpu(), B.cpu(), scale)
+    n = reference.dora_weight_norm(dense_weight(wq, torch.float32), A.cpu(), B.cpu(), scale)
     return (n * (1 + 0.3 * torch.randn(n.shape, generator=g, dtype=torch.float64))).to(dtype).to(A.device)
 
 
@@ -84,7 +84,7 @@ def test_forward_backward_match_float64(device, rng, case, with_bias, monkeypatc
                                                     make_rng(seed, offset)),
         [x, A, B, m], dy)
     ref, (rdx, rdA, rdB, rdm) = _grads(
-        lambda x_, A_, B_, m_: reference_dora.dora_linear(x_, w_mm, A_, B_, m_, scale, bias, p, seed, offset,
+        lambda x_, A_, B_, m_: reference.dora_linear(x_, w_mm, A_, B_, m_, scale, bias, p, seed, offset,
                                                           w_norm=w_norm),
         [x, A, B, m], dy)
     plain, (pdx, pdA, pdB, pdm) = _grads(
@@ -125,7 +125,7 @@ def test_norm_identity_under_cancellation(device, rng):
     B[rows] = fit[rows].float()
     noise = 10.0 ** torch.empty(n // 2).uniform_(-6, -1, generator=rng)
     B[rows] += noise[:, None] * torch.randn(n // 2, r, generator=rng) * B[rows].abs().mean()
-    ref = reference_dora.dora_weight_norm(wd, A, B, scale)
+    ref = reference.dora_weight_norm(wd, A, B, scale)
     assert ref[rows].max() < 0.1 * ref.max()  # real cancellation
     w_args, meta = wq.to(device).op_args()
     ours = dora_ops.weight_norm_args(w_args, meta, A.to(device), B.to(device), scale).cpu()
