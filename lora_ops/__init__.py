@@ -5,6 +5,7 @@ Public API (see README.md):
     nf4_quantize, nf4_dequantize, ...       the raw ops (lora_ops.ops)
     PagedAdamW, PagingStats                 AdamW with paged float32 state (lora_ops.optim)
     QLoRALinear, qlora_linear               fused QLoRA linear (lora_ops.nn, lora_ops.ops.qlora)
+    dora_linear                             fused DoRA linear over NF4 (lora_ops.ops.dora)
     NF4Linear, quantize_model               a dense model's linears to frozen NF4, ready for PEFT
                                             (lora_ops.nn, lora_ops.quantize, lora_ops.integrations.peft_native)
     NF4Config, bnb_checkpoint_config        from_pretrained(..., quantization_config=NF4Config()): quantized
@@ -27,6 +28,7 @@ from lora_ops.optim import PagedAdamW, PagingStats
 from lora_ops.nn import NF4Linear, QLoRALinear
 from lora_ops.quantize import quantize_model
 from lora_ops.ops.qlora import lora_dropout_mask, make_rng, qlora_linear, qlora_matmul
+from lora_ops.ops.dora import dora_linear
 
 __all__ = [
     "SUPPORTED_TORCH",
@@ -46,6 +48,7 @@ __all__ = [
     "qlora_matmul",
     "lora_dropout_mask",
     "make_rng",
+    "dora_linear",
 ]
 __version__ = "0.1.0"
 

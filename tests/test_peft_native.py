@@ -223,8 +223,8 @@ def test_dropout_follows_torch_seed_and_compiled_equals_eager(dense_dir):
 
 
 def test_unsupported_configs_raise_clearly(dense_dir):
-    with pytest.raises(ValueError, match="plain LoRA .*DoRA"):
-        _peft(dense_dir, randomize=False, use_dora=True)
+    with pytest.raises(ValueError, match="plain LoRA .* and DoRA, not other LoRA variants"):
+        _peft(dense_dir, randomize=False, use_bdlora={"target_modules_bd_a": ["q_proj"], "nblocks": 2})
     with pytest.raises(ValueError, match="lora_bias=True is not supported"):
         _peft(dense_dir, randomize=False, lora_bias=True)
     with pytest.raises(ValueError, match="init_lora_weights='pissa' is not supported"):

@@ -24,10 +24,14 @@ Semantics follow PEFT's ``lora.bnb.Linear4bit.forward`` (peft 0.21):
   or a merged layer run the base alone (lora_ops' fused base matmul);
 - under ``torch.autocast`` the compute dtype is the autocast dtype, as PEFT/bitsandbytes get.
 
-Anything else falls back to PEFT's own forward, with a warning once per reason: DoRA and other
-LoRA variants, ``lora_bias``, mixed-adapter batches (``adapter_names=``), several active adapters
-with dropout in training mode (PEFT draws an independent mask per adapter), FP4 bases, or unexpected
-extra arguments.
+DoRA (PEFT's ``use_dora=True``, QDoRA over bitsandbytes): a single active DoRA adapter runs lora_ops'
+fused DoRA op (:mod:`lora_ops.ops.dora`; PEFT's magnitude parameter, PEFT's DoRA dropout semantics; the
+base's row norms are cached per weight storage: bitsandbytes replaces the weight when it merges).
+
+Anything else falls back to PEFT's own forward, with a warning once per reason: other LoRA variants
+and DoRA with several active adapters, ``lora_bias``, mixed-adapter batches (``adapter_names=``),
+several active adapters with dropout in training mode (PEFT draws an independent mask per adapter), FP4
+bases, or unexpected extra arguments.
 
 bitsandbytes' AVX-512 BF16 CPU inference path (eval mode, no grad) repacks a 4-bit weight in place and
 rounds its absmax to bf16. Patched layers are kept from that repack (their forward is lora_ops'); a
@@ -48,6 +52,7 @@ from torch import nn
 from lora_ops import bnb_cpu_layout
 from lora_ops import format as fmt
 from lora_ops.nf4 import NF4Weight
+from lora_ops.ops import dora as dora_ops
 from lora_ops.ops import qlora as qlora_ops
 
 __all__ = ["PatchReport", "fallback_reasons", "is_patched", "patch_peft_model", "patched", "unpatch_peft_model"]
@@ -247,6 +252,10 @@ def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, k
         return f"quant_type {qs.quant_type!r} (only nf4 is fused)"
     variants = getattr(layer, "lora_variant", {})
     for a in adapters:
+        if _is_dora(layer, a):
+            if len(adapters) > 1:
+                return f"DoRA adapter {a!r} active together with other adapters"
+            continue
         if a in variants or layer.use_dora.get(a, False):
             return f"LoRA variant {type(variants.get(a)).__name__ if a in variants else 'DoRA'} (adapter {a!r})"
         if layer.lora_bias.get(a, False):
@@ -256,6 +265,15 @@ def _unsupported(layer: nn.Module, base: nn.Module, adapters: list[str], args, k
     if len(adapters) > 1 and any(_dropout_p(layer, a) > 0 for a in adapters):
         return "several active adapters with dropout in training mode"
     return None
+
+
+def _is_dora(layer: nn.Module, adapter: str) -> bool:
+    """PEFT's DoRA variant with its magnitude module (what the fused DoRA op replaces)."""
+    from peft.tuners.lora.variants import DoraLinearVariant
+
+    variant = getattr(layer, "lora_variant", {}).get(adapter)
+    return (type(variant) is DoraLinearVariant and adapter in getattr(layer, "lora_magnitude_vector", {})
+            and not getattr(layer, "fan_in_fan_out", False))
 
 
 def _dropout_p(layer: nn.Module, adapter: str) -> float:
@@ -300,6 +318,9 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.T
         a = adapters[0]
         A, B, scale = self.lora_A[a].weight, self.lora_B[a].weight, float(self.scaling[a])
         p = _dropout_p(self, a)
+        if _is_dora(self, a):  # QDoRA: the fused DoRA op, PEFT's DoRA dropout semantics
+            m = self.lora_magnitude_vector[a].weight
+            return dora_ops.dora_linear(xc, weight, A, B, m, scale, bias, p).to(inp_dtype)
     else:
         # Sum of adapters = one adapter of rank r1+r2+... with each B pre-scaled (differentiable,
         # so gradients still reach every adapter's own parameters).

@@ -27,23 +27,33 @@ Semantics (PEFT's LoRA over a 4-bit base, as ``peft.tuners.lora.bnb.Linear4bit``
 - merging re-quantizes ``dequant(W) + Σ scaling·B·A`` to NF4 (the base's blocksize and double
   quant); ``unmerge`` restores the original base exactly (it is kept while merged).
 
-Not supported (a clear error at ``get_peft_model``): LoRA variants (DoRA, ...), ``lora_bias``,
+DoRA (``LoraConfig(use_dora=True)``, QDoRA): the layer runs lora_ops' fused DoRA op
+(:mod:`lora_ops.ops.dora`: no dense weight, the base's row norms cached per weight); the magnitude is
+PEFT's own ``lora_magnitude_vector`` (same adapter-file keys), started at ``‖W + scaling·B·A‖`` computed
+from the NF4 codes; dropout follows PEFT's DoRA semantics; merging re-quantizes
+``m/‖W + ΔW‖ ⊙ (W + ΔW)``. A DoRA adapter must be the only active adapter of its layer (PEFT composes
+several sequentially, on a dense base; a clear error here).
+
+Not supported (a clear error at ``get_peft_model``): other LoRA variants, ``lora_bias``,
 ``fan_in_fan_out`` and initialisations that need the dense base weight (PiSSA, OLoRA, LoftQ, ...).
 """
 
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora.dora import DoraLinearLayer
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.lora.variants import DoraLinearVariant
 from peft.tuners.lora.model import LoraModel
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 
 from lora_ops import format as fmt
 from lora_ops.nf4 import quantize_nf4
 from lora_ops.nn import NF4Linear
+from lora_ops.ops import dora as dora_ops
 from lora_ops.ops import qlora as qlora_ops
 
-__all__ = ["LoraOpsLinear", "enable", "is_enabled", "register"]
+__all__ = ["LoraOpsDoraVariant", "LoraOpsLinear", "enable", "is_enabled", "register"]
 
 _MAX_FUSED_RANK = fmt.MAX_LORA_RANK  # the fused op's rank limit
 
@@ -64,14 +74,15 @@ class LoraOpsLinear(PeftLoraLinear):
     # ---- what is supported -----------------------------------------------------------------------------
     @property
     def lora_variants(self):
-        return {(): None}  # plain LoRA only: PEFT raises for any variant requested in the config
+        # plain LoRA and DoRA: PEFT raises for any other variant requested in the config
+        return {(): None, ("use_dora",): LoraOpsDoraVariant}
 
     def resolve_lora_variant(self, *, config, **kwargs):
         try:
             return super().resolve_lora_variant(config=config, **kwargs)
         except ValueError as e:
-            raise ValueError(f"lora_ops NF4 layers run plain LoRA (rsLoRA included), not LoRA variants "
-                             f"such as DoRA: {e}") from None
+            raise ValueError(f"lora_ops NF4 layers run plain LoRA (rsLoRA included) and DoRA, not other LoRA "
+                             f"variants: {e}") from None
 
     def update_layer(self, adapter_name, r, lora_alpha, config, **kwargs):
         if config.lora_bias:
@@ -102,6 +113,19 @@ class LoraOpsLinear(PeftLoraLinear):
 
         w, w_meta = base._weight_op_args()
         drops = {a: _dropout_p(self, a) for a in active}
+        dora = [a for a in active if a in self.lora_magnitude_vector]
+        if dora:
+            if len(active) > 1:
+                others = [a for a in active if a != dora[0]]
+                raise NotImplementedError(f"LoraOpsLinear: DoRA adapter {dora[0]!r} is active together with "
+                                          f"{others}; activate one adapter at a time")
+            a = dora[0]
+            y = dora_ops.dora_linear_args(xc, w, w_meta, self.lora_A[a].weight, self.lora_B[a].weight,
+                                          self.lora_magnitude_vector[a].weight, float(self.scaling[a]),
+                                          fused_bias, drops[a])
+            if trainable_bias:
+                y = y + bias.to(y.dtype)
+            return y.to(x.dtype)
         if len(active) > 1 and not any(drops.values()) and sum(self.r[a] for a in active) <= _MAX_FUSED_RANK:
             # Sum of adapters = one adapter of rank r1+r2+... with each B pre-scaled (differentiable,
             # so gradients reach every adapter's own parameters).
@@ -134,10 +158,19 @@ class LoraOpsLinear(PeftLoraLinear):
         if not adapter_names:
             return
         base = self.get_base_layer()
-        original = base.weight
-        merged = original.dequantize(torch.float32)
+        original = self._lora_ops_unmerged_base if self.merged_adapters else base.weight
+        unmerged = original.dequantize(torch.float32)
+        merged = base.weight.dequantize(torch.float32)
         for a in adapter_names:
-            merged += self.get_delta_weight(a).to(torch.float32)
+            delta = self.get_delta_weight(a).to(torch.float32)
+            if a in self.lora_magnitude_vector:
+                # PEFT's DoRA merge: m/‖W + ΔW‖ ⊙ (W' + ΔW), the norm from the unmerged base W (as forward
+                # computes it), W' the weight so far (it holds adapters merged before this one)
+                norm = torch.linalg.vector_norm(unmerged.double() + delta.double(), dim=1)
+                factor = (self.lora_magnitude_vector[a].weight.detach().double() / norm).float()
+                merged = factor[:, None] * (merged + delta)
+            else:
+                merged += delta
         if safe_merge and not torch.isfinite(merged).all():
             raise ValueError(f"NaNs detected in the merged weights. The adapters {adapter_names} seem to be broken")
         if not self.merged_adapters:
@@ -154,6 +187,24 @@ class LoraOpsLinear(PeftLoraLinear):
         base.set_weight(self._lora_ops_unmerged_base.to(base.weight.device))
         self._lora_ops_unmerged_base = None
         self.merged_adapters.clear()
+
+
+class LoraOpsDoraVariant(DoraLinearVariant):
+    """PEFT's DoRA variant over an :class:`~lora_ops.nn.NF4Linear`: PEFT's own magnitude module
+    (``lora_magnitude_vector[adapter]``, a ``DoraLinearLayer`` whose ``weight`` is m), started at
+    ``‖W + scaling·B·A‖`` per row computed from the NF4 codes (PEFT's init dequantizes the whole base).
+    Forward and merging are :class:`LoraOpsLinear`'s."""
+
+    @staticmethod
+    def init(module: LoraOpsLinear, adapter_name: str, **kwargs) -> None:
+        if not module.lora_magnitude_vector:  # the first DoRA adapter: m becomes an adapter parameter
+            module.adapter_layer_names = module.adapter_layer_names[:] + ("lora_magnitude_vector",)
+        A, B = module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        w, w_meta = module.get_base_layer()._weight_op_args()
+        norm = dora_ops.weight_norm_args(w, w_meta, A, B, float(module.scaling[adapter_name]))
+        magnitude = DoraLinearLayer(fan_in_fan_out=False)
+        magnitude.weight = torch.nn.Parameter(norm.to(A.dtype), requires_grad=True)
+        module.lora_magnitude_vector[adapter_name] = magnitude
 
 
 def _dropout_p(layer: PeftLoraLinear, adapter: str) -> float:

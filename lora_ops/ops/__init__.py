@@ -4,4 +4,5 @@ op family. Importing this package registers them."""
 from lora_ops.ops import nf4  # noqa: F401
 from lora_ops.ops import adamw  # noqa: F401
 from lora_ops.ops import qlora  # noqa: F401
+from lora_ops.ops import dora  # noqa: F401
 from lora_ops.ops import multi_lora  # noqa: F401
