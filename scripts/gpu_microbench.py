@@ -103,7 +103,8 @@ def main() -> int:
     if dev.type == "cuda":
         src = torch.empty(2**30, dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
-        copy_gbps = 2 * src.numel() / (statistics.median(time_graph([lambda: dst.copy_(src)], dev)) * 1e-3) / 1e9
+        copy_ms = statistics.median(time_graph([lambda: dst.copy_(src)], dev))
+        copy_gbps = 2 * src.numel() / (copy_ms * 1e-3) / 1e9
         del src, dst
         result["copy_GBps"] = round(copy_gbps, 1)
         print(f"copy_ (1 GiB, device to device): {copy_gbps:.1f} GB/s read + written", flush=True)
@@ -147,7 +148,8 @@ def main() -> int:
                 try:
                     replays = time_graph(fns, dev)
                 except Exception as e:  # noqa: BLE001
-                    rows.append({"shape": f"{n}x{k}", "m": m, "method": name, "error": f"{type(e).__name__}: {e}"})
+                    rows.append({"shape": f"{n}x{k}", "m": m, "method": name,
+                                 "error": f"{type(e).__name__}: {e}"})
                     write_json(json_path, result)
                     print(f"{label}: ERROR {e}", flush=True)
                     continue
@@ -156,7 +158,8 @@ def main() -> int:
                 t = statistics.median(replays) / len(fns)
                 moved = wbytes + m * k * 2 + m * n * 2  # the weight (as stored), x and y
                 row = {"shape": f"{n}x{k}", "m": m, "method": name, "ms": round(t, 5),
-                       "ms_min": round(min(replays) / len(fns), 5), "ms_max": round(max(replays) / len(fns), 5),
+                       "ms_min": round(min(replays) / len(fns), 5),
+                       "ms_max": round(max(replays) / len(fns), 5),
                        "replays": len(replays), "weight_GBps": round(wbytes / (t * 1e-3) / 1e9, 1),
                        "TFLOPs": round(2 * m * n * k / (t * 1e-3) / 1e12, 2), "rotated_copies": len(fns)}
                 if copy_gbps:

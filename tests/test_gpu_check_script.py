@@ -15,8 +15,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = os.environ.get("LORA_OPS_GPU_CHECK_PYTHON")
 PREBUILT = os.environ.get("LORA_OPS_GPU_CHECK_PREBUILT")
-pytestmark = pytest.mark.skipif(not (PYTHON and PREBUILT), reason="needs LORA_OPS_GPU_CHECK_PYTHON and "
-                                "LORA_OPS_GPU_CHECK_PREBUILT (the GPU stack's venv and the prebuilt module; .ci/run)")
+pytestmark = pytest.mark.skipif(
+    not (PYTHON and PREBUILT),
+    reason="needs LORA_OPS_GPU_CHECK_PYTHON and LORA_OPS_GPU_CHECK_PREBUILT (the GPU stack's venv and the "
+    "prebuilt module; .ci/run)")
 MAX_FILES = 8  # what the device tool brings back
 
 
@@ -38,7 +40,8 @@ def test_dry_run_passes_and_selects_the_cuda_tests(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["state"] == "done" and summary["dry_run"] and summary["all_ok"], summary
     steps = [s["step"] for s in summary["steps"]]
-    assert steps == ["env", "load", "smoke", "memcheck", "racecheck", "synccheck", "initcheck", "tests", "bench"]
+    assert steps == ["env", "load", "smoke", "memcheck", "racecheck", "synccheck", "initcheck", "tests",
+                     "bench"]
     assert summary["commit"] == "0" * 40 and summary["module_commit"], summary
     text = (tmp_path / "gpu_check.log").read_text()
     assert "ops registered with CUDA kernels" in text

@@ -82,7 +82,8 @@ def test_from_pretrained_recipe_quantizes_while_loading_as_quantize_model_does(t
     model = ns["model"]
     layers = {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
     assert len(layers) == 14 and "lm_head" not in layers
-    assert all(not m.weight.requires_grad and any(p is m.weight for p in model.parameters()) for m in layers.values())
+    params = list(model.parameters())
+    assert all(not m.weight.requires_grad and any(p is m.weight for p in params) for m in layers.values())
     # the same bytes as quantizing the dense model after loading it: identical logits
     dense = lora_ops.quantize_model(AutoModelForCausalLM.from_pretrained(model_id, dtype=torch.bfloat16))
     ids = torch.randint(0, 96, (2, 9), generator=rng)

@@ -28,7 +28,8 @@ def test_range_edges(version, ok):
     if ok:
         ts.check_torch(version)
     else:
-        with pytest.raises(ImportError, match=r"supports torch >=2\.11,<2\.14; this is torch " + version.replace("+", r"\+")):
+        expected = r"supports torch >=2\.11,<2\.14; this is torch " + version.replace("+", r"\+")
+        with pytest.raises(ImportError, match=expected):
             ts.check_torch(version)
 
 
@@ -54,8 +55,9 @@ def test_import_warns_when_allowed():
 
 @pytest.mark.skipif(shutil.which("cmake") is None, reason="needs cmake")
 def test_build_reads_the_range_from_the_python_file(tmp_path):
-    run = subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DLORA_OPS_WITH_CUDA=OFF",
-                          f"-DPython_EXECUTABLE={sys.executable}"], capture_output=True, text=True, timeout=300)
+    cmd = ["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DLORA_OPS_WITH_CUDA=OFF",
+           f"-DPython_EXECUTABLE={sys.executable}"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert "supports torch" not in run.stdout + run.stderr, run.stdout + run.stderr
     # the status line comes before torch's own CMake config (which may want a CUDA toolkit for a CUDA torch)
     assert f"lora_ops: torch {torch.__version__} (supported >=2.11,<2.14)" in run.stdout

@@ -18,7 +18,8 @@ def count_all_gather_bytes(counter: list[int]) -> Iterator[list[int]]:
     a new entry to start another tally). The patched functions are restored on exit."""
     originals = {name: getattr(dist, name) for name in ALL_GATHER_NAMES if hasattr(dist, name)}
     if not originals:
-        raise RuntimeError(f"count_all_gather_bytes: this torch has none of torch.distributed.{ALL_GATHER_NAMES}")
+        raise RuntimeError(f"count_all_gather_bytes: this torch has none of torch.distributed."
+                           f"{ALL_GATHER_NAMES}")
     depth = [0]
 
     def counting(orig):
