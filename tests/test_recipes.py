@@ -67,7 +67,42 @@ def recipe_names() -> list[str]:
 
 def test_every_readme_recipe_has_a_test():
     """A recipe added to (or renamed in) the README fails here until it has its test in this file."""
-    assert sorted(recipe_names()) == ["bnb_patch", "from_pretrained", "layer", "trainer"], recipe_names()
+    names = ["bnb_patch", "from_pretrained", "layer", "serving", "trainer"]
+    assert sorted(recipe_names()) == names, recipe_names()
+
+
+def test_serving_recipe_runs_one_fused_op_per_layer_and_matches_each_row_alone(tmp_path, rng):
+    from hf_tiny import randomize_adapters
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import lora_ops
+
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    path = save_random_llama(tmp_path / "tiny", seed=int(torch.randint(0, 10_000, (1,), generator=rng)))
+    load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)  # noqa: E731
+    dirs = {}
+    adapters = {"sql": dict(r=8, target_modules="all-linear"), "chat": dict(r=4, target_modules=["q_proj"])}
+    for name, kw in adapters.items():
+        pm = get_peft_model(lora_ops.quantize_model(load(), progress=False), LoraConfig(lora_alpha=16, **kw))
+        randomize_adapters(pm)  # non-zero B: each adapter changes its rows
+        pm.save_pretrained(tmp_path / name)
+        dirs[name] = str(tmp_path / name)
+    ids = torch.randint(0, 96, (3, 9), generator=rng)
+    ns = {"base": load(), "sql_dir": dirs["sql"], "chat_dir": dirs["chat"], "input_ids": ids}
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        exec(compile(recipe("serving"), "README.md:recipe:serving", "exec"), ns)
+    assert sum(e.name == "lora_ops::multi_lora_linear" for e in prof.events()) == 14  # every LoRA layer
+    logits = ns["logits"]
+    for row, name in enumerate(["sql", "chat", None]):
+        alone = lora_ops.quantize_model(load(), progress=False)
+        if name is not None:
+            alone = PeftModel.from_pretrained(alone, dirs[name])
+        with torch.no_grad():
+            want = alone.eval()(input_ids=ids[row : row + 1]).logits[0]
+        err = ((logits[row].double() - want.double()).abs().max() / want.double().abs().max()).item()
+        assert err <= 1e-5, (row, name, err)
+    assert not torch.allclose(logits[0], logits[2])  # the adapter changed its row
 
 
 def test_from_pretrained_recipe_quantizes_while_loading_as_quantize_model_does(tmp_path, rng):
