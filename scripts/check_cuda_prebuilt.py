@@ -9,7 +9,7 @@ scripts/build_cuda_prebuilt.sh, which passes every path; stdlib only, never impo
    function of every .cu compiled for each of them; `--list-ptx` shows no PTX.
 3. symbols: every undefined dynamic symbol (`nm -D --undefined-only`, with its version) is exported by
    the unpacked torch's libraries (torch/lib, its own libgomp included), the pinned wheel's
-   libcudart, this machine's libc/libm/libstdc++/libgcc_s, or Python (only the limited API is
+   libcudart, this machine's libc/libm/libstdc++/libgcc_s/ld-linux, or Python (only the limited API is
    declared under Py_LIMITED_API, so these are stable-ABI functions). Weak references may stay open.
    The highest GLIBC/GLIBCXX/CXXABI/GCC versions the module needs are recorded next to torch's own:
    a GPU machine whose system libraries are older than the module's needs cannot load it (then
@@ -164,7 +164,9 @@ def max_versions(symbols: list[str]) -> dict[str, str]:
 def check_symbols(so: Path, torch_lib: Path, cudart: Path) -> dict:
     providers: dict[str, set[str]] = {}  # exported name and name@version -> provider files
     sources = sorted(p for p in torch_lib.iterdir() if ".so" in p.name and p.is_file()) + [cudart]
-    sources += [p for n in ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1") if (p := system_lib(n))]
+    # ld-linux exports __tls_get_addr, which any module reading a C++ thread_local of torch's headers needs
+    system = ("libc.so.6", "libm.so.6", "libstdc++.so.6", "libgcc_s.so.1", "ld-linux-x86-64.so.2")
+    sources += [p for n in system if (p := system_lib(n))]
     for lib in sources:
         for s in dynamic_symbols(lib, undefined=False):
             name, ver = split_version(s)
